@@ -1,0 +1,28 @@
+# Every target creates .venv when it is missing and installs what it needs.
+# torch is pinned to 2.13.0 first: that release is a local CPU build here, and
+# any looser spec would pull a multi-GB CUDA build.
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(VENV_STAMP)
+
+demo: $(VENV_STAMP)
+	$(PY) -m moe_jax.demo
+
+test: $(VENV_STAMP)
+	$(PY) -m pytest -n 2 tests
+
+bench: $(VENV_STAMP)
+	$(PY) benchmarks/decode.py
+
+clean:
+	rm -rf .venv build *.egg-info

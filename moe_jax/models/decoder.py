@@ -1,0 +1,234 @@
+"""Llama-family decoder-only transformer (Llama 2/3, Mistral, Qwen2), optionally parallel.
+
+Legend: B batch, L query length, S cache slots, D model dim, V vocab,
+H query heads, K kv heads, Dh head dim, F ffn dim.
+
+Padding and caching use one rule. Each sequence owns slots ``[0, S)``; a
+boolean ``valid_BS`` says which slots hold real tokens. A query in slot ``t``
+may attend slot ``s`` iff ``s <= t`` and ``valid[s]`` (and, with a sliding
+window, ``t - s < window``). Positions count only valid tokens, so left- and
+right-padded prompts both get RoPE positions ``0..n-1``. Training (no cache)
+is the special case ``S = L``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from moe_jax.nn.attention import Attention, KVCache
+from moe_jax.nn.embeddings import Embed, RopeScaling
+from moe_jax.nn.linear import Linear
+from moe_jax.nn.mlp import Mlp
+from moe_jax.nn.norms import RMSNorm
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+  """Architecture of a Llama-family decoder.
+
+  Attributes:
+    vocab_size, d_model, num_layers, num_heads, d_ff: sizes.
+    num_kv_heads: K; equal to ``num_heads`` for MHA, 1 for MQA. ``None``: MHA.
+    head_dim: Dh; ``None`` means ``d_model // num_heads``.
+    rope_theta, rope_scaling: rotary embedding base and optional scaling.
+    norm_eps: RMSNorm epsilon.
+    qkv_bias: biases on q/k/v projections (Qwen2).
+    tie_embeddings: output head shares the embedding table.
+    parallel_block: attention and FFN read the same normed input and their
+      outputs are summed into the residual (GPT-J / PaLM / BAM style). One
+      norm per layer (``input_norm``).
+    sliding_window: Mistral-style local attention window, ``None`` for global.
+    activation: FFN activation of the gated branch.
+    max_seq_len: default KV cache size.
+    dtype, param_dtype: compute and storage dtype names.
+  """
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  d_ff: int
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  parallel_block: bool = False
+  sliding_window: int | None = None
+  activation: str = "silu"
+  max_seq_len: int = 2048
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  pad_token_id: int | None = None
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"DecoderConfig: num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.kv_heads}")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"DecoderConfig: d_model={self.d_model} not divisible by "
+                       f"num_heads={self.num_heads}; set head_dim explicitly")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dh(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  def replace(self, **kw) -> "DecoderConfig":
+    return dataclasses.replace(self, **kw)
+
+
+@flax.struct.dataclass
+class DecodeCache:
+  """Per-layer KV caches plus the slot bookkeeping shared by all layers.
+
+  Attributes:
+    layers: one ``KVCache`` per layer, ``[B, S, K, Dh]``.
+    valid_BS: which slots hold real (non-padding) tokens.
+    index: next slot to write (same for every sequence in the batch).
+  """
+
+  layers: tuple[KVCache, ...]
+  valid_BS: Array
+  index: Array
+
+
+def init_cache(config: DecoderConfig, batch: int, max_len: int | None = None,
+               dtype: Any = None) -> DecodeCache:
+  """Empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
+  slots = max_len or config.max_seq_len
+  dtype = jnp.dtype(dtype or config.dtype)
+  return DecodeCache(
+      layers=tuple(KVCache.zeros(batch, slots, config.kv_heads, config.dh, dtype)
+                   for _ in range(config.num_layers)),
+      valid_BS=jnp.zeros((batch, slots), bool),
+      index=jnp.zeros((), jnp.int32))
+
+
+def attention_mask(valid_BS: Array, q_slots_L: Array, sliding_window: int | None) -> Array:
+  """``[B, L, S]``: causal over slots, padding-aware, optional sliding window."""
+  s = jnp.arange(valid_BS.shape[1])
+  causal_LS = s[None, :] <= q_slots_L[:, None]
+  if sliding_window is not None:
+    causal_LS &= (q_slots_L[:, None] - s[None, :]) < sliding_window
+  return causal_LS[None] & valid_BS[:, None, :]
+
+
+def positions_from_valid(valid_BL: Array, prior_count_B: Array | None = None) -> Array:
+  """Positions counting only valid tokens, continuing after ``prior_count``."""
+  pos = jnp.cumsum(valid_BL.astype(jnp.int32), axis=1) - 1
+  if prior_count_B is not None:
+    pos = pos + prior_count_B[:, None]
+  return jnp.maximum(pos, 0)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm block: sequential (Llama) or parallel (attention ‖ FFN)."""
+
+  config: DecoderConfig
+
+  def setup(self):
+    c = self.config
+    common = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    self.input_norm = RMSNorm(eps=c.norm_eps, **common)
+    self.attn = Attention(num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.dh,
+                          out_features=c.d_model, qkv_bias=c.qkv_bias,
+                          rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, **common)
+    if not c.parallel_block:
+      self.post_attn_norm = RMSNorm(eps=c.norm_eps, **common)
+    self.mlp = self.make_ffn()
+
+  def make_ffn(self) -> nn.Module:
+    """The FFN of this block; MoE variants override this."""
+    c = self.config
+    return Mlp(hidden_dim=c.d_ff, out_features=c.d_model, activation=c.activation, gated=True,
+               dtype=c.dtype, param_dtype=c.param_dtype)
+
+  def __call__(self, x_BLD: Array, *, mask_BLS: Array, positions_BL: Array,
+               cache: KVCache | None = None, cache_index: Array | None = None
+               ) -> tuple[Array, KVCache | None]:
+    h = self.input_norm(x_BLD)
+    attn_out, new_cache = self.attn(h, mask_BLS=mask_BLS, positions_BL=positions_BL,
+                                    cache=cache, cache_index=cache_index)
+    if self.config.parallel_block:
+      x_BLD = x_BLD + attn_out + self.mlp(h)
+    else:
+      x_BLD = x_BLD + attn_out
+      x_BLD = x_BLD + self.mlp(self.post_attn_norm(x_BLD))
+    x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+    return x_BLD, new_cache
+
+
+class Decoder(nn.Module):
+  """Decoder-only LM: embed -> blocks -> final norm -> head.
+
+  ``__call__(tokens_BL)`` returns ``(logits_BLV, cache)``; ``cache`` is ``None``
+  unless one was passed in. Hidden states after every layer are sown in the
+  ``intermediates`` collection under ``hidden`` when ``sow_hidden`` is set.
+  """
+
+  config: DecoderConfig
+  block_cls: type[DecoderBlock] = DecoderBlock
+
+  def setup(self):
+    c = self.config
+    common = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    self.embed = Embed(c.vocab_size, c.d_model, **common)
+    self.layers = [self.block_cls(config=c, name=f"layers_{i}") for i in range(c.num_layers)]
+    self.final_norm = RMSNorm(eps=c.norm_eps, **common)
+    if not c.tie_embeddings:
+      self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), **common)
+
+  def __call__(self, tokens_BL: Array, *, valid_BL: Array | None = None,
+               positions_BL: Array | None = None, cache: DecodeCache | None = None,
+               sow_hidden: bool = False) -> tuple[Array, DecodeCache | None]:
+    c = self.config
+    b, l = tokens_BL.shape
+    if valid_BL is None:
+      valid_BL = jnp.ones((b, l), bool)
+    valid_BL = valid_BL.astype(bool)
+    if cache is None:
+      valid_BS, index, prior = valid_BL, jnp.zeros((), jnp.int32), None
+    else:
+      index = cache.index
+      prior = cache.valid_BS.sum(axis=1).astype(jnp.int32)
+      valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, valid_BL, (0, index))
+    if positions_BL is None:
+      positions_BL = positions_from_valid(valid_BL, prior)
+    mask_BLS = attention_mask(valid_BS, index + jnp.arange(l), c.sliding_window)
+
+    x = self.embed(tokens_BL)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    new_layers = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, mask_BLS=mask_BLS, positions_BL=positions_BL,
+                             cache=None if cache is None else cache.layers[i],
+                             cache_index=index)
+      new_layers.append(layer_cache)
+      if sow_hidden:
+        self.sow("intermediates", "hidden", x)
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if c.tie_embeddings else self.lm_head(x)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    new_cache = None
+    if cache is not None:
+      new_cache = DecodeCache(layers=tuple(new_layers), valid_BS=valid_BS, index=index + l)
+    return logits, new_cache

@@ -1,0 +1,173 @@
+"""Multi-head attention with grouped-query heads, RoPE, relative bias and a KV cache.
+
+Legend: B batch, L query length, S key length (cache slots), D model dim,
+H query heads, K kv heads (H = K * G), G query heads per kv head, Dh head dim.
+
+Multi-head, grouped-query and multi-query attention are one module: ``K = H``,
+``1 < K < H`` and ``K = 1``. Queries are grouped as ``[B, L, K, G, Dh]`` so the
+keys and values are never repeated in memory (HF's ``repeat_kv`` materialises
+``G`` copies; on an accelerator that is G times the KV bandwidth at decode).
+
+Masks are boolean ``[B, L, S]`` (True = may attend) and built by the model,
+which knows about padding and causality; the module stays pure. Masked logits
+get the dtype's most negative finite value rather than ``-inf`` so that a
+fully-masked row (a padding query) gives a uniform, finite distribution
+instead of NaNs that would poison gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from moe_jax.nn.embeddings import RopeScaling, apply_rope, rope_inverse_frequencies
+from moe_jax.nn.linear import Linear
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of one attention layer, ``[B, S, K, Dh]`` each."""
+
+  k: Array
+  v: Array
+
+  @classmethod
+  def zeros(cls, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+    shape = (batch, slots, kv_heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def dot_product_attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *,
+                          mask_BLS: Array | None = None, bias_BHLS: Array | None = None,
+                          scale: float = 1.0) -> Array:
+  """Softmax attention with grouped kv heads; softmax in float32.
+
+  Args:
+    q_BLHD: queries.
+    k_BSKD, v_BSKD: keys and values with ``K`` dividing ``H``.
+    mask_BLS: boolean, broadcastable to ``[B, L, S]``; True where attention is allowed.
+    bias_BHLS: additive logit bias broadcastable to ``[B, H, L, S]`` (T5 relative bias).
+    scale: multiplier on ``q · k`` (``Dh**-0.5`` for Llama, 1 for T5).
+
+  Returns:
+    ``[B, L, H, Dh]`` in the dtype of ``q``.
+  """
+  b, l, h, dh = q_BLHD.shape
+  kv = k_BSKD.shape[2]
+  if h % kv:
+    raise ValueError(f"query heads {h} not divisible by kv heads {kv}")
+  g = h // kv
+  q_BLKGD = q_BLHD.reshape(b, l, kv, g, dh)
+  logits = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD,
+                      preferred_element_type=jnp.float32) * scale
+  if bias_BHLS is not None:
+    bias = jnp.asarray(bias_BHLS, jnp.float32)
+    bias = jnp.broadcast_to(bias, (bias.shape[0], h) + bias.shape[2:])
+    logits = logits + bias.reshape(bias.shape[0], kv, g, *bias.shape[2:])
+  if mask_BLS is not None:
+    mask = jnp.asarray(mask_BLS, bool)[:, None, None, :, :]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BSKD)
+  return out.reshape(b, l, h, dh)
+
+
+class Attention(nn.Module):
+  """Self- or cross-attention.
+
+  Attributes:
+    num_heads: query heads H.
+    num_kv_heads: key/value heads K (H for MHA, 1 for MQA).
+    head_dim: Dh.
+    out_features: D of the output projection.
+    qkv_bias: biases on q, k and v (Qwen2).
+    out_bias: bias on the output projection.
+    scale: logit scale; ``None`` means ``Dh**-0.5``.
+    rope_theta: RoPE base; ``None`` disables RoPE (T5).
+    rope_scaling: optional frequency scaling (Llama 3.1 style).
+    dtype, param_dtype: compute and storage dtypes.
+    kernel_init: initializer of k/v/o kernels (``None``: fan-in scaling).
+    q_kernel_init: initializer of the q kernel (defaults to ``kernel_init``).
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  out_features: int
+  qkv_bias: bool = False
+  out_bias: bool = False
+  scale: float | None = None
+  rope_theta: float | None = 10000.0
+  rope_scaling: RopeScaling | None = None
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = None
+  q_kernel_init: Any = None
+
+  def setup(self):
+    common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.q = Linear((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
+                    use_bias=self.qkv_bias,
+                    kernel_init=self.q_kernel_init or self.kernel_init, **common)
+    self.k = Linear((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"),
+                    use_bias=self.qkv_bias, kernel_init=self.kernel_init, **common)
+    self.v = Linear((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"),
+                    use_bias=self.qkv_bias, kernel_init=self.kernel_init, **common)
+    self.o = Linear(self.out_features, ("heads", "kv", "embed"), in_dims=2,
+                    use_bias=self.out_bias, kernel_init=self.kernel_init, **common)
+
+  def _inv_freq(self):
+    return rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
+
+  def project_kv(self, x_BSD: Array, positions_BS: Array | None = None) -> KVCache:
+    """Keys and values of ``x`` (RoPE applied to keys when enabled)."""
+    k = self.k(x_BSD)
+    v = self.v(x_BSD)
+    if self.rope_theta is not None:
+      k = apply_rope(k, positions_BS, self._inv_freq())
+    return KVCache(k=k, v=v)
+
+  def __call__(self, x_BLD: Array, *, mask_BLS: Array | None, positions_BL: Array | None = None,
+               kv_source_BSD: Array | None = None, kv: KVCache | None = None,
+               cache: KVCache | None = None, cache_index: Array | None = None,
+               bias_BHLS: Array | None = None) -> tuple[Array, KVCache | None]:
+    """Attends from ``x`` to keys/values.
+
+    Keys and values come from, in order of precedence: ``kv`` (precomputed, e.g.
+    a cross-attention cache), ``kv_source_BSD`` (cross-attention), or ``x``
+    itself (self-attention). With ``cache`` the new self-attention keys/values
+    are written at slot ``cache_index`` and attention runs over all slots.
+
+    Returns:
+      ``(out_BLD, updated cache or None)``.
+    """
+    q = self.q(x_BLD)
+    if self.rope_theta is not None:
+      if positions_BL is None:
+        raise ValueError("RoPE attention needs positions_BL")
+      q = apply_rope(q, positions_BL, self._inv_freq())
+    new_cache = None
+    if kv is None:
+      if kv_source_BSD is not None:
+        kv = self.project_kv(kv_source_BSD, None)
+      else:
+        kv = self.project_kv(x_BLD, positions_BL)
+        if cache is not None:
+          index = jnp.asarray(cache_index, jnp.int32)
+          zero = jnp.zeros((), jnp.int32)
+          start = (zero, index, zero, zero)
+          new_cache = KVCache(
+              k=jax.lax.dynamic_update_slice(cache.k, kv.k.astype(cache.k.dtype), start),
+              v=jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), start))
+          kv = KVCache(k=new_cache.k.astype(q.dtype), v=new_cache.v.astype(q.dtype))
+    scale = self.head_dim ** -0.5 if self.scale is None else self.scale
+    out = dot_product_attention(q, kv.k, kv.v, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS,
+                                scale=scale)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    return self.o(out), new_cache
