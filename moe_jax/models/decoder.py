@@ -41,6 +41,7 @@ class DecoderConfig:
     rope_theta, rope_scaling: rotary embedding base and optional scaling.
     norm_eps: RMSNorm epsilon.
     qkv_bias: biases on q/k/v projections (Qwen2).
+    attn_out_bias: bias on the attention output projection (Llama ``attention_bias``).
     tie_embeddings: output head shares the embedding table.
     parallel_block: attention and FFN read the same normed input and their
       outputs are summed into the residual (GPT-J / PaLM / BAM style). One
@@ -49,6 +50,8 @@ class DecoderConfig:
     activation: FFN activation of the gated branch.
     max_seq_len: default KV cache size.
     dtype, param_dtype: compute and storage dtype names.
+    pad_token_id, bos_token_id, eos_token_id: special tokens (decoding defaults).
+    hf_model_type: the HF ``model_type`` this config came from (export target).
   """
 
   vocab_size: int
@@ -62,6 +65,7 @@ class DecoderConfig:
   rope_scaling: RopeScaling | None = None
   norm_eps: float = 1e-6
   qkv_bias: bool = False
+  attn_out_bias: bool = False
   tie_embeddings: bool = False
   parallel_block: bool = False
   sliding_window: int | None = None
@@ -72,6 +76,7 @@ class DecoderConfig:
   pad_token_id: int | None = None
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
+  hf_model_type: str | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
@@ -151,6 +156,7 @@ class DecoderBlock(nn.Module):
     self.input_norm = RMSNorm(eps=c.norm_eps, **common)
     self.attn = Attention(num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.dh,
                           out_features=c.d_model, qkv_bias=c.qkv_bias,
+                          out_bias=c.attn_out_bias,
                           rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, **common)
     if not c.parallel_block:
       self.post_attn_norm = RMSNorm(eps=c.norm_eps, **common)

@@ -1,0 +1,227 @@
+"""Llama / Mistral / Qwen2 parity with transformers on tiny random checkpoints."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from moe_jax import decoding  # noqa: E402
+from moe_jax.checkpoints.hf import export_hf, load_hf  # noqa: E402
+from moe_jax.checkpoints.hf_common import CheckpointError  # noqa: E402
+
+VOCAB = 97
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=128, bos_token_id=1,
+              eos_token_id=2, pad_token_id=0)
+
+VARIANTS = {
+    "llama_gqa_untied": ("LlamaConfig", "LlamaForCausalLM",
+                         dict(num_key_value_heads=2, tie_word_embeddings=False,
+                              rope_theta=5000.0)),
+    "llama_tied_mqa_rope3": ("LlamaConfig", "LlamaForCausalLM",
+                             dict(num_key_value_heads=1, tie_word_embeddings=True,
+                                  rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0,
+                                                "original_max_position_embeddings": 16})),
+    "mistral_window": ("MistralConfig", "MistralForCausalLM",
+                       dict(num_key_value_heads=2, sliding_window=5,
+                            tie_word_embeddings=False)),
+    "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM",
+                   dict(num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+
+def make_hf(path, variant, dtype=torch.float32, seed=0, **save_kw):
+  cfg_name, model_name, extra = VARIANTS[variant]
+  torch.manual_seed(seed)
+  cfg = getattr(transformers, cfg_name)(**COMMON, **extra)
+  cfg._attn_implementation = "eager"
+  model = getattr(transformers, model_name)(cfg).eval()
+  if variant == "qwen2_bias":  # biases start at zero: make them count
+    with torch.no_grad():
+      for name, p in model.named_parameters():
+        if name.endswith("bias"):
+          p.normal_(0, 0.5)
+  model = model.to(dtype)
+  model.save_pretrained(path, safe_serialization=True, **save_kw)
+  return model
+
+
+def hf_logits(model, ids, mask):
+  pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
+                position_ids=torch.tensor(pos, dtype=torch.long))
+  return out.logits.float().numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def checkpoint(request, tmp_path_factory):
+  path = tmp_path_factory.mktemp(request.param)
+  model = make_hf(path, request.param)
+  return request.param, path, model
+
+
+def _batch(rng, b=3, length=12):
+  ids = rng.integers(3, VOCAB, size=(b, length))
+  mask = np.ones((b, length), np.int64)
+  mask[1, :4] = 0  # left padding
+  mask[2, :7] = 0
+  ids = np.where(mask == 1, ids, 0)
+  return ids, mask
+
+
+def test_logits_match_transformers(checkpoint):
+  variant, path, model = checkpoint
+  loaded = load_hf(path)
+  ids, mask = _batch(np.random.default_rng(0))
+  ours, _ = loaded.module.apply({"params": loaded.params}, jnp.asarray(ids),
+                                valid_BL=jnp.asarray(mask, bool))
+  ref = hf_logits(model, ids, mask)
+  valid = mask.astype(bool)
+  diff = np.abs(np.asarray(ours)[valid] - ref[valid]).max()
+  assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
+
+
+def test_greedy_generation_matches_transformers(checkpoint):
+  variant, path, model = checkpoint
+  loaded = load_hf(path)
+  ids, mask = _batch(np.random.default_rng(1), length=8)
+  with torch.no_grad():
+    ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         max_new_tokens=20, do_sample=False, eos_token_id=2, pad_token_id=0,
+                         min_new_tokens=0)
+  ref = ref[:, ids.shape[1]:].numpy()
+  out = decoding.generate(loaded.module, loaded.params, ids, prompt_valid_BP=mask,
+                          max_new_tokens=20, eos_id=2, pad_id=0)
+  ref = np.pad(ref, ((0, 0), (0, 20 - ref.shape[1])), constant_values=0)
+  np.testing.assert_array_equal(out.tokens_BN, ref, err_msg=variant)
+
+
+def test_cached_decoding_equals_full_recompute(checkpoint):
+  variant, path, _ = checkpoint
+  loaded = load_hf(path)
+  from moe_jax.models.decoder import init_cache
+  ids, mask = _batch(np.random.default_rng(2), length=10)
+  full, _ = loaded.module.apply({"params": loaded.params}, jnp.asarray(ids),
+                                valid_BL=jnp.asarray(mask, bool))
+  cache = init_cache(loaded.config, ids.shape[0], 16)
+  step_logits = []
+  split = 6  # prefill 6 tokens, then one token at a time
+  logits, cache = loaded.module.apply({"params": loaded.params}, jnp.asarray(ids[:, :split]),
+                                      valid_BL=jnp.asarray(mask[:, :split], bool), cache=cache)
+  step_logits.append(logits)
+  for t in range(split, ids.shape[1]):
+    logits, cache = loaded.module.apply({"params": loaded.params}, jnp.asarray(ids[:, t:t + 1]),
+                                        valid_BL=jnp.asarray(mask[:, t:t + 1], bool),
+                                        cache=cache)
+    step_logits.append(logits)
+  inc = np.concatenate([np.asarray(x) for x in step_logits], axis=1)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(inc[valid], np.asarray(full)[valid], atol=1e-5, rtol=0,
+                             err_msg=variant)
+
+
+def test_export_roundtrip_is_identity(checkpoint, tmp_path):
+  variant, path, model = checkpoint
+  loaded = load_hf(path)
+  export_hf(tmp_path / "out", loaded.config, loaded.params)
+  again = load_hf(tmp_path / "out")
+  assert again.config == loaded.config
+  jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
+  # transformers itself reads the export and gives the same logits.
+  reread = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "out", attn_implementation="eager").eval()
+  ids, mask = _batch(np.random.default_rng(3))
+  np.testing.assert_allclose(hf_logits(reread, ids, mask), hf_logits(model, ids, mask),
+                             atol=1e-6)
+
+
+def test_right_padding_gives_same_continuation(tmp_path):
+  make_hf(tmp_path, "llama_gqa_untied")
+  loaded = load_hf(tmp_path)
+  prompts = [[5, 6, 7, 8, 9], [11, 12]]
+  left = decoding.generate(loaded.module, loaded.params, prompts, pad_side="left",
+                           max_new_tokens=6)
+  right = decoding.generate(loaded.module, loaded.params, prompts, pad_side="right",
+                            max_new_tokens=6)
+  single = [decoding.generate(loaded.module, loaded.params, [p], max_new_tokens=6).tokens_BN[0]
+            for p in prompts]
+  np.testing.assert_array_equal(left.tokens_BN, np.stack(single))
+  np.testing.assert_array_equal(right.tokens_BN, np.stack(single))
+
+
+def test_bfloat16_and_sharded_checkpoints(tmp_path):
+  model = make_hf(tmp_path / "bf16", "llama_gqa_untied", dtype=torch.bfloat16,
+                  max_shard_size="40KB")
+  assert (tmp_path / "bf16" / "model.safetensors.index.json").exists()
+  loaded = load_hf(tmp_path / "bf16")
+  assert loaded.config.param_dtype == "bfloat16"
+  emb = np.asarray(loaded.params["embed"]["embedding"])
+  assert emb.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(emb.astype(np.float32),
+                                model.model.embed_tokens.weight.detach().float().numpy())
+  f32 = load_hf(tmp_path / "bf16", dtype="float32")
+  assert np.asarray(f32.params["embed"]["embedding"]).dtype == np.float32
+  export_hf(tmp_path / "out", loaded.config, loaded.params, max_shard_bytes=30_000)
+  again = load_hf(tmp_path / "out")
+  jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
+
+
+def test_bad_checkpoints_name_the_culprit(tmp_path):
+  import json
+  from safetensors.numpy import load_file, save_file
+
+  make_hf(tmp_path / "ok", "llama_gqa_untied")
+  # wrong shape
+  tensors = load_file(tmp_path / "ok" / "model.safetensors")
+  name = "model.layers.1.mlp.up_proj.weight"
+  tensors[name] = tensors[name][:-1]
+  (tmp_path / "bad").mkdir()
+  save_file(tensors, tmp_path / "bad" / "model.safetensors")
+  (tmp_path / "bad" / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+  with pytest.raises(CheckpointError, match=r"up_proj.weight.*\(63, 32\).*\(64, 32\)"):
+    load_hf(tmp_path / "bad")
+  # missing tensor
+  del tensors[name]
+  save_file(tensors, tmp_path / "bad" / "model.safetensors")
+  with pytest.raises(CheckpointError, match="missing tensor 'model.layers.1.mlp.up_proj"):
+    load_hf(tmp_path / "bad")
+  # unsupported architecture
+  cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+  cfg["model_type"] = "gpt2"
+  (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(CheckpointError, match="unsupported model_type 'gpt2'"):
+    load_hf(tmp_path / "bad")
+  # unreadable files
+  (tmp_path / "bad" / "config.json").write_text("{not json")
+  with pytest.raises(CheckpointError, match="config.json: unreadable JSON"):
+    load_hf(tmp_path / "bad")
+  (tmp_path / "bad" / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+  (tmp_path / "bad" / "model.safetensors").write_bytes(b"garbage")
+  with pytest.raises(CheckpointError, match="model.safetensors: unreadable"):
+    load_hf(tmp_path / "bad")
+
+
+def test_failed_export_leaves_previous_checkpoint(tmp_path, monkeypatch):
+  make_hf(tmp_path / "src", "llama_gqa_untied")
+  loaded = load_hf(tmp_path / "src")
+  export_hf(tmp_path / "out", loaded.config, loaded.params)
+  before = sorted(p.name for p in (tmp_path / "out").iterdir())
+  import moe_jax.checkpoints.hf as hf
+
+  def boom(*a, **k):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(hf, "write_safetensors", boom)
+  with pytest.raises(OSError, match="disk full"):
+    export_hf(tmp_path / "out", loaded.config, loaded.params)
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+  assert load_hf(tmp_path / "out").config == loaded.config
