@@ -1,0 +1,54 @@
+"""Checkpoints: Hugging Face import/export and our own self-describing format.
+
+:func:`load_checkpoint` accepts either kind of directory and returns a
+:class:`LoadedModel` (config, flax module, parameters).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moe_jax.checkpoints.hf import LoadedModel, export_hf, load_hf, unbox
+from moe_jax.checkpoints.hf_common import CheckpointError
+from moe_jax.checkpoints.native import is_native_checkpoint, save_model
+
+__all__ = ["CheckpointError", "LoadedModel", "export_hf", "load_checkpoint", "load_hf",
+           "save_model", "unbox"]
+
+
+def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None) -> LoadedModel:
+  """Loads an HF directory (``config.json``) or one of ours (``model_config.json``)."""
+  directory = Path(path)
+  if not directory.is_dir():
+    raise CheckpointError(f"{directory}: no such checkpoint directory")
+  if is_native_checkpoint(directory):
+    return _load_native(directory, dtype)
+  if (directory / "config.json").exists():
+    return load_hf(directory, dtype=dtype)
+  raise CheckpointError(f"{directory}: neither a Hugging Face checkpoint (config.json) nor a "
+                        f"moe-jax checkpoint (model_config.json)")
+
+
+def _load_native(directory: Path, dtype: str | None) -> LoadedModel:
+  import dataclasses
+
+  import jax
+  import numpy as np
+
+  from moe_jax.checkpoints import native
+  from moe_jax.checkpoints.hf import _NP_DTYPES
+  from moe_jax.models import registry
+
+  kind, config = native.load_model_config(directory)
+  if dtype is not None:
+    if dtype not in _NP_DTYPES:
+      raise CheckpointError(f"unsupported parameter dtype {dtype!r}")
+    config = dataclasses.replace(config, param_dtype=dtype)
+  module = registry.build_module(config, kind)
+  params = native.load_params(directory, registry.param_shapes(module, kind))
+  if dtype is not None:
+    params = jax.tree.map(lambda x: np.asarray(x).astype(_NP_DTYPES[dtype]), params)
+  tok = str(directory) if (directory / "tokenizer.json").exists() else None
+  return LoadedModel(config=config, module=module, params=params, source=str(directory),
+                     tokenizer_dir=tok)
