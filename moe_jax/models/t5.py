@@ -1,0 +1,483 @@
+"""T5 encoder-decoder (T5 v1.0 and v1.1 / LM-adapted), matching Hugging Face's ``T5ForConditionalGeneration``.
+
+Legend: B batch, L query length, S key length (encoder length or decoder cache
+slots), D model dim, V vocab, H heads, Dh head dim (``d_kv``), F ffn dim,
+R relative-position buckets.
+
+T5 has no absolute positions: every self-attention adds a learned bias per
+head indexed by a *bucketed* relative distance ``key_pos - query_pos``
+(:func:`relative_position_bucket`). The bias table lives once per stack (HF
+stores it in block 0 and threads the computed bias through the other blocks;
+we store it at the stack level, ``encoder/relpos_bias``, which says the same
+thing without a special layer 0). Attention logits are not scaled
+(``scale=1``): T5 folds ``Dh**-0.5`` into the query initialisation.
+
+Padding and caching follow :mod:`moe_jax.models.decoder`: boolean ``valid``
+masks over slots, masks only ever hide *keys*. The decoder's relative bias
+uses slot positions (query slots ``index .. index+L-1`` against key slots
+``0 .. S-1``), exactly as HF does with its cache, so incremental decoding and
+teacher forcing give the same logits.
+
+Two head variants, chosen by ``tie_word_embeddings``:
+
+* v1.0 (``True``): logits are ``(x * d_model**-0.5) · E^T`` with the shared
+  input embedding ``E``; FFN is ``relu``.
+* v1.1 (``False``): a separate, unscaled ``lm_head``; FFN is gated-GELU (tanh
+  approximation, HF's ``gelu_new``). The input embedding is still shared by the
+  encoder and the decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from moe_jax.models.decoder import attention_mask
+from moe_jax.nn.attention import Attention, KVCache
+from moe_jax.nn.embeddings import Embed
+from moe_jax.nn.linear import Linear
+from moe_jax.nn.mlp import Mlp
+from moe_jax.nn.norms import RMSNorm
+
+Array = jax.Array
+
+FEED_FORWARD_PROJ = {
+    # name: (gated, activation)
+    "relu": (False, "relu"),
+    "gated-gelu": (True, "gelu_new"),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class T5Config:
+  """Architecture of a T5 encoder-decoder.
+
+  Attributes:
+    vocab_size, d_model, d_ff: sizes.
+    d_kv: head dim Dh (T5 does not require ``num_heads * d_kv == d_model``).
+    num_layers: encoder layers.
+    num_decoder_layers: decoder layers; ``None`` means ``num_layers``.
+    num_heads: attention heads H (always multi-head; no GQA in T5).
+    relative_attention_num_buckets, relative_attention_max_distance: the
+      relative-position bucketing (see :func:`relative_position_bucket`).
+    feed_forward_proj: ``"relu"`` (v1.0) or ``"gated-gelu"`` (v1.1).
+    tie_word_embeddings: ``True`` (v1.0): the head is the input embedding and
+      the decoder output is scaled by ``d_model**-0.5`` first; ``False``
+      (v1.1): separate unscaled ``lm_head``.
+    layer_norm_epsilon: RMSNorm epsilon.
+    dtype, param_dtype: compute and storage dtype names.
+    pad_token_id, eos_token_id, decoder_start_token_id: special tokens.
+    max_seq_len: default decoder cache size.
+  """
+
+  vocab_size: int
+  d_model: int
+  d_kv: int
+  d_ff: int
+  num_layers: int
+  num_heads: int
+  num_decoder_layers: int | None = None
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  feed_forward_proj: str = "relu"
+  tie_word_embeddings: bool = True
+  layer_norm_epsilon: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  pad_token_id: int = 0
+  eos_token_id: int | tuple[int, ...] = 1
+  decoder_start_token_id: int = 0
+  max_seq_len: int = 512
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                 "max_seq_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
+    if self.num_decoder_layers is not None and self.num_decoder_layers <= 0:
+      raise ValueError(
+          f"T5Config.num_decoder_layers must be positive, got {self.num_decoder_layers}")
+    if self.feed_forward_proj not in FEED_FORWARD_PROJ:
+      raise ValueError(f"T5Config.feed_forward_proj={self.feed_forward_proj!r} is not supported; "
+                       f"expected one of {sorted(FEED_FORWARD_PROJ)}")
+    if self.relative_attention_num_buckets < 4:
+      raise ValueError("T5Config.relative_attention_num_buckets must be >= 4 (half exact, half "
+                       f"logarithmic, per direction), got {self.relative_attention_num_buckets}")
+    if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+      raise ValueError(
+          "T5Config.relative_attention_max_distance must exceed relative_attention_num_buckets "
+          f"// 2 = {self.relative_attention_num_buckets // 2} (the exact-bucket range), got "
+          f"{self.relative_attention_max_distance}")
+    if self.layer_norm_epsilon <= 0:
+      raise ValueError(f"T5Config.layer_norm_epsilon must be positive, got "
+                       f"{self.layer_norm_epsilon}")
+
+  @property
+  def decoder_layers(self) -> int:
+    return self.num_decoder_layers or self.num_layers
+
+  @property
+  def gated(self) -> bool:
+    return FEED_FORWARD_PROJ[self.feed_forward_proj][0]
+
+  @property
+  def activation(self) -> str:
+    return FEED_FORWARD_PROJ[self.feed_forward_proj][1]
+
+  def replace(self, **kw) -> "T5Config":
+    return dataclasses.replace(self, **kw)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+  """Bucket of ``memory_pos - query_pos``, exactly as Mesh TensorFlow / HF T5.
+
+  Half of the buckets (per direction when ``bidirectional``) hold exact
+  distances ``0 .. max_exact-1``; the rest are logarithmically wider up to
+  ``max_distance``, beyond which everything shares the last bucket. In the
+  unidirectional (decoder) case positive distances (the future) map to
+  bucket 0. The logarithm is evaluated in float32 in the reference's order of
+  operations and truncated, so bucket boundaries agree with HF bit for bit.
+
+  Returns:
+    int32 buckets in ``[0, num_buckets)``, the shape of ``relative_position``.
+  """
+  rel = jnp.asarray(relative_position, jnp.int32)
+  buckets = jnp.zeros_like(rel)
+  if bidirectional:
+    num_buckets //= 2
+    buckets = buckets + (rel > 0).astype(jnp.int32) * num_buckets
+    rel = jnp.abs(rel)
+  else:
+    rel = -jnp.minimum(rel, 0)
+  max_exact = num_buckets // 2
+  is_small = rel < max_exact
+  # log(0) would be -inf; those entries take the exact branch anyway.
+  rel_f = jnp.maximum(rel, 1).astype(jnp.float32)
+  large = max_exact + (jnp.log(rel_f / max_exact) / math.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, num_buckets - 1)
+  return buckets + jnp.where(is_small, rel, large)
+
+
+def encoder_mask(valid_BS: Array, query_len: int) -> Array:
+  """``[B, L, S]``: every query may attend every valid key (encoder self- and cross-attention)."""
+  valid_BS = jnp.asarray(valid_BS, bool)
+  return jnp.broadcast_to(valid_BS[:, None, :],
+                          (valid_BS.shape[0], query_len, valid_BS.shape[1]))
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class RelativePositionBias(nn.Module):
+  """Learned per-head bias over relative-position buckets, table ``[R, H]``."""
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_pos_L: Array, k_pos_S: Array) -> Array:
+    """Bias ``[1, H, L, S]`` (float32) for query and key positions."""
+    table_RH = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                                     ("relpos_buckets", "heads")),
+        (self.num_buckets, self.num_heads), jnp.dtype(self.param_dtype))
+    rel_LS = k_pos_S[None, :] - q_pos_L[:, None]
+    bucket_LS = relative_position_bucket(rel_LS, bidirectional=self.bidirectional,
+                                         num_buckets=self.num_buckets,
+                                         max_distance=self.max_distance)
+    values_LSH = jnp.take(table_RH, bucket_LS, axis=0).astype(jnp.float32)
+    return jnp.transpose(values_LSH, (2, 0, 1))[None]
+
+
+def _attention(c: T5Config) -> Attention:
+  # T5 initialises q with an extra 1/d_kv variance instead of scaling logits.
+  q_init = nn.initializers.variance_scaling(1.0 / c.d_kv, "fan_in", "truncated_normal",
+                                            in_axis=0, out_axis=(1, 2))
+  return Attention(num_heads=c.num_heads, num_kv_heads=c.num_heads, head_dim=c.d_kv,
+                   out_features=c.d_model, scale=1.0, rope_theta=None, q_kernel_init=q_init,
+                   dtype=c.dtype, param_dtype=c.param_dtype)
+
+
+def _norm(c: T5Config) -> RMSNorm:
+  return RMSNorm(eps=c.layer_norm_epsilon, dtype=c.dtype, param_dtype=c.param_dtype)
+
+
+def _ffn(c: T5Config) -> Mlp:
+  return Mlp(hidden_dim=c.d_ff, out_features=c.d_model, activation=c.activation, gated=c.gated,
+             dtype=c.dtype, param_dtype=c.param_dtype)
+
+
+class T5EncoderBlock(nn.Module):
+  """Pre-norm block: ``x += attn(norm(x)); x += mlp(norm(x))``."""
+
+  config: T5Config
+
+  def setup(self):
+    c = self.config
+    self.pre_attn_norm = _norm(c)
+    self.attn = _attention(c)
+    self.pre_mlp_norm = _norm(c)
+    self.mlp = self.make_ffn()
+
+  def make_ffn(self) -> nn.Module:
+    """The FFN of this block; PEFT / MoE variants override this."""
+    return _ffn(self.config)
+
+  def __call__(self, x_BLD: Array, *, mask_BLS: Array, bias_BHLS: Array) -> Array:
+    h, _ = self.attn(self.pre_attn_norm(x_BLD), mask_BLS=mask_BLS, bias_BHLS=bias_BHLS)
+    x_BLD = x_BLD + h
+    x_BLD = x_BLD + self.mlp(self.pre_mlp_norm(x_BLD))
+    return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+
+
+class T5DecoderBlock(nn.Module):
+  """Pre-norm block: causal self-attention, cross-attention to the encoder, FFN."""
+
+  config: T5Config
+
+  def setup(self):
+    c = self.config
+    self.pre_self_attn_norm = _norm(c)
+    self.self_attn = _attention(c)
+    self.pre_cross_attn_norm = _norm(c)
+    self.cross_attn = _attention(c)
+    self.pre_mlp_norm = _norm(c)
+    self.mlp = self.make_ffn()
+
+  def make_ffn(self) -> nn.Module:
+    """The FFN of this block; PEFT / MoE variants override this."""
+    return _ffn(self.config)
+
+  def cross_kv(self, enc_BSD: Array) -> KVCache:
+    """Cross-attention keys/values of the encoder output (computed once per sequence)."""
+    return self.cross_attn.project_kv(enc_BSD)
+
+  def __call__(self, x_BLD: Array, *, self_mask_BLS: Array, bias_BHLS: Array,
+               cross_mask_BLS: Array, enc_BSD: Array | None = None,
+               cross_kv: KVCache | None = None, cache: KVCache | None = None,
+               cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+    if enc_BSD is None and cross_kv is None:
+      raise ValueError("T5DecoderBlock needs enc_BSD or a precomputed cross_kv")
+    h, new_cache = self.self_attn(self.pre_self_attn_norm(x_BLD), mask_BLS=self_mask_BLS,
+                                  bias_BHLS=bias_BHLS, cache=cache, cache_index=cache_index)
+    x_BLD = x_BLD + h
+    h, _ = self.cross_attn(self.pre_cross_attn_norm(x_BLD), mask_BLS=cross_mask_BLS,
+                           kv_source_BSD=enc_BSD, kv=cross_kv)
+    x_BLD = x_BLD + h
+    x_BLD = x_BLD + self.mlp(self.pre_mlp_norm(x_BLD))
+    return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed")), new_cache
+
+
+def _relpos(c: T5Config, bidirectional: bool) -> RelativePositionBias:
+  return RelativePositionBias(num_buckets=c.relative_attention_num_buckets,
+                              max_distance=c.relative_attention_max_distance,
+                              num_heads=c.num_heads, bidirectional=bidirectional,
+                              param_dtype=c.param_dtype)
+
+
+class T5Encoder(nn.Module):
+  """Encoder stack over already-embedded tokens: blocks -> final norm."""
+
+  config: T5Config
+  block_cls: type[T5EncoderBlock] = T5EncoderBlock
+
+  def setup(self):
+    c = self.config
+    self.layers = [self.block_cls(config=c, name=f"layers_{i}") for i in range(c.num_layers)]
+    self.relpos_bias = _relpos(c, bidirectional=True)
+    self.final_norm = _norm(c)
+
+  def __call__(self, x_BLD: Array, valid_BL: Array) -> Array:
+    l = x_BLD.shape[1]
+    pos = jnp.arange(l)
+    bias_BHLS = self.relpos_bias(pos, pos)
+    mask_BLS = encoder_mask(valid_BL, l)
+    for layer in self.layers:
+      x_BLD = layer(x_BLD, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS)
+    return self.final_norm(x_BLD)
+
+
+@flax.struct.dataclass
+class T5DecodeCache:
+  """Decoder state for incremental decoding.
+
+  Attributes:
+    self_attn: per decoder layer, self-attention ``KVCache`` ``[B, S, H, Dh]``.
+    cross_attn: per decoder layer, the encoder's keys/values ``[B, S_enc, H, Dh]``.
+    enc_valid_BS: which encoder positions are real tokens.
+    valid_BS: which decoder slots hold real tokens.
+    index: next decoder slot to write (int32 scalar, shared by the batch).
+  """
+
+  self_attn: tuple[KVCache, ...]
+  cross_attn: tuple[KVCache, ...]
+  enc_valid_BS: Array
+  valid_BS: Array
+  index: Array
+
+
+class T5Decoder(nn.Module):
+  """Decoder stack over already-embedded tokens: blocks -> final norm."""
+
+  config: T5Config
+  block_cls: type[T5DecoderBlock] = T5DecoderBlock
+
+  def setup(self):
+    c = self.config
+    self.layers = [self.block_cls(config=c, name=f"layers_{i}")
+                   for i in range(c.decoder_layers)]
+    self.relpos_bias = _relpos(c, bidirectional=False)
+    self.final_norm = _norm(c)
+
+  def cross_kv(self, enc_BSD: Array) -> tuple[KVCache, ...]:
+    return tuple(layer.cross_kv(enc_BSD) for layer in self.layers)
+
+  def __call__(self, x_BLD: Array, *, valid_BS: Array, index: Array, enc_valid_BS: Array,
+               enc_BSD: Array | None = None, cross_kvs: tuple[KVCache, ...] | None = None,
+               caches: tuple[KVCache, ...] | None = None
+               ) -> tuple[Array, tuple[KVCache | None, ...]]:
+    l = x_BLD.shape[1]
+    q_slots_L = index + jnp.arange(l)
+    self_mask_BLS = attention_mask(valid_BS, q_slots_L, None)
+    bias_BHLS = self.relpos_bias(q_slots_L, jnp.arange(valid_BS.shape[1]))
+    cross_mask_BLS = encoder_mask(enc_valid_BS, l)
+    new_caches = []
+    for i, layer in enumerate(self.layers):
+      x_BLD, new_cache = layer(
+          x_BLD, self_mask_BLS=self_mask_BLS, bias_BHLS=bias_BHLS, cross_mask_BLS=cross_mask_BLS,
+          enc_BSD=enc_BSD, cross_kv=None if cross_kvs is None else cross_kvs[i],
+          cache=None if caches is None else caches[i], cache_index=index)
+      new_caches.append(new_cache)
+    return self.final_norm(x_BLD), tuple(new_caches)
+
+
+def _bool_or_ones(valid: Array | None, shape: tuple[int, int]) -> Array:
+  if valid is None:
+    return jnp.ones(shape, bool)
+  if tuple(valid.shape) != tuple(shape):
+    raise ValueError(f"valid mask has shape {tuple(valid.shape)}, expected {tuple(shape)} "
+                     "(the shape of the tokens)")
+  return jnp.asarray(valid, bool)
+
+
+class T5(nn.Module):
+  """T5 encoder-decoder LM.
+
+  Methods (use ``model.apply(variables, ..., method=T5.encode)`` etc.):
+    ``encode(tokens_BL, valid_BL=None) -> enc_BLD``
+    ``init_decode_cache(enc_BLD, enc_valid_BL=None, max_len=None) -> T5DecodeCache``
+    ``decode(tokens_BL, *, enc_BLD=None, enc_valid_BL=None, valid_BL=None, cache=None)
+      -> (logits_BLV, new cache or None)``
+    ``__call__(enc_tokens_BL, dec_tokens_BL, *, enc_valid_BL=None, dec_valid_BL=None)
+      -> (logits_BLV, None)``
+
+  ``valid`` masks default to all-True; padding is never inferred from
+  ``pad_token_id`` (T5's decoder start token *is* the pad id).
+  """
+
+  config: T5Config
+  encoder_block_cls: type[T5EncoderBlock] = T5EncoderBlock
+  decoder_block_cls: type[T5DecoderBlock] = T5DecoderBlock
+
+  def setup(self):
+    c = self.config
+    common = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    self.shared = Embed(c.vocab_size, c.d_model, **common)
+    self.encoder = T5Encoder(config=c, block_cls=self.encoder_block_cls)
+    self.decoder = T5Decoder(config=c, block_cls=self.decoder_block_cls)
+    if not c.tie_word_embeddings:
+      self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), **common)
+
+  def _embed(self, tokens_BL: Array) -> Array:
+    x = self.shared(tokens_BL)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def _logits(self, x_BLD: Array) -> Array:
+    c = self.config
+    if c.tie_word_embeddings:
+      logits = self.shared.attend(x_BLD * (c.d_model ** -0.5))
+    else:
+      logits = self.lm_head(x_BLD)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def encode(self, tokens_BL: Array, valid_BL: Array | None = None) -> Array:
+    """Encoder output ``[B, L, D]`` (after the final norm)."""
+    valid_BL = _bool_or_ones(valid_BL, tokens_BL.shape)
+    return self.encoder(self._embed(tokens_BL), valid_BL)
+
+  def init_decode_cache(self, enc_BLD: Array, enc_valid_BL: Array | None = None,
+                        max_len: int | None = None) -> T5DecodeCache:
+    """Empty decoder cache of ``max_len`` slots with the cross-attention kv precomputed."""
+    c = self.config
+    b, s = enc_BLD.shape[:2]
+    slots = max_len or c.max_seq_len
+    dtype = jnp.dtype(c.dtype)
+    return T5DecodeCache(
+        self_attn=tuple(KVCache.zeros(b, slots, c.num_heads, c.d_kv, dtype)
+                        for _ in range(c.decoder_layers)),
+        cross_attn=self.decoder.cross_kv(enc_BLD),
+        enc_valid_BS=_bool_or_ones(enc_valid_BL, (b, s)),
+        valid_BS=jnp.zeros((b, slots), bool),
+        index=jnp.zeros((), jnp.int32))
+
+  def decode(self, tokens_BL: Array, *, enc_BLD: Array | None = None,
+             enc_valid_BL: Array | None = None, valid_BL: Array | None = None,
+             cache: T5DecodeCache | None = None) -> tuple[Array, T5DecodeCache | None]:
+    """Decoder logits; teacher-forced without ``cache``, incremental with it.
+
+    Without a cache, ``enc_BLD`` (and optionally ``enc_valid_BL``) is required
+    and the decoder is causal over ``tokens_BL``. With a cache, the tokens are
+    written at slots ``cache.index ..`` and the cached encoder keys/values are
+    used; ``enc_BLD`` must then be omitted. The caller keeps
+    ``cache.index + L <= slots`` (as with any fixed-size cache, writes past
+    the end are clamped by ``dynamic_update_slice``).
+    """
+    b, l = tokens_BL.shape
+    valid_BL = _bool_or_ones(valid_BL, (b, l))
+    x_BLD = self._embed(tokens_BL)
+    if cache is None:
+      if enc_BLD is None:
+        raise ValueError("T5.decode without a cache needs enc_BLD (the encoder output)")
+      enc_valid_BS = _bool_or_ones(enc_valid_BL, enc_BLD.shape[:2])
+      h, _ = self.decoder(x_BLD, valid_BS=valid_BL, index=jnp.zeros((), jnp.int32),
+                          enc_valid_BS=enc_valid_BS, enc_BSD=enc_BLD)
+      return self._logits(h), None
+    if enc_BLD is not None or enc_valid_BL is not None:
+      raise ValueError("T5.decode with a cache uses the cached encoder keys/values; "
+                       "do not pass enc_BLD / enc_valid_BL (give them to init_decode_cache)")
+    index = cache.index
+    valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, valid_BL, (0, index))
+    h, new_self = self.decoder(x_BLD, valid_BS=valid_BS, index=index,
+                               enc_valid_BS=cache.enc_valid_BS, cross_kvs=cache.cross_attn,
+                               caches=cache.self_attn)
+    new_cache = T5DecodeCache(self_attn=new_self, cross_attn=cache.cross_attn,
+                              enc_valid_BS=cache.enc_valid_BS, valid_BS=valid_BS,
+                              index=index + l)
+    return self._logits(h), new_cache
+
+  def __call__(self, enc_tokens_BL: Array, dec_tokens_BL: Array, *,
+               enc_valid_BL: Array | None = None, dec_valid_BL: Array | None = None
+               ) -> tuple[Array, None]:
+    """Teacher-forced logits ``[B, L_dec, V]`` (the cache slot is ``None``)."""
+    enc_BLD = self.encode(enc_tokens_BL, enc_valid_BL)
+    return self.decode(dec_tokens_BL, enc_BLD=enc_BLD, enc_valid_BL=enc_valid_BL,
+                       valid_BL=dec_valid_BL)
+
+
+def t5_from_config(config: T5Config) -> T5:
+  return T5(config=config)
