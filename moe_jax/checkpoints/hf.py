@@ -32,15 +32,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def converters() -> dict[str, Converter]:
   """model_type -> converter, for every supported HF architecture."""
   from moe_jax.checkpoints.hf_llama import LlamaConverter
-  convs = [LlamaConverter()]
-  try:  # TEMP until hf_t5 lands
-    from moe_jax.checkpoints.hf_t5 import T5Converter
-    convs.append(T5Converter())
-  except ImportError:
-    pass
+  from moe_jax.checkpoints.hf_t5 import T5Converter
 
   table: dict[str, Converter] = {}
-  for conv in convs:
+  for conv in (LlamaConverter(), T5Converter()):
     for model_type in conv.model_types:
       table[model_type] = conv
   return table

@@ -269,3 +269,35 @@ def test_decode_argument_errors(case):
   enc, dec, _, _ = case["inputs"]
   with pytest.raises(ValueError, match="enc_BLD"):
     model.apply({"params": case["params"]}, dec, method=T5.decode)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_generation_matches_hf_generate(variant):
+  """20 greedy tokens, token-identical to ``generate()``, with encoder padding.
+
+  Equal encoder/decoder depth: transformers 5.24's T5 ``generate`` sizes its
+  cache by the encoder depth and fails otherwise.
+  """
+  from moe_jax import decoding
+
+  torch.manual_seed(3)
+  sizes = {**SIZES, "num_decoder_layers": SIZES["num_layers"]}
+  cfg = transformers.T5Config(**sizes, **VARIANTS[variant], dropout_rate=0.0,
+                              attn_implementation="eager", eos_token_id=1, pad_token_id=0,
+                              decoder_start_token_id=0)
+  hf = transformers.T5ForConditionalGeneration(cfg).eval()
+  config = CONV.config_from_hf(hf.config.to_dict())
+  params = CONV.params_from_hf(_getter(_state_dict_np(hf)), config)
+  enc, _, enc_valid, _ = _inputs()
+  with torch.no_grad():
+    ref = hf.generate(input_ids=torch.tensor(enc),
+                      attention_mask=torch.tensor(enc_valid.astype(np.int64)),
+                      max_new_tokens=20, do_sample=False, num_beams=1).numpy()
+  ref = ref[:, 1:]  # drop the decoder start token
+  ref = np.pad(ref, ((0, 0), (0, 20 - ref.shape[1])), constant_values=0)
+  out = decoding.generate(CONV.module(config), params, enc, prompt_valid_BP=enc_valid,
+                          max_new_tokens=20, eos_id=1, pad_id=0)
+
