@@ -300,4 +300,5 @@ def test_greedy_generation_matches_hf_generate(variant):
   ref = np.pad(ref, ((0, 0), (0, 20 - ref.shape[1])), constant_values=0)
   out = decoding.generate(CONV.module(config), params, enc, prompt_valid_BP=enc_valid,
                           max_new_tokens=20, eos_id=1, pad_id=0)
-
+  np.testing.assert_array_equal(out.tokens_BN, ref)
+  assert (out.lengths_B > 3).all(), "degenerate reference: EOS almost at once"
