@@ -22,7 +22,7 @@ test: $(VENV_STAMP)
 	$(PY) -m pytest -n 2 tests
 
 bench: $(VENV_STAMP)
-	$(PY) benchmarks/decode.py
+	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script --quick || exit 1; done
 
 clean:
 	rm -rf .venv build *.egg-info
