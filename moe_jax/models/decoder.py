@@ -137,6 +137,16 @@ def attention_mask(valid_BS: Array, q_slots_L: Array, sliding_window: int | None
   return causal_LS[None] & valid_BS[:, None, :]
 
 
+def positions_from_segments(segment_ids_BL: Array) -> Array:
+  """Positions restarting at 0 at every new segment of a packed row."""
+  l = segment_ids_BL.shape[1]
+  idx = jnp.arange(l)[None, :]
+  starts = jnp.concatenate([jnp.ones_like(segment_ids_BL[:, :1], bool),
+                            segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+  start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return (idx - start_idx).astype(jnp.int32)
+
+
 def positions_from_valid(valid_BL: Array, prior_count_B: Array | None = None) -> Array:
   """Positions counting only valid tokens, continuing after ``prior_count``."""
   pos = jnp.cumsum(valid_BL.astype(jnp.int32), axis=1) - 1
@@ -154,16 +164,30 @@ class DecoderBlock(nn.Module):
     c = self.config
     common = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     self.input_norm = RMSNorm(eps=c.norm_eps, **common)
-    self.attn = Attention(num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.dh,
-                          out_features=c.d_model, qkv_bias=c.qkv_bias,
-                          out_bias=c.attn_out_bias,
-                          rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, **common)
+    self.attn = self.make_attention()
     if not c.parallel_block:
       self.post_attn_norm = RMSNorm(eps=c.norm_eps, **common)
     self.mlp = self.make_ffn()
 
+  @property
+  def layer_index(self) -> int:
+    """This block's index in the stack (from its ``layers_{i}`` name)."""
+    return int(self.name.rsplit("_", 1)[1])
+
+  def make_attention(self) -> nn.Module:
+    """The attention of this block; PEFT / mixture-of-attention variants override this.
+
+    The replacement must keep the ``Attention`` call contract and its
+    parameter names so pretrained checkpoints still restore.
+    """
+    c = self.config
+    return Attention(num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.dh,
+                     out_features=c.d_model, qkv_bias=c.qkv_bias, out_bias=c.attn_out_bias,
+                     rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, dtype=c.dtype,
+                     param_dtype=c.param_dtype)
+
   def make_ffn(self) -> nn.Module:
-    """The FFN of this block; MoE variants override this."""
+    """The FFN of this block; PEFT / MoE variants override this."""
     c = self.config
     return Mlp(hidden_dim=c.d_ff, out_features=c.d_model, activation=c.activation, gated=True,
                dtype=c.dtype, param_dtype=c.param_dtype)
@@ -204,13 +228,30 @@ class Decoder(nn.Module):
       self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), **common)
 
   def __call__(self, tokens_BL: Array, *, valid_BL: Array | None = None,
-               positions_BL: Array | None = None, cache: DecodeCache | None = None,
-               sow_hidden: bool = False) -> tuple[Array, DecodeCache | None]:
+               positions_BL: Array | None = None, segment_ids_BL: Array | None = None,
+               cache: DecodeCache | None = None, sow_hidden: bool = False
+               ) -> tuple[Array, DecodeCache | None]:
+    """Logits ``[B, L, V]`` and the updated cache (``None`` without one).
+
+    Args:
+      tokens_BL: token ids.
+      valid_BL: real (non-padding) tokens; default all.
+      positions_BL: RoPE positions; default counts valid tokens (per segment
+        when ``segment_ids_BL`` is given).
+      segment_ids_BL: packed training rows: tokens attend only within their
+        segment (seqio's ``decoder_segment_ids``; 0 marks padding). Not
+        combinable with ``cache``.
+      cache: a :class:`DecodeCache` for incremental decoding.
+      sow_hidden: sow every layer's output in ``intermediates/hidden``.
+    """
     c = self.config
     b, l = tokens_BL.shape
     if valid_BL is None:
-      valid_BL = jnp.ones((b, l), bool)
+      valid_BL = (jnp.ones((b, l), bool) if segment_ids_BL is None
+                  else jnp.asarray(segment_ids_BL) > 0)
     valid_BL = valid_BL.astype(bool)
+    if segment_ids_BL is not None and cache is not None:
+      raise ValueError("segment_ids_BL (packing) is for training; it cannot be used with a cache")
     if cache is None:
       valid_BS, index, prior = valid_BL, jnp.zeros((), jnp.int32), None
     else:
@@ -218,8 +259,11 @@ class Decoder(nn.Module):
       prior = cache.valid_BS.sum(axis=1).astype(jnp.int32)
       valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, valid_BL, (0, index))
     if positions_BL is None:
-      positions_BL = positions_from_valid(valid_BL, prior)
+      positions_BL = (positions_from_valid(valid_BL, prior) if segment_ids_BL is None
+                      else positions_from_segments(segment_ids_BL))
     mask_BLS = attention_mask(valid_BS, index + jnp.arange(l), c.sliding_window)
+    if segment_ids_BL is not None:
+      mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
 
     x = self.embed(tokens_BL)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))

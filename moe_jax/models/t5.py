@@ -38,7 +38,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moe_jax.models.decoder import attention_mask
+from moe_jax.models.decoder import attention_mask, positions_from_segments
 from moe_jax.nn.attention import Attention, KVCache
 from moe_jax.nn.embeddings import Embed
 from moe_jax.nn.linear import Linear
@@ -190,18 +190,24 @@ class RelativePositionBias(nn.Module):
 
   @nn.compact
   def __call__(self, q_pos_L: Array, k_pos_S: Array) -> Array:
-    """Bias ``[1, H, L, S]`` (float32) for query and key positions."""
+    """Bias ``[1, H, L, S]`` (float32) for query and key positions.
+
+    Positions may also be per row, ``[B, L]`` and ``[B, S]`` (packed
+    sequences restart at 0 in every segment); the bias is then ``[B, H, L, S]``.
+    """
     table_RH = self.param(
         "embedding",
         nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
                                      ("relpos_buckets", "heads")),
         (self.num_buckets, self.num_heads), jnp.dtype(self.param_dtype))
-    rel_LS = k_pos_S[None, :] - q_pos_L[:, None]
-    bucket_LS = relative_position_bucket(rel_LS, bidirectional=self.bidirectional,
-                                         num_buckets=self.num_buckets,
-                                         max_distance=self.max_distance)
-    values_LSH = jnp.take(table_RH, bucket_LS, axis=0).astype(jnp.float32)
-    return jnp.transpose(values_LSH, (2, 0, 1))[None]
+    q_pos_BL = jnp.atleast_2d(q_pos_L)
+    k_pos_BS = jnp.atleast_2d(k_pos_S)
+    rel_BLS = k_pos_BS[:, None, :] - q_pos_BL[:, :, None]
+    bucket_BLS = relative_position_bucket(rel_BLS, bidirectional=self.bidirectional,
+                                          num_buckets=self.num_buckets,
+                                          max_distance=self.max_distance)
+    values_BLSH = jnp.take(table_RH, bucket_BLS, axis=0).astype(jnp.float32)
+    return jnp.transpose(values_BLSH, (0, 3, 1, 2))
 
 
 def _attention(c: T5Config) -> Attention:
@@ -230,9 +236,17 @@ class T5EncoderBlock(nn.Module):
   def setup(self):
     c = self.config
     self.pre_attn_norm = _norm(c)
-    self.attn = _attention(c)
+    self.attn = self.make_attention()
     self.pre_mlp_norm = _norm(c)
     self.mlp = self.make_ffn()
+
+  @property
+  def layer_index(self) -> int:
+    return int(self.name.rsplit("_", 1)[1])
+
+  def make_attention(self) -> nn.Module:
+    """The self-attention of this block; PEFT variants override this."""
+    return _attention(self.config)
 
   def make_ffn(self) -> nn.Module:
     """The FFN of this block; PEFT / MoE variants override this."""
@@ -253,11 +267,23 @@ class T5DecoderBlock(nn.Module):
   def setup(self):
     c = self.config
     self.pre_self_attn_norm = _norm(c)
-    self.self_attn = _attention(c)
+    self.self_attn = self.make_self_attention()
     self.pre_cross_attn_norm = _norm(c)
-    self.cross_attn = _attention(c)
+    self.cross_attn = self.make_cross_attention()
     self.pre_mlp_norm = _norm(c)
     self.mlp = self.make_ffn()
+
+  @property
+  def layer_index(self) -> int:
+    return int(self.name.rsplit("_", 1)[1])
+
+  def make_self_attention(self) -> nn.Module:
+    """Causal self-attention; PEFT variants override this."""
+    return _attention(self.config)
+
+  def make_cross_attention(self) -> nn.Module:
+    """Cross-attention to the encoder; PEFT variants override this."""
+    return _attention(self.config)
 
   def make_ffn(self) -> nn.Module:
     """The FFN of this block; PEFT / MoE variants override this."""
@@ -302,11 +328,14 @@ class T5Encoder(nn.Module):
     self.relpos_bias = _relpos(c, bidirectional=True)
     self.final_norm = _norm(c)
 
-  def __call__(self, x_BLD: Array, valid_BL: Array) -> Array:
+  def __call__(self, x_BLD: Array, valid_BL: Array, segment_ids_BL: Array | None = None
+               ) -> Array:
     l = x_BLD.shape[1]
-    pos = jnp.arange(l)
+    pos = jnp.arange(l) if segment_ids_BL is None else positions_from_segments(segment_ids_BL)
     bias_BHLS = self.relpos_bias(pos, pos)
     mask_BLS = encoder_mask(valid_BL, l)
+    if segment_ids_BL is not None:
+      mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
     for layer in self.layers:
       x_BLD = layer(x_BLD, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS)
     return self.final_norm(x_BLD)
@@ -349,13 +378,22 @@ class T5Decoder(nn.Module):
 
   def __call__(self, x_BLD: Array, *, valid_BS: Array, index: Array, enc_valid_BS: Array,
                enc_BSD: Array | None = None, cross_kvs: tuple[KVCache, ...] | None = None,
-               caches: tuple[KVCache, ...] | None = None
+               caches: tuple[KVCache, ...] | None = None,
+               segment_ids_BL: Array | None = None, enc_segment_ids_BS: Array | None = None,
                ) -> tuple[Array, tuple[KVCache | None, ...]]:
     l = x_BLD.shape[1]
     q_slots_L = index + jnp.arange(l)
     self_mask_BLS = attention_mask(valid_BS, q_slots_L, None)
-    bias_BHLS = self.relpos_bias(q_slots_L, jnp.arange(valid_BS.shape[1]))
     cross_mask_BLS = encoder_mask(enc_valid_BS, l)
+    if segment_ids_BL is None:
+      bias_BHLS = self.relpos_bias(q_slots_L, jnp.arange(valid_BS.shape[1]))
+    else:  # packed rows: positions restart per segment; attend within the segment only
+      pos_BL = positions_from_segments(segment_ids_BL)
+      bias_BHLS = self.relpos_bias(pos_BL, pos_BL)
+      self_mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+      if enc_segment_ids_BS is None:
+        raise ValueError("packed decoding needs the encoder's segment ids too")
+      cross_mask_BLS &= segment_ids_BL[:, :, None] == enc_segment_ids_BS[:, None, :]
     new_caches = []
     for i, layer in enumerate(self.layers):
       x_BLD, new_cache = layer(
@@ -415,10 +453,18 @@ class T5(nn.Module):
       logits = self.lm_head(x_BLD)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
-  def encode(self, tokens_BL: Array, valid_BL: Array | None = None) -> Array:
-    """Encoder output ``[B, L, D]`` (after the final norm)."""
+  def encode(self, tokens_BL: Array, valid_BL: Array | None = None,
+             segment_ids_BL: Array | None = None) -> Array:
+    """Encoder output ``[B, L, D]`` (after the final norm).
+
+    ``segment_ids_BL`` (packed rows, 0 = padding) restricts attention to each
+    segment and restarts relative positions; ``valid_BL`` then defaults to
+    ``segment_ids_BL > 0``.
+    """
+    if valid_BL is None and segment_ids_BL is not None:
+      valid_BL = jnp.asarray(segment_ids_BL) > 0
     valid_BL = _bool_or_ones(valid_BL, tokens_BL.shape)
-    return self.encoder(self._embed(tokens_BL), valid_BL)
+    return self.encoder(self._embed(tokens_BL), valid_BL, segment_ids_BL)
 
   def init_decode_cache(self, enc_BLD: Array, enc_valid_BL: Array | None = None,
                         max_len: int | None = None) -> T5DecodeCache:
@@ -437,7 +483,8 @@ class T5(nn.Module):
 
   def decode(self, tokens_BL: Array, *, enc_BLD: Array | None = None,
              enc_valid_BL: Array | None = None, valid_BL: Array | None = None,
-             cache: T5DecodeCache | None = None) -> tuple[Array, T5DecodeCache | None]:
+             cache: T5DecodeCache | None = None, segment_ids_BL: Array | None = None,
+             enc_segment_ids_BL: Array | None = None) -> tuple[Array, T5DecodeCache | None]:
     """Decoder logits; teacher-forced without ``cache``, incremental with it.
 
     Without a cache, ``enc_BLD`` (and optionally ``enc_valid_BL``) is required
@@ -448,15 +495,22 @@ class T5(nn.Module):
     the end are clamped by ``dynamic_update_slice``).
     """
     b, l = tokens_BL.shape
+    if valid_BL is None and segment_ids_BL is not None:
+      valid_BL = jnp.asarray(segment_ids_BL) > 0
     valid_BL = _bool_or_ones(valid_BL, (b, l))
     x_BLD = self._embed(tokens_BL)
     if cache is None:
       if enc_BLD is None:
         raise ValueError("T5.decode without a cache needs enc_BLD (the encoder output)")
+      if enc_valid_BL is None and enc_segment_ids_BL is not None:
+        enc_valid_BL = jnp.asarray(enc_segment_ids_BL) > 0
       enc_valid_BS = _bool_or_ones(enc_valid_BL, enc_BLD.shape[:2])
       h, _ = self.decoder(x_BLD, valid_BS=valid_BL, index=jnp.zeros((), jnp.int32),
-                          enc_valid_BS=enc_valid_BS, enc_BSD=enc_BLD)
+                          enc_valid_BS=enc_valid_BS, enc_BSD=enc_BLD,
+                          segment_ids_BL=segment_ids_BL, enc_segment_ids_BS=enc_segment_ids_BL)
       return self._logits(h), None
+    if segment_ids_BL is not None:
+      raise ValueError("segment_ids_BL (packing) is for training; it cannot be used with a cache")
     if enc_BLD is not None or enc_valid_BL is not None:
       raise ValueError("T5.decode with a cache uses the cached encoder keys/values; "
                        "do not pass enc_BLD / enc_valid_BL (give them to init_decode_cache)")
@@ -471,12 +525,20 @@ class T5(nn.Module):
     return self._logits(h), new_cache
 
   def __call__(self, enc_tokens_BL: Array, dec_tokens_BL: Array, *,
-               enc_valid_BL: Array | None = None, dec_valid_BL: Array | None = None
+               enc_valid_BL: Array | None = None, dec_valid_BL: Array | None = None,
+               enc_segment_ids_BL: Array | None = None, dec_segment_ids_BL: Array | None = None
                ) -> tuple[Array, None]:
-    """Teacher-forced logits ``[B, L_dec, V]`` (the cache slot is ``None``)."""
-    enc_BLD = self.encode(enc_tokens_BL, enc_valid_BL)
+    """Teacher-forced logits ``[B, L_dec, V]`` (the cache slot is ``None``).
+
+    Segment ids (seqio's packed ``encoder_segment_ids`` / ``decoder_segment_ids``)
+    must be given for both sides or neither.
+    """
+    if (enc_segment_ids_BL is None) != (dec_segment_ids_BL is None):
+      raise ValueError("give both enc_segment_ids_BL and dec_segment_ids_BL, or neither")
+    enc_BLD = self.encode(enc_tokens_BL, enc_valid_BL, enc_segment_ids_BL)
     return self.decode(dec_tokens_BL, enc_BLD=enc_BLD, enc_valid_BL=enc_valid_BL,
-                       valid_BL=dec_valid_BL)
+                       valid_BL=dec_valid_BL, segment_ids_BL=dec_segment_ids_BL,
+                       enc_segment_ids_BL=enc_segment_ids_BL)
 
 
 def t5_from_config(config: T5Config) -> T5:
