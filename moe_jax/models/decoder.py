@@ -14,7 +14,7 @@ is the special case ``S = L``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -229,7 +229,8 @@ class Decoder(nn.Module):
 
   def __call__(self, tokens_BL: Array, *, valid_BL: Array | None = None,
                positions_BL: Array | None = None, segment_ids_BL: Array | None = None,
-               cache: DecodeCache | None = None, sow_hidden: bool = False
+               cache: DecodeCache | None = None, sow_hidden: bool = False,
+               after_layer: Callable[[int, Array], Array] | None = None,
                ) -> tuple[Array, DecodeCache | None]:
     """Logits ``[B, L, V]`` and the updated cache (``None`` without one).
 
@@ -243,6 +244,10 @@ class Decoder(nn.Module):
         combinable with ``cache``.
       cache: a :class:`DecodeCache` for incremental decoding.
       sow_hidden: sow every layer's output in ``intermediates/hidden``.
+      after_layer: ``f(i, x_BLD) -> x_BLD`` called on layer ``i``'s output
+        before it feeds layer ``i + 1``: the hook composition methods (CALM)
+        use to read or add to the residual stream without restructuring the
+        backbone's parameters.
     """
     c = self.config
     b, l = tokens_BL.shape
@@ -273,6 +278,8 @@ class Decoder(nn.Module):
                              cache=None if cache is None else cache.layers[i],
                              cache_index=index)
       new_layers.append(layer_cache)
+      if after_layer is not None:
+        x = after_layer(i, x)
       if sow_hidden:
         self.sow("intermediates", "hidden", x)
     x = self.final_norm(x)

@@ -140,9 +140,11 @@ class Attention(nn.Module):
     """Attends from ``x`` to keys/values.
 
     Keys and values come from, in order of precedence: ``kv`` (precomputed, e.g.
-    a cross-attention cache), ``kv_source_BSD`` (cross-attention), or ``x``
-    itself (self-attention). With ``cache`` the new self-attention keys/values
-    are written at slot ``cache_index`` and attention runs over all slots.
+    a T5 cross-attention cache), ``kv_source_BSD`` (cross-attention), or ``x``
+    itself (self-attention). With ``cache`` the newly projected keys/values
+    (of ``x`` or of ``kv_source_BSD``, which must then be slot-aligned with the
+    queries) are written at slot ``cache_index`` and attention runs over all
+    slots.
 
     Returns:
       ``(out_BLD, updated cache or None)``.
@@ -154,18 +156,20 @@ class Attention(nn.Module):
       q = apply_rope(q, positions_BL, self._inv_freq())
     new_cache = None
     if kv is None:
-      if kv_source_BSD is not None:
-        kv = self.project_kv(kv_source_BSD, None)
+      if kv_source_BSD is not None:  # cross-attention; positions are the source's
+        kv = self.project_kv(kv_source_BSD, positions_BL)
       else:
         kv = self.project_kv(x_BLD, positions_BL)
-        if cache is not None:
-          index = jnp.asarray(cache_index, jnp.int32)
-          zero = jnp.zeros((), jnp.int32)
-          start = (zero, index, zero, zero)
-          new_cache = KVCache(
-              k=jax.lax.dynamic_update_slice(cache.k, kv.k.astype(cache.k.dtype), start),
-              v=jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), start))
-          kv = KVCache(k=new_cache.k.astype(q.dtype), v=new_cache.v.astype(q.dtype))
+      if cache is not None:
+        # Slot-aligned streams (self-attention, or CALM's augmenting states, which
+        # advance token by token with the queries): append at ``cache_index``.
+        index = jnp.asarray(cache_index, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, index, zero, zero)
+        new_cache = KVCache(
+            k=jax.lax.dynamic_update_slice(cache.k, kv.k.astype(cache.k.dtype), start),
+            v=jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), start))
+        kv = KVCache(k=new_cache.k.astype(q.dtype), v=new_cache.v.astype(q.dtype))
     scale = self.head_dim ** -0.5 if self.scale is None else self.scale
     out = dot_product_attention(q, kv.k, kv.v, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS,
                                 scale=scale)
