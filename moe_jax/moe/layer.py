@@ -1,0 +1,265 @@
+"""The routed mixture-of-experts FFN layer: a drop-in replacement for ``Mlp``.
+
+Legend: B batch, L length, G groups, S tokens per group, D model dim,
+E experts, K experts per token, C capacity, F expert ffn dim.
+
+``MoeLayer(config=MoeConfig(...), hidden_dim=F)(x_BLD) -> y_BLD``. The
+module only creates parameters and calls the pure functions of
+``routing``, ``dispatch`` and ``parallel``::
+
+    router/kernel        [D, E]     ("embed", "unmodeled")   float32 math
+    experts/wi_0/kernel  [E, D, F]  ("expert", "embed", "mlp")
+    experts/wi_1/kernel  [E, D, F]  ("expert", "embed", "mlp")
+    experts/wo/kernel    [E, F, D]  ("expert", "mlp", "embed")
+    shared_expert/...    a dense ``Mlp`` (optional, always on, DeepSeek-style)
+
+**Groups.** Tokens are routed within groups of S tokens (see ``routing``);
+by default one group per sequence (G = B, S = L), so capacity scales with
+sequence length, groups never straddle devices when the batch is split, and
+decoding one token at a time is one group of 1. ``num_groups`` overrides it
+(flaxformer style: fewer, larger groups make capacity less noisy but the
+one-hot baseline quadratically more expensive).
+
+**Expert parallelism** is automatic: when a mesh is in context
+(``jax.set_mesh``) together with logical rules (``nn.logical_axis_rules``)
+whose ``expert`` axis has size > 1, the experts run inside a ``shard_map``
+with ``all_to_all`` (``parallel.py``); otherwise the single-device path runs
+(and GSPMD partitions it if there is a mesh). Both give the same numbers:
+routing is per group.
+
+**Outputs for the trainer** (``self.sow``; ask for them with
+``mutable=[AUX_LOSS_COLLECTION, METRICS_COLLECTION]``; each leaf is a tuple
+with one entry per call):
+
+* ``"aux_loss"`` collection: ``load_balancing_loss`` and ``router_z_loss``,
+  already multiplied by their coefficients -- add the sum of all leaves
+  (``total_aux_loss``) to the training loss.
+* ``"moe_metrics"`` collection: unweighted ``load_balancing_loss``,
+  ``router_z_loss``, ``expert_usage`` ``[E]``, ``dropped_fraction``,
+  ``dropped_token_fraction``, ``router_confidence`` -- for logging.
+
+**Jitter** (Switch) is applied iff the caller provides a ``"jitter"`` rng
+(``apply(..., rngs={"jitter": key})``): the trainer passes it in training and
+evaluation simply does not. The decoder backbone calls its FFN as
+``mlp(h_BLD)`` with no ``deterministic`` flag, so the rng is the switch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.moe.dispatch import DISPATCH_METHODS, moe_apply
+from moe_jax.moe.experts import RoutedExperts
+from moe_jax.moe.parallel import expert_parallel_apply, plan_from_context, route_local
+from moe_jax.moe.routing import (compute_capacity, experts_choose_route, router_logits,
+                                 router_stats, tokens_choose_route)
+from moe_jax.nn.mlp import Mlp
+
+Array = jax.Array
+
+AUX_LOSS_COLLECTION = "aux_loss"
+METRICS_COLLECTION = "moe_metrics"
+ROUTERS = ("tokens_choose", "experts_choose")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoeConfig:
+  """Routed experts of one MoE FFN.
+
+  Attributes:
+    num_experts: E.
+    num_selected: K, experts per token (tokens-choose). Ignored by experts-choose,
+      whose average experts per token is ``capacity_factor``.
+    router: ``"tokens_choose"`` (top-k) or ``"experts_choose"``.
+    capacity_factor: slots per expert = ``ceil(S·K·cf / E)`` (experts-choose:
+      ``ceil(S·cf / E)``). 1.0 drops whatever overflows perfectly balanced
+      routing; 1.25 (Switch) buys headroom with 25% padded FLOPs; ``None`` is
+      dropless (C = S). The ``"ragged"`` dispatch is always dropless.
+    min_capacity: floor on C (small groups, decoding).
+    renormalize: divide the top-k gates by their sum (Mixtral). Off for top-1.
+    jitter_noise: Switch multiplicative router-input noise amplitude; only
+      used when a ``"jitter"`` rng is supplied.
+    batch_prioritized: BPR -- confident tokens claim slots first.
+    dispatch: ``"sorted"`` (gather into capacity buffers; default),
+      ``"ragged"`` (dropless ``ragged_dot``; GPU/TPU), ``"onehot"`` (GShard
+      einsum baseline). See ``dispatch.py``.
+    num_groups: routing groups; ``None``: one per sequence.
+    expert_dim: F of each expert; ``None``: the backbone's ``d_ff`` (upcycling).
+    shared_expert_dim: F of an always-on dense expert added to the output;
+      ``None``: no shared expert.
+    load_balancing_loss_coef: Switch loss coefficient (1e-2 in Switch).
+    z_loss_coef: router z-loss coefficient (1e-3 in ST-MoE).
+    expert_parallel: use the ``shard_map`` path when the mesh's expert axis
+      has size > 1 (turn off to leave everything to GSPMD).
+  """
+
+  num_experts: int
+  num_selected: int = 2
+  router: str = "tokens_choose"
+  capacity_factor: float | None = 1.25
+  min_capacity: int = 4
+  renormalize: bool = False
+  jitter_noise: float = 0.0
+  batch_prioritized: bool = False
+  dispatch: str = "sorted"
+  num_groups: int | None = None
+  expert_dim: int | None = None
+  shared_expert_dim: int | None = None
+  load_balancing_loss_coef: float = 1e-2
+  z_loss_coef: float = 1e-3
+  expert_parallel: bool = True
+
+  def __post_init__(self):
+    if self.num_experts < 1:
+      raise ValueError(f"MoeConfig.num_experts must be >= 1, got {self.num_experts}")
+    if self.router not in ROUTERS:
+      raise ValueError(f"MoeConfig.router {self.router!r} unknown; known: {ROUTERS}")
+    if self.router == "tokens_choose" and not 1 <= self.num_selected <= self.num_experts:
+      raise ValueError(f"MoeConfig.num_selected={self.num_selected} must be in "
+                       f"[1, num_experts={self.num_experts}]")
+    if self.dispatch not in DISPATCH_METHODS:
+      raise ValueError(f"MoeConfig.dispatch {self.dispatch!r} unknown; known: "
+                       f"{DISPATCH_METHODS}")
+    if self.dispatch == "ragged" and self.router == "experts_choose":
+      raise ValueError("MoeConfig: dispatch 'ragged' needs router 'tokens_choose'")
+    if self.capacity_factor is not None and self.capacity_factor <= 0:
+      raise ValueError(f"MoeConfig.capacity_factor must be > 0 or None, got "
+                       f"{self.capacity_factor}")
+    if self.min_capacity < 1:
+      raise ValueError(f"MoeConfig.min_capacity must be >= 1, got {self.min_capacity}")
+    if not 0 <= self.jitter_noise < 1:
+      raise ValueError(f"MoeConfig.jitter_noise must be in [0, 1), got {self.jitter_noise}")
+    for name in ("num_groups", "expert_dim", "shared_expert_dim"):
+      v = getattr(self, name)
+      if v is not None and v < 1:
+        raise ValueError(f"MoeConfig.{name} must be positive or None, got {v}")
+
+  def replace(self, **kw) -> "MoeConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def total_aux_loss(state: Mapping[str, Any]) -> Array:
+  """Sum of every sown auxiliary loss in a ``mutable`` state (0 if none)."""
+  leaves = jax.tree.leaves(state.get(AUX_LOSS_COLLECTION, {}))
+  return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
+
+
+class MoeLayer(nn.Module):
+  """Routed-experts FFN ``[..., D] -> [..., D]`` (see module docstring).
+
+  Attributes:
+    config: routing / capacity / dispatch settings.
+    hidden_dim: F of each expert.
+    activation: expert activation (``silu`` for SwiGLU, ``gelu`` for GeGLU).
+    gated: gated (``wi_0``, ``wi_1``, ``wo``) or plain (``wi``, ``wo``) experts.
+    dtype, param_dtype: compute and storage dtypes (router math is float32).
+    kernel_init: optional initializer for the ``[E, in, out]`` expert kernels.
+  """
+
+  config: MoeConfig
+  hidden_dim: int
+  activation: str = "silu"
+  gated: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = None
+
+  def _groups(self, shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) < 2:
+      raise ValueError(f"MoeLayer expects [..., D] with a token axis, got shape {shape}")
+    tokens = math.prod(shape[:-1])
+    g = self.config.num_groups or (shape[0] if len(shape) >= 3 else 1)
+    if tokens % g:
+      raise ValueError(f"MoeLayer: {tokens} tokens (shape {shape}) do not split into "
+                       f"num_groups={g} equal groups")
+    return g, tokens // g
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = self.config
+    d = x.shape[-1]
+    g, s = self._groups(x.shape)
+    x_GSD = nn.with_logical_constraint(x.reshape(g, s, d), ("batch", None, "embed"))
+
+    # Router: float32, replicated kernel.
+    kernel_DE = RouterKernel(num_experts=c.num_experts, name="router")(d)
+    rng = None
+    if c.jitter_noise > 0 and self.has_rng("jitter"):
+      rng = self.make_rng("jitter")
+    logits_GSE = router_logits(x_GSD, kernel_DE, jitter_noise=c.jitter_noise, rng=rng)
+
+    method = c.dispatch
+    if c.router == "experts_choose":
+      cap = compute_capacity(s, c.num_experts, num_selected=1,
+                             capacity_factor=c.capacity_factor, min_capacity=c.min_capacity)
+      route = functools.partial(experts_choose_route, capacity=cap)
+    else:
+      cf = None if method == "ragged" else c.capacity_factor
+      cap = compute_capacity(s, c.num_experts, num_selected=c.num_selected,
+                             capacity_factor=cf, min_capacity=c.min_capacity)
+      route = functools.partial(tokens_choose_route, num_selected=c.num_selected, capacity=cap,
+                                renormalize=c.renormalize, batch_prioritized=c.batch_prioritized)
+    plan = plan_from_context() if c.expert_parallel else None
+    if plan is not None and plan.num_expert_shards > 1:
+      routing = route_local(route, logits_GSE, plan)
+    else:
+      plan = None
+      routing = route(logits_GSE)
+    self._sow_stats(logits_GSE, routing)
+
+    params = RoutedExperts(num_experts=c.num_experts, hidden_dim=self.hidden_dim,
+                           gated=self.gated, param_dtype=self.param_dtype,
+                           kernel_init=self.kernel_init, name="experts")(d)
+    common = dict(activation=self.activation, gated=self.gated, dtype=self.dtype)
+    if plan is not None:
+      y_GSD = expert_parallel_apply(x_GSD, routing, params, plan=plan,
+                                    method="sorted" if method == "ragged" else method, **common)
+    else:
+      y_GSD = moe_apply(x_GSD, routing, params, method=method, **common)
+    y_GSD = nn.with_logical_constraint(y_GSD.astype(self.dtype), ("batch", None, "embed"))
+    y = y_GSD.reshape(x.shape)
+    if c.shared_expert_dim is not None:
+      y = y + Mlp(hidden_dim=c.shared_expert_dim, out_features=d, activation=self.activation,
+                  gated=self.gated, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name="shared_expert")(x)
+    return y
+
+  def _sow_stats(self, logits_GSE: Array, routing) -> None:
+    c = self.config
+    stats = router_stats(logits_GSE, routing)
+    self.sow(AUX_LOSS_COLLECTION, "load_balancing_loss",
+             c.load_balancing_loss_coef * stats.load_balancing_loss)
+    self.sow(AUX_LOSS_COLLECTION, "router_z_loss", c.z_loss_coef * stats.z_loss)
+    for name, value in (("load_balancing_loss", stats.load_balancing_loss),
+                        ("router_z_loss", stats.z_loss),
+                        ("expert_usage", stats.expert_usage_E),
+                        ("dropped_fraction", stats.dropped_fraction),
+                        ("dropped_token_fraction", stats.dropped_token_fraction),
+                        ("router_confidence", stats.router_confidence)):
+      self.sow(METRICS_COLLECTION, name, jax.lax.stop_gradient(value))
+
+
+class RouterKernel(nn.Module):
+  """``kernel [D, E]``, logical axes ``("embed", "unmodeled")``: replicated, float32-stored.
+
+  Default init is fan-in truncated normal scaled by 0.1 (Switch: "reduce the
+  init scale by 10"), so routing starts near uniform and the softmax is not
+  saturated before the balancing loss can act.
+  """
+
+  num_experts: int
+  kernel_init: Any = None
+
+  @nn.compact
+  def __call__(self, d_model: int) -> Array:
+    init = self.kernel_init or nn.initializers.variance_scaling(
+        0.1, "fan_in", "truncated_normal")
+    return self.param("kernel", nn.with_logical_partitioning(init, ("embed", "unmodeled")),
+                      (d_model, self.num_experts), jnp.float32)

@@ -1,0 +1,1 @@
+"""Training: partitioner (mesh + logical axis rules), trainer, optimizers, losses, eval."""

@@ -1,0 +1,132 @@
+"""MoeLayer: parameters, sown losses/metrics, upcycling, shared expert, config errors."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax.moe import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, MoeConfig, MoeLayer,
+                         total_aux_loss, upcycle_dense_params)
+from moe_jax.nn.mlp import Mlp
+
+B, L, D, F, E = 2, 8, 8, 16, 4
+COLLECTIONS = [AUX_LOSS_COLLECTION, METRICS_COLLECTION]
+
+
+def _x(seed=0, shape=(B, L, D)):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+def test_params_shapes_and_logical_axes():
+  layer = MoeLayer(config=MoeConfig(num_experts=E, shared_expert_dim=6), hidden_dim=F)
+  v = jax.eval_shape(layer.init, jax.random.key(0), _x())
+  shapes = jax.tree.map(jnp.shape, nn.unbox(v["params"]))
+  assert shapes["router"] == {"kernel": (D, E)}
+  assert shapes["experts"] == {"wi_0": {"kernel": (E, D, F)}, "wi_1": {"kernel": (E, D, F)},
+                               "wo": {"kernel": (E, F, D)}}
+  assert shapes["shared_expert"]["wo"]["kernel"] == (6, D)
+  names = jax.tree.map(lambda p: p.names, v["params"],
+                       is_leaf=lambda p: isinstance(p, nn.LogicallyPartitioned))
+  assert names["experts"]["wi_0"]["kernel"] == ("expert", "embed", "mlp")
+  assert names["experts"]["wo"]["kernel"] == ("expert", "mlp", "embed")
+  assert names["router"]["kernel"] == ("embed", "unmodeled")
+  plain = MoeLayer(config=MoeConfig(num_experts=E), hidden_dim=F, gated=False)
+  assert set(jax.eval_shape(plain.init, jax.random.key(0), _x())["params"]["experts"]) == {
+      "wi", "wo"}
+
+
+def test_sown_losses_and_metrics(init_params):
+  cfg = MoeConfig(num_experts=E, num_selected=2, capacity_factor=1.0, min_capacity=1,
+                  load_balancing_loss_coef=0.5, z_loss_coef=0.25)
+  layer = MoeLayer(config=cfg, hidden_dim=F)
+  x = _x()
+  params = init_params(layer, x)
+  y, state = jax.jit(lambda p, x: layer.apply(p, x, mutable=COLLECTIONS))(params, x)
+  assert y.shape == x.shape
+  aux, metrics = state[AUX_LOSS_COLLECTION], state[METRICS_COLLECTION]
+  assert set(aux) == {"load_balancing_loss", "router_z_loss"}
+  assert set(metrics) == {"load_balancing_loss", "router_z_loss", "expert_usage",
+                          "dropped_fraction", "dropped_token_fraction", "router_confidence"}
+  (lb,), (z,) = metrics["load_balancing_loss"], metrics["router_z_loss"]
+  np.testing.assert_allclose(aux["load_balancing_loss"][0], 0.5 * lb, rtol=1e-6)
+  np.testing.assert_allclose(aux["router_z_loss"][0], 0.25 * z, rtol=1e-6)
+  np.testing.assert_allclose(total_aux_loss(state), 0.5 * lb + 0.25 * z, rtol=1e-6)
+  assert metrics["expert_usage"][0].shape == (E,)
+  np.testing.assert_allclose(metrics["expert_usage"][0].sum() + metrics["dropped_fraction"][0],
+                             1.0, rtol=1e-6)
+  assert lb >= 1.0 - 1e-6  # E·Σ f P >= 1 (Cauchy-Schwarz-ish at the optimum)
+
+  # The aux loss is differentiable w.r.t. the router.
+  def loss(p):
+    _, st = layer.apply(p, x, mutable=COLLECTIONS)
+    return total_aux_loss(st)
+  g = jax.jit(jax.grad(loss))(params)
+  assert float(jnp.abs(g["params"]["router"]["kernel"]).sum()) > 0
+
+
+def test_upcycled_identical_experts_equal_dense_ffn(init_params):
+  """Experts copied from a dense Mlp, gates summing to 1, nothing dropped: y = dense(x)."""
+  x = _x(1)
+  dense = Mlp(hidden_dim=F, out_features=D)
+  dense_params = init_params(dense, x, seed=2)["params"]
+  for dispatch in ("sorted", "ragged", "onehot"):
+    cfg = MoeConfig(num_experts=E, num_selected=2, renormalize=True, capacity_factor=None,
+                    dispatch=dispatch)
+    layer = MoeLayer(config=cfg, hidden_dim=F)
+    params = init_params(layer, x, seed=3)["params"]
+    params["experts"] = upcycle_dense_params(dense_params, E)
+    chex.assert_trees_all_close(jax.jit(layer.apply)({"params": params}, x),
+                                dense.apply({"params": dense_params}, x), atol=1e-5)
+
+
+def test_shared_expert_is_added(init_params):
+  x = _x(2)
+  cfg = MoeConfig(num_experts=E, shared_expert_dim=12)
+  layer = MoeLayer(config=cfg, hidden_dim=F)
+  params = init_params(layer, x)["params"]
+  routed = MoeLayer(config=cfg.replace(shared_expert_dim=None), hidden_dim=F)
+  routed_params = {k: v for k, v in params.items() if k != "shared_expert"}
+  shared = Mlp(hidden_dim=12, out_features=D).apply({"params": params["shared_expert"]}, x)
+  chex.assert_trees_all_close(layer.apply({"params": params}, x),
+                              routed.apply({"params": routed_params}, x) + shared, atol=1e-6)
+
+
+def test_jitter_only_with_jitter_rng(init_params):
+  x = _x(3)
+  layer = MoeLayer(config=MoeConfig(num_experts=E, jitter_noise=0.5, capacity_factor=None),
+                   hidden_dim=F)
+  params = init_params(layer, x)
+  apply = jax.jit(layer.apply)
+  base = apply(params, x)
+  chex.assert_trees_all_close(apply(params, x, rngs={}), base)
+  jit1 = apply(params, x, rngs={"jitter": jax.random.key(1)})
+  assert not np.allclose(jit1, base)
+
+
+def test_groups_and_dtypes(init_params):
+  x = _x(4, (4, 6, D))
+  cfg = MoeConfig(num_experts=E, num_groups=3, router="experts_choose", capacity_factor=2.0)
+  layer = MoeLayer(config=cfg, hidden_dim=F, dtype=jnp.bfloat16)
+  params = init_params(layer, x)
+  y, st = jax.jit(lambda p, x: layer.apply(p, x, mutable=COLLECTIONS))(params, x)
+  assert y.dtype == jnp.bfloat16 and y.shape == x.shape
+  assert st[METRICS_COLLECTION]["router_z_loss"][0].dtype == jnp.float32
+  with pytest.raises(ValueError, match="num_groups=5"):
+    jax.eval_shape(MoeLayer(config=cfg.replace(num_groups=5), hidden_dim=F).init,
+                   jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_experts=0), "num_experts"),
+    (dict(num_experts=4, num_selected=5), "num_selected"),
+    (dict(num_experts=4, router="hash"), "router"),
+    (dict(num_experts=4, dispatch="dense"), "dispatch"),
+    (dict(num_experts=4, dispatch="ragged", router="experts_choose"), "ragged"),
+    (dict(num_experts=4, capacity_factor=-1.0), "capacity_factor"),
+    (dict(num_experts=4, jitter_noise=1.5), "jitter_noise"),
+])
+def test_config_errors(kw, match):
+  with pytest.raises(ValueError, match=match):
+    MoeConfig(**kw)
