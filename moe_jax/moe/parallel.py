@@ -137,7 +137,8 @@ def route_local(route_fn: Callable[[Array], Routing], logits_GSE: Array,
   if g % plan.num_token_shards:
     raise ValueError(f"expert parallelism: {g} token groups cannot be split over mesh axes "
                      f"{plan.token_axes} of total size {plan.num_token_shards}; use a batch "
-                     f"(or num_groups) that is a multiple of {plan.num_token_shards}")
+                     f"(or num_groups) that is a multiple of {plan.num_token_shards}, or "
+                     "MoeConfig(expert_parallel=False)")
   tok = P(plan.token_axes or None)
   return jax.shard_map(route_fn, mesh=plan.mesh, in_specs=tok, out_specs=tok)(logits_GSE)
 
@@ -181,7 +182,7 @@ def expert_parallel_apply(x_GSD: Array, routing: Routing, params: Params, *,
   if g % n_tok:
     raise ValueError(f"expert parallelism: {g} token groups cannot be split over mesh axes "
                      f"{plan.token_axes} of total size {n_tok}; use a batch (or num_groups) "
-                     f"that is a multiple of {n_tok}")
+                     f"that is a multiple of {n_tok}, or MoeConfig(expert_parallel=False)")
   if e % n_exp:
     raise ValueError(f"expert parallelism: {e} experts cannot be split over mesh axes "
                      f"{plan.expert_axes} of size {n_exp}")

@@ -196,8 +196,10 @@ def assign_slots(expert_GSK: Array, num_experts: int, capacity: int,
   sort_GA = jnp.argsort(expert_GA, axis=-1, stable=True)
   sorted_expert_GA = jnp.take_along_axis(expert_GA, sort_GA, axis=-1)
   experts_E = jnp.arange(num_experts, dtype=jnp.int32)
-  starts_GE = jax.vmap(lambda e: jnp.searchsorted(e, experts_E, side="left"))(sorted_expert_GA)
-  ends_GE = jax.vmap(lambda e: jnp.searchsorted(e, experts_E, side="right"))(sorted_expert_GA)
+  # O(A·E) compares: cheaper to compile and run than a binary search for E <= a few hundred.
+  search = lambda side: jax.vmap(lambda e: jnp.searchsorted(
+      e, experts_E, side=side, method="compare_all"))(sorted_expert_GA).astype(jnp.int32)
+  starts_GE, ends_GE = search("left"), search("right")
   rank_GA = jnp.arange(a, dtype=jnp.int32)[None] - jnp.take_along_axis(
       starts_GE, sorted_expert_GA, axis=-1)
   rank_GA = jnp.minimum(rank_GA, capacity)  # >= capacity: dropped

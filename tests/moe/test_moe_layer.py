@@ -88,9 +88,11 @@ def test_shared_expert_is_added(init_params):
   params = init_params(layer, x)["params"]
   routed = MoeLayer(config=cfg.replace(shared_expert_dim=None), hidden_dim=F)
   routed_params = {k: v for k, v in params.items() if k != "shared_expert"}
-  shared = Mlp(hidden_dim=12, out_features=D).apply({"params": params["shared_expert"]}, x)
-  chex.assert_trees_all_close(layer.apply({"params": params}, x),
-                              routed.apply({"params": routed_params}, x) + shared, atol=1e-6)
+  shared = jax.jit(Mlp(hidden_dim=12, out_features=D).apply)(
+      {"params": params["shared_expert"]}, x)
+  chex.assert_trees_all_close(jax.jit(layer.apply)({"params": params}, x),
+                              jax.jit(routed.apply)({"params": routed_params}, x) + shared,
+                              atol=1e-6)
 
 
 def test_jitter_only_with_jitter_rng(init_params):
