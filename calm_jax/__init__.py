@@ -1,0 +1,9 @@
+"""CALM: composing a frozen anchor LM with frozen augmenting LMs (arXiv 2401.02412)."""
+
+from calm_jax.composition import (compose, load_composition, save_composition,
+                                  trainable_mask)
+from calm_jax.model import (ComposedModel, CompositionConfig, CompositionLayer,
+                            select_layer_pairs)
+
+__all__ = ["ComposedModel", "CompositionConfig", "CompositionLayer", "compose",
+           "load_composition", "save_composition", "select_layer_pairs", "trainable_mask"]

@@ -136,9 +136,11 @@ def _build_generate(module, sampling: SamplingConfig, prompt_shape: tuple[int, i
       start = jnp.full((b, 1), decoder_start_id, jnp.int32)
       logits, cache = module.apply({"params": params}, start, cache=cache, method="decode")
       return logits[:, -1], cache
-    from moe_jax.models.decoder import init_cache
-
-    cache = init_cache(module.config, b, p + n)
+    if hasattr(module, "init_cache"):  # composed models know their own cache layout
+      cache = module.init_cache(b, p + n)
+    else:
+      from moe_jax.models.decoder import init_cache
+      cache = init_cache(module.config, b, p + n)
     logits, cache = module.apply({"params": params}, prompt_BP, valid_BL=valid_BP, cache=cache)
     return logits[jnp.arange(b), _last_valid_index(valid_BP)], cache
 

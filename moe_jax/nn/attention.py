@@ -94,6 +94,8 @@ class Attention(nn.Module):
     dtype, param_dtype: compute and storage dtypes.
     kernel_init: initializer of k/v/o kernels (``None``: fan-in scaling).
     q_kernel_init: initializer of the q kernel (defaults to ``kernel_init``).
+    o_kernel_init: initializer of the output kernel (defaults to ``kernel_init``;
+      zeros make a residual branch start as the identity, e.g. CALM).
   """
 
   num_heads: int
@@ -109,6 +111,7 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Any = None
   q_kernel_init: Any = None
+  o_kernel_init: Any = None
 
   def setup(self):
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -120,15 +123,39 @@ class Attention(nn.Module):
     self.v = Linear((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"),
                     use_bias=self.qkv_bias, kernel_init=self.kernel_init, **common)
     self.o = Linear(self.out_features, ("heads", "kv", "embed"), in_dims=2,
-                    use_bias=self.out_bias, kernel_init=self.kernel_init, **common)
+                    use_bias=self.out_bias, kernel_init=self.o_kernel_init or self.kernel_init,
+                    **common)
 
   def _inv_freq(self):
     return rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
 
-  def project_kv(self, x_BSD: Array, positions_BS: Array | None = None) -> KVCache:
+  # Projection hooks. Subclasses (PEFT adapters, mixtures of attention) override
+  # these to change what a projection computes while keeping the ``q/k/v/o``
+  # parameters; ``context`` is opaque per-call data for them (e.g. a router's
+  # input) that this base class ignores. Keys are adapted *before* RoPE, so a
+  # per-feature key scaling folds exactly into the ``k`` kernel.
+
+  def project_q(self, x_BLD: Array, context: Any = None) -> Array:
+    """Queries ``[B, L, H, Dh]`` before RoPE."""
+    return self.q(x_BLD)
+
+  def project_k(self, x_BSD: Array, context: Any = None) -> Array:
+    """Keys ``[B, S, K, Dh]`` before RoPE."""
+    return self.k(x_BSD)
+
+  def project_v(self, x_BSD: Array, context: Any = None) -> Array:
+    """Values ``[B, S, K, Dh]``."""
+    return self.v(x_BSD)
+
+  def project_out(self, out_BLHD: Array, context: Any = None) -> Array:
+    """Output projection of the attended values, ``[B, L, H, Dh] -> [B, L, D]``."""
+    return self.o(out_BLHD)
+
+  def project_kv(self, x_BSD: Array, positions_BS: Array | None = None,
+                 context: Any = None) -> KVCache:
     """Keys and values of ``x`` (RoPE applied to keys when enabled)."""
-    k = self.k(x_BSD)
-    v = self.v(x_BSD)
+    k = self.project_k(x_BSD, context)
+    v = self.project_v(x_BSD, context)
     if self.rope_theta is not None:
       k = apply_rope(k, positions_BS, self._inv_freq())
     return KVCache(k=k, v=v)
@@ -136,7 +163,8 @@ class Attention(nn.Module):
   def __call__(self, x_BLD: Array, *, mask_BLS: Array | None, positions_BL: Array | None = None,
                kv_source_BSD: Array | None = None, kv: KVCache | None = None,
                cache: KVCache | None = None, cache_index: Array | None = None,
-               bias_BHLS: Array | None = None) -> tuple[Array, KVCache | None]:
+               bias_BHLS: Array | None = None, context: Any = None
+               ) -> tuple[Array, KVCache | None]:
     """Attends from ``x`` to keys/values.
 
     Keys and values come from, in order of precedence: ``kv`` (precomputed, e.g.
@@ -146,10 +174,13 @@ class Attention(nn.Module):
     queries) are written at slot ``cache_index`` and attention runs over all
     slots.
 
+    ``context`` is handed to the projection hooks (``project_q`` ...) and
+    ignored by this class.
+
     Returns:
       ``(out_BLD, updated cache or None)``.
     """
-    q = self.q(x_BLD)
+    q = self.project_q(x_BLD, context)
     if self.rope_theta is not None:
       if positions_BL is None:
         raise ValueError("RoPE attention needs positions_BL")
@@ -159,7 +190,7 @@ class Attention(nn.Module):
       if kv_source_BSD is not None:  # cross-attention; positions are the source's
         kv = self.project_kv(kv_source_BSD, positions_BL)
       else:
-        kv = self.project_kv(x_BLD, positions_BL)
+        kv = self.project_kv(x_BLD, positions_BL, context)
       if cache is not None:
         # Slot-aligned streams (self-attention, or CALM's augmenting states, which
         # advance token by token with the queries): append at ``cache_index``.
@@ -174,4 +205,4 @@ class Attention(nn.Module):
     out = dot_product_attention(q, kv.k, kv.v, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS,
                                 scale=scale)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return self.o(out), new_cache
+    return self.project_out(out, context), new_cache
