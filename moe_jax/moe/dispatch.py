@@ -82,9 +82,8 @@ def combine_sorted(y_GECD: Array, routing: Routing, num_tokens: int) -> Array:
     return jnp.einsum("GSK,GSKD->GSD", routing.weight_GSK.astype(y_GECD.dtype), got_GSKD)
   # Experts choose: a token may sit in several slots; scatter-add.
   w_GECD = routing.weight_GEC.astype(y_GECD.dtype)[..., None] * y_GECD
-  out = jnp.zeros((g, num_tokens, d), y_GECD.dtype)
-  return out.at[jnp.arange(g)[:, None], routing.token_GEC.reshape(g, e * c)].add(
-      w_GECD.reshape(g, e * c, d))
+  return jax.vmap(lambda t, y: jnp.zeros((num_tokens, d), y.dtype).at[t].add(y))(
+      routing.token_GEC.reshape(g, e * c), w_GECD.reshape(g, e * c, d))
 
 
 # ---------------------------------------------------------------- GShard one-hot path

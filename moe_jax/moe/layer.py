@@ -20,12 +20,15 @@ decoding one token at a time is one group of 1. ``num_groups`` overrides it
 (flaxformer style: fewer, larger groups make capacity less noisy but the
 one-hot baseline quadratically more expensive).
 
-**Expert parallelism** is automatic: when a mesh is in context
-(``jax.set_mesh``) together with logical rules (``nn.logical_axis_rules``)
-whose ``expert`` axis has size > 1, the experts run inside a ``shard_map``
-with ``all_to_all`` (``parallel.py``); otherwise the single-device path runs
-(and GSPMD partitions it if there is a mesh). Both give the same numbers:
-routing is per group.
+**Parallelism** is automatic: when a mesh is in context (``jax.set_mesh``)
+together with logical rules (``nn.logical_axis_rules``) that split tokens,
+experts or the expert FFN dimension, routing, dispatch and experts run inside
+``shard_map`` (``parallel.py``) -- with an ``all_to_all`` when the ``expert``
+axis has size > 1. Without a mesh (or with everything on one device) the
+plain path runs. Both give the same numbers: routing is per group.
+
+``init`` returns the sown collections too; pass only ``{"params": ...}`` to
+``apply``, or the new values are appended to the old ones.
 
 **Outputs for the trainer** (``self.sow``; ask for them with
 ``mutable=[AUX_LOSS_COLLECTION, METRICS_COLLECTION]``; each leaf is a tuple
@@ -96,8 +99,10 @@ class MoeConfig:
       ``None``: no shared expert.
     load_balancing_loss_coef: Switch loss coefficient (1e-2 in Switch).
     z_loss_coef: router z-loss coefficient (1e-3 in ST-MoE).
-    expert_parallel: use the ``shard_map`` path when the mesh's expert axis
-      has size > 1 (turn off to leave everything to GSPMD).
+    expert_parallel: use the ``shard_map`` path (all_to_all over the expert
+      axis, local routing and dispatch on each device's token groups) when a
+      mesh and rules are in context; off leaves everything to GSPMD (correct,
+      but it all-gathers the routing).
   """
 
   num_experts: int
@@ -207,7 +212,7 @@ class MoeLayer(nn.Module):
       route = functools.partial(tokens_choose_route, num_selected=c.num_selected, capacity=cap,
                                 renormalize=c.renormalize, batch_prioritized=c.batch_prioritized)
     plan = plan_from_context() if c.expert_parallel else None
-    if plan is not None and plan.num_expert_shards > 1:
+    if plan is not None and not plan.is_trivial:
       routing = route_local(route, logits_GSE, plan)
     else:
       plan = None

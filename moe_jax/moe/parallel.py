@@ -28,6 +28,11 @@ implemented on CPU -- would be the next step on GPU/TPU): per token
 ``2·K·cf·D`` elements per forward pass, checked against the compiled HLO in
 the tests.
 
+Without expert axes (a data- and/or tensor-parallel mesh) the same body runs
+with no ``all_to_all``: every device routes, dispatches and computes its own
+groups with all experts (F split over ``model``). Left to GSPMD instead, the
+sort, gathers and slot scatter get all-gathered.
+
 Routing decisions (softmax, top-k, slot assignment) run in their own
 communication-free ``shard_map`` over the token axes (``route_local``):
 they are per group, and left to GSPMD the sort and the slot scatter get
@@ -57,13 +62,14 @@ Array = jax.Array
 class ExpertParallelPlan:
   """Mesh axes an expert-parallel layer uses, derived from rules and mesh.
 
+  Only mesh axes of size > 1 are listed (size-1 axes need no collectives).
+
   Attributes:
     mesh: the (abstract or concrete) mesh in context.
     expert_axes: mesh axes of logical ``expert``.
     token_axes: mesh axes the groups are split over (``batch`` axes, then any
       ``expert`` axes they lack).
-    model_axes: mesh axes of logical ``mlp`` of size > 1 (expert FFN tensor
-      parallelism).
+    model_axes: mesh axes of logical ``mlp`` (expert FFN tensor parallelism).
   """
 
   mesh: Any
@@ -74,6 +80,11 @@ class ExpertParallelPlan:
   def size(self, axes: tuple[str, ...]) -> int:
     shape = dict(self.mesh.shape)
     return math.prod(shape[a] for a in axes)
+
+  @property
+  def is_trivial(self) -> bool:
+    """Nothing is split: the plain single-device path is the same program."""
+    return not (self.expert_axes or self.token_axes or self.model_axes)
 
   @property
   def num_expert_shards(self) -> int:
@@ -124,10 +135,10 @@ def plan_from_context(mesh: Any = None, rules: Any = None) -> ExpertParallelPlan
     raise ValueError(f"expert parallelism: mesh axes {sorted(overlap)} serve both 'mlp' and "
                      "'batch'/'expert' in the rules; the expert FFN cannot be split both ways")
   token_axes = batch_axes + tuple(a for a in expert_axes if a not in batch_axes)
-  # A size-1 model axis needs no psum (XLA would still emit an all-reduce).
-  model_axes = tuple(a for a in model_axes if dict(mesh.shape)[a] > 1)
-  return ExpertParallelPlan(mesh=mesh, expert_axes=expert_axes, token_axes=token_axes,
-                            model_axes=model_axes)
+  # Size-1 axes need no collective (XLA would still emit trivial ones).
+  big = lambda axes: tuple(a for a in axes if dict(mesh.shape)[a] > 1)
+  return ExpertParallelPlan(mesh=mesh, expert_axes=big(expert_axes),
+                            token_axes=big(token_axes), model_axes=big(model_axes))
 
 
 def route_local(route_fn: Callable[[Array], Routing], logits_GSE: Array,

@@ -206,9 +206,8 @@ def assign_slots(expert_GSK: Array, num_experts: int, capacity: int,
   # Scatter ranks back to (token, choice); indices are a permutation, so .set is exact.
   sorted_token_GA = jnp.take_along_axis(token_GA, sort_GA, axis=-1)
   sorted_choice_GA = jnp.take_along_axis(jnp.broadcast_to(choice_GA, (g, a)), sort_GA, axis=-1)
-  g_idx = jnp.arange(g)[:, None]
-  position_GSK = jnp.zeros((g, s, k), jnp.int32).at[
-      g_idx, sorted_token_GA, sorted_choice_GA].set(rank_GA, unique_indices=True)
+  position_GSK = jax.vmap(lambda t, ch, r: jnp.zeros((s, k), jnp.int32).at[t, ch].set(
+      r, unique_indices=True))(sorted_token_GA, sorted_choice_GA, rank_GA)
   # Slot (e, c) holds sorted assignment starts[e] + c if c < count[e].
   c_idx = jnp.arange(capacity, dtype=jnp.int32)
   src_GEC = starts_GE[:, :, None] + c_idx[None, None, :]
@@ -296,8 +295,9 @@ def router_stats(logits_GSE: Array, routing: Routing) -> RouterStats:
     lb = jnp.zeros((), jnp.float32)
     c = routing.capacity
     usage_GE = jnp.full((g, e), 1.0 / e, jnp.float32)
-    hit_GS = jnp.zeros((g, s), bool).at[jnp.arange(g)[:, None],
-                                        routing.token_GEC.reshape(g, e * c)].set(True)
+    # vmapped (batched) scatter: GSPMD keeps it on each device's groups.
+    hit_GS = jax.vmap(lambda t: jnp.bincount(t, length=s) > 0)(
+        routing.token_GEC.reshape(g, e * c))
     token_dropped = 1.0 - jnp.mean(hit_GS.astype(jnp.float32))
     dropped = token_dropped
   return RouterStats(load_balancing_loss=lb, z_loss=router_z_loss(logits_GSE),
