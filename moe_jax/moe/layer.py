@@ -92,7 +92,9 @@ class MoeConfig:
     batch_prioritized: BPR -- confident tokens claim slots first.
     dispatch: ``"sorted"`` (gather into capacity buffers; default),
       ``"ragged"`` (dropless ``ragged_dot``; GPU/TPU), ``"onehot"`` (GShard
-      einsum baseline). See ``dispatch.py``.
+      einsum baseline). See ``dispatch.py``. Under expert parallelism the
+      all_to_all needs fixed-size buffers, so ``"ragged"`` runs as dropless
+      padded buffers (C = S) there (``ragged_all_to_all`` has no CPU kernel).
     num_groups: routing groups; ``None``: one per sequence.
     expert_dim: F of each expert; ``None``: the backbone's ``d_ff`` (upcycling).
     shared_expert_dim: F of an always-on dense expert added to the output;
