@@ -72,9 +72,9 @@ def main() -> None:
   ap.add_argument("--quick", action="store_true", help="shorter sequences, fewer repeats")
   args = ap.parse_args()
   b, l, d, f, e, k = 2, 2048, 256, 512, 8, 2
-  repeats = 7
+  repeats = 5
   if args.quick:
-    l, repeats = 1024, 5
+    l, repeats = 1024, 3
 
   x = jax.random.normal(jax.random.key(0), (b, l, d), jnp.float32)
   x_dense = x.reshape(b * l, d)
