@@ -1,0 +1,185 @@
+"""Training losses: token cross-entropy with T5's z-loss, normalisation, auxiliary losses.
+
+Legend: B batch, L length, V vocab.
+
+**Token loss.** ``cross_entropy_with_z_loss`` is the softmax cross-entropy of
+integer targets computed in float32 whatever the logits' dtype, plus T5's
+z-loss ``z_loss * logsumexp(logits)**2``, which keeps the softmax normaliser
+near 1 (stabilises bfloat16 training; Mesh TF / t5x use ``1e-4``).
+
+**Normalisation** (``LossConfig.loss_normalizing_factor``), applied to the
+weighted *sum* of token losses (weights are seqio's ``decoder_loss_weights``,
+0 on padding):
+
+* ``"num_target_tokens"`` (default): divide by the number of weighted tokens
+  in the batch, i.e. the mean token loss. Independent of batch size and
+  packing density, so learning rates transfer between batch sizes.
+* a number, like t5x's ``loss_normalizing_factor``: divide by that constant.
+  Every token then has the same gradient weight whichever batch it lands in
+  (what Mesh TF did with ``batch_size * target_length``); use it for
+  exact comparability with t5x runs.
+* ``None``: the plain sum.
+
+**Auxiliary losses and metrics sown by the model (the convention).** The
+trainer applies the model with ``mutable=list(MUTABLE_COLLECTIONS)``:
+
+* every leaf of the ``"aux_loss"`` collection is a scalar *already multiplied
+  by its coefficient* and is **added** to the loss as is (no normalisation).
+  MoE layers sow their load-balancing and router z-losses there, PEFT
+  modules any regulariser. A leaf sown several times (one entry per call) is
+  summed.
+* every leaf of ``"intermediates"`` whose path contains ``"metrics"``, and
+  every leaf of a collection whose *name* contains ``"metrics"`` (e.g. the
+  MoE layer's ``"moe_metrics"``), is logged as a metric: leaves with the same
+  name (last path component) are averaged across layers. Only scalars are
+  logged; vector leaves (e.g. per-expert usage) are skipped.
+* anything else sown into ``"intermediates"`` (hidden states) is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+AUX_LOSS_COLLECTION = "aux_loss"
+#: Collections the model wrappers ask for as mutable when computing a loss.
+MUTABLE_COLLECTIONS: tuple[str, ...] = ("aux_loss", "intermediates", "moe_metrics")
+NUM_TARGET_TOKENS = "num_target_tokens"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossConfig:
+  """How the token loss is computed and normalised.
+
+  Attributes:
+    z_loss: coefficient of T5's z-loss (``1e-4`` in t5x; ``0`` disables it).
+    loss_normalizing_factor: ``"num_target_tokens"``, a positive number, or
+      ``None`` (see the module docstring).
+  """
+
+  z_loss: float = 1e-4
+  loss_normalizing_factor: float | str | None = NUM_TARGET_TOKENS
+
+  def __post_init__(self):
+    if self.z_loss < 0:
+      raise ValueError(f"LossConfig.z_loss must be >= 0, got {self.z_loss}")
+    f = self.loss_normalizing_factor
+    if isinstance(f, str):
+      if f != NUM_TARGET_TOKENS:
+        raise ValueError(f"LossConfig.loss_normalizing_factor={f!r}: expected "
+                         f"{NUM_TARGET_TOKENS!r}, a positive number, or None")
+    elif f is not None and not float(f) > 0:
+      raise ValueError(f"LossConfig.loss_normalizing_factor must be positive, got {f}")
+
+
+def cross_entropy_with_z_loss(logits_BLV: Array, targets_BL: Array, *, z_loss: float = 0.0
+                              ) -> tuple[Array, Array]:
+  """Per-token ``(cross_entropy_BL, z_loss_BL)`` in float32.
+
+  The cross-entropy does not include the z-loss term; add them yourself.
+  """
+  logits = logits_BLV.astype(jnp.float32)
+  log_z_BL = jax.nn.logsumexp(logits, axis=-1)
+  target_logit_BL = jnp.take_along_axis(logits, targets_BL[..., None].astype(jnp.int32),
+                                        axis=-1)[..., 0]
+  return log_z_BL - target_logit_BL, z_loss * jnp.square(log_z_BL)
+
+
+def normalizing_factor(weights_BL: Array, factor: float | str | None) -> Array:
+  """The divisor of the summed token losses (see the module docstring)."""
+  if factor == NUM_TARGET_TOKENS:
+    return jnp.maximum(jnp.sum(weights_BL.astype(jnp.float32)), 1.0)
+  if factor is None:
+    return jnp.ones((), jnp.float32)
+  return jnp.asarray(float(factor), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLoss:
+  """Normalised token losses of one batch (all float32 scalars)."""
+
+  loss: Array            # cross_entropy + z_loss, normalised
+  cross_entropy: Array   # normalised
+  z_loss: Array          # normalised
+  num_tokens: Array      # sum of weights
+  num_correct: Array     # weighted count of argmax == target
+
+
+def token_loss(logits_BLV: Array, targets_BL: Array, weights_BL: Array | None,
+               config: LossConfig) -> TokenLoss:
+  """Weighted, normalised token loss of a batch."""
+  if weights_BL is None:
+    weights_BL = jnp.ones(targets_BL.shape, jnp.float32)
+  w = weights_BL.astype(jnp.float32)
+  ce_BL, z_BL = cross_entropy_with_z_loss(logits_BLV, targets_BL, z_loss=config.z_loss)
+  norm = normalizing_factor(w, config.loss_normalizing_factor)
+  ce = jnp.sum(ce_BL * w) / norm
+  z = jnp.sum(z_BL * w) / norm
+  correct = jnp.sum((jnp.argmax(logits_BLV, axis=-1) == targets_BL) * w)
+  return TokenLoss(loss=ce + z, cross_entropy=ce, z_loss=z, num_tokens=jnp.sum(w),
+                   num_correct=correct)
+
+
+def sequence_log_likelihood(logits_BLV: Array, targets_BL: Array, weights_BL: Array | None
+                            ) -> Array:
+  """``[B]`` sum of target-token log-probabilities (weights 0 skip a token)."""
+  ce_BL, _ = cross_entropy_with_z_loss(logits_BLV, targets_BL)
+  if weights_BL is None:
+    return -jnp.sum(ce_BL, axis=-1)
+  return -jnp.sum(ce_BL * weights_BL.astype(jnp.float32), axis=-1)
+
+
+# ----------------------------------------------------------------------------- sown collections
+
+
+def _path_names(path) -> list[str]:
+  names = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      names.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      names.append(k.name)
+  return names
+
+
+def collect_aux_losses(state: Mapping[str, Any]) -> tuple[Array, dict[str, Array]]:
+  """``(total, {name: sum over layers})`` of the ``"aux_loss"`` collection.
+
+  ``state`` is the mutable-collection dict returned by ``module.apply``. The
+  total is 0 when nothing was sown.
+  """
+  total = jnp.zeros((), jnp.float32)
+  by_name: dict[str, Array] = {}
+  leaves = jax.tree_util.tree_flatten_with_path(state.get(AUX_LOSS_COLLECTION, {}))[0]
+  for path, leaf in leaves:
+    names = _path_names(path)
+    value = jnp.sum(jnp.asarray(leaf, jnp.float32))
+    total = total + value
+    name = names[-1] if names else "aux_loss"
+    by_name[name] = by_name.get(name, 0.0) + value
+  return total, by_name
+
+
+def collect_metrics(state: Mapping[str, Any]) -> dict[str, Array]:
+  """``{name: mean over leaves}`` of the scalar metrics sown by the model."""
+  sums: dict[str, list[Array]] = {}
+  for collection, tree in state.items():
+    if collection == AUX_LOSS_COLLECTION:
+      continue
+    whole = "metrics" in collection
+    if not whole and collection != "intermediates":
+      continue
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      names = _path_names(path)
+      if not whole and not any("metrics" in n for n in names):
+        continue
+      if jnp.ndim(leaf) != 0:
+        continue
+      sums.setdefault(names[-1] if names else collection, []).append(
+          jnp.asarray(leaf, jnp.float32))
+  return {name: sum(vals) / len(vals) for name, vals in sums.items()}
