@@ -1,0 +1,575 @@
+"""Batches of model features from seqio tasks, and a resumable iterator.
+
+`get_dataset` is t5x's input pipeline in one call: a seqio task or mixture,
+shuffled and sharded per host, preprocessed, run through a seqio feature
+converter (packing several examples into each row, or padding one per row),
+and batched with a static shape. `DataIterator` turns it into NumPy batches
+and saves / restores its position, so a restarted trainer sees exactly the
+batches an uninterrupted one would have.
+
+Features per converter (seqio's names; B = per-host batch, L = lengths):
+
+============  ============================================================
+converter     features, all int32 ``[B, L]``
+============  ============================================================
+decoder       decoder_input_tokens, decoder_target_tokens,
+              decoder_loss_weights, (packed:) decoder_segment_ids,
+              decoder_positions. L = targets length. With an ``inputs``
+              length too it is prefix_lm (seqio's DecoderFeatureConverter
+              picks by the keys of ``task_feature_lengths``).
+prefix_lm     the decoder features, plus decoder_causal_attention (1 on the
+              inputs and the first target position: the bidirectional
+              prefix). L = inputs + targets lengths. Loss on targets only.
+enc_dec       encoder_input_tokens, (packed:) encoder_segment_ids,
+              encoder_positions [B, inputs length]; decoder_input_tokens,
+              decoder_target_tokens, decoder_loss_weights, (packed:)
+              decoder_segment_ids, decoder_positions [B, targets length].
+============  ============================================================
+
+Segment ids count 1, 2, ... per example in a row, 0 marks padding; positions
+restart at 0 for each example; loss weights are 1 on real target tokens. They
+feed `moe_jax.models.decoder.Decoder` (``segment_ids_BL``, ``positions_BL``)
+and `moe_jax.models.t5.T5` (``enc_segment_ids_BL``, ``dec_segment_ids_BL``).
+
+Multi-host: every process calls `get_dataset` with its own
+``shard_info_for_process()`` and its per-host ``batch_size`` (global batch /
+process count). seqio shards the examples before shuffling and packing, so
+hosts read disjoint data with the same seed, and packs differ per host.
+"""
+
+import base64
+import difflib
+import json
+import logging
+import os
+import uuid
+from typing import Any, Dict, Mapping, Optional, Union
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from moe_jax.data import tasks as _tasks  # noqa: F401  (registers tasks)
+
+logger = logging.getLogger(__name__)
+
+FEATURE_CONVERTERS = ("decoder", "prefix_lm", "enc_dec")
+# Task features each converter reads: (required, optional).
+_CONVERTER_TASK_FEATURES = {
+    "decoder": (("targets",), ("inputs",)),
+    "prefix_lm": (("inputs", "targets"), ()),
+    "enc_dec": (("inputs", "targets"), ()),
+}
+
+
+class UnknownTaskError(ValueError):
+  """No seqio task or mixture has the requested name."""
+
+
+# ----------------------------------------------------------------------------
+# Dataset.
+# ----------------------------------------------------------------------------
+
+
+def make_feature_converter(name: str, *,
+                           pack: bool = True) -> seqio.FeatureConverter:
+  """The seqio feature converter for ``name`` (see the module docstring).
+
+  Raises:
+    ValueError: ``name`` is not one of `FEATURE_CONVERTERS`.
+  """
+  if name == "decoder":
+    return seqio.DecoderFeatureConverter(pack=pack)
+  if name == "prefix_lm":
+    return seqio.PrefixLMFeatureConverter(pack=pack)
+  if name == "enc_dec":
+    return seqio.EncDecFeatureConverter(pack=pack)
+  raise ValueError(
+      f"Unknown feature_converter {name!r}; choose from "
+      f"{', '.join(map(repr, FEATURE_CONVERTERS))}.")
+
+
+def get_mixture_or_task(name: str) -> Union[seqio.Task, seqio.Mixture]:
+  """`seqio.get_mixture_or_task`, with close matches in the error.
+
+  seqio logs the available names and raises a bare "not found"; this puts the
+  closest registered names in the message itself.
+
+  Raises:
+    UnknownTaskError: nothing is registered under ``name``.
+  """
+  if not isinstance(name, str):
+    raise TypeError(f"mixture_or_task_name must be a str, got "
+                    f"{type(name).__name__}.")
+  tasks = set(seqio.TaskRegistry.names())
+  mixtures = set(seqio.MixtureRegistry.names())
+  if name in tasks or name in mixtures:
+    return seqio.get_mixture_or_task(name)
+  close = difflib.get_close_matches(name, sorted(tasks | mixtures), n=5,
+                                    cutoff=0.5)
+  hint = (f"close matches: {', '.join(map(repr, close))}" if close else
+          "no close matches")
+  raise UnknownTaskError(
+      f"No seqio task or mixture named {name!r} ({hint}; {len(tasks)} tasks "
+      f"and {len(mixtures)} mixtures are registered). Is the module that "
+      "registers it imported (e.g. via gin or an import in your script)?")
+
+
+def _check_positive_int(value: Any, what: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+      value < 1):
+    raise ValueError(f"{what} must be an int >= 1, got {value!r}.")
+  return int(value)
+
+
+def _check_feature_lengths(
+    name: str, provider: Union[seqio.Task, seqio.Mixture], converter: str,
+    task_feature_lengths: Mapping[str, int]) -> Dict[str, int]:
+  """Checks lengths against the converter and the task's features."""
+  if not isinstance(task_feature_lengths, Mapping) or not task_feature_lengths:
+    raise ValueError(f"task_feature_lengths must be a non-empty mapping "
+                     f"feature -> length, got {task_feature_lengths!r}.")
+  lengths = {
+      k: _check_positive_int(v, f"task_feature_lengths[{k!r}]")
+      for k, v in task_feature_lengths.items()}
+  required, optional = _CONVERTER_TASK_FEATURES[converter]
+  missing = [k for k in required if k not in lengths]
+  extra = [k for k in lengths if k not in required + optional]
+  if missing or extra:
+    problem = (f"misses {missing}" if missing else "") + (
+        " and " if missing and extra else "") + (
+            f"has unexpected {extra}" if extra else "")
+    raise ValueError(
+        f"task_feature_lengths {lengths} {problem} for feature_converter "
+        f"{converter!r}, which reads {list(required)}"
+        + (f" (optionally {list(optional)})" if optional else "") + ".")
+  features = list(provider.output_features)
+  absent = [k for k in lengths if k not in features]
+  if absent:
+    raise ValueError(
+        f"{type(provider).__name__} {name!r} has features {features}, not "
+        f"{absent} asked for in task_feature_lengths (feature_converter "
+        f"{converter!r}); e.g. an LM task has only 'targets', so use "
+        "feature_converter='decoder' with {'targets': length}.")
+  unused = [k for k in features if k not in lengths]
+  if unused:
+    logger.warning(
+        "%s %r: feature(s) %s have no length in task_feature_lengths and are "
+        "not fed to the model (feature_converter %r).",
+        type(provider).__name__, name, unused, converter)
+  return lengths
+
+
+def _check_shard_info(shard_info: Optional[seqio.ShardInfo]) -> None:
+  if shard_info is None:
+    return
+  if not isinstance(shard_info, seqio.ShardInfo):
+    raise TypeError(f"shard_info must be a seqio.ShardInfo, got "
+                    f"{type(shard_info).__name__}.")
+  num = _check_positive_int(shard_info.num_shards, "shard_info.num_shards")
+  if not 0 <= shard_info.index < num:
+    raise ValueError(f"shard_info.index {shard_info.index} is not in "
+                     f"[0, {num}).")
+
+
+def get_dataset(
+    *,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    split: str = "train",
+    batch_size: int,
+    feature_converter: str = "decoder",
+    pack: bool = True,
+    shuffle: bool = True,
+    seed: Optional[int] = 0,
+    num_epochs: Optional[int] = None,
+    shard_info: Optional[seqio.ShardInfo] = None,
+    use_cached: bool = False,
+) -> tf.data.Dataset:
+  """Batched model features of a seqio task or mixture, for one host.
+
+  Order of operations (seqio's): source -> per-host shard -> preprocess ->
+  repeat ``num_epochs`` -> trim -> shuffle -> (mix) -> feature converter
+  (pack or pad) -> batch, dropping the last partial batch so every batch has
+  the static shape ``[batch_size, length]``.
+
+  The pipeline is deterministic for an integer ``seed``: the same arguments
+  give the same batches, which `DataIterator.set_state` relies on when it
+  replays. ``seed=None`` draws a fresh shuffle each call (fine for
+  `DataIterator.save` / ``restore``, which store the iterator's state).
+
+  Args:
+    mixture_or_task_name: a registered seqio task or mixture
+      (`moe_jax.data.tasks` registers the synthetic ones on import).
+    task_feature_lengths: task feature -> length, e.g. ``{"inputs": 256,
+      "targets": 128}``; longer examples are truncated (EOS kept), and the
+      keys choose the features (see the module docstring).
+    split: the split, e.g. "train" or "validation".
+    batch_size: rows per batch *on this host*: the global batch divided by
+      the number of processes (``jax.process_count()``). With packing a row
+      holds several examples, so examples per batch vary.
+    feature_converter: "decoder", "prefix_lm" or "enc_dec".
+    pack: pack several examples per row (training); False pads one per row
+      (evaluation, where examples must stay whole and in order) and drops the
+      segment-id and position features.
+    shuffle: shuffle examples (seqio's task shuffle buffer) before packing.
+    seed: shuffle and mixture-sampling seed; the same on every host.
+    num_epochs: passes over the data; None repeats forever (training).
+    shard_info: this host's shard (`shard_info_for_process`); None reads all.
+    use_cached: read a task's offline cache (seqio ``cache_tasks_main``).
+
+  Returns:
+    A `tf.data.Dataset` of dicts of int32 ``[batch_size, length]`` tensors.
+
+  Raises:
+    UnknownTaskError: no such task or mixture (close matches named).
+    ValueError: unknown ``feature_converter`` or ``split``, lengths missing or
+      not matching the converter or the task's features, bad batch size or
+      shard_info.
+  """
+  converter = make_feature_converter(feature_converter, pack=pack)
+  batch_size = _check_positive_int(batch_size, "batch_size")
+  if num_epochs is not None:
+    _check_positive_int(num_epochs, "num_epochs")
+  _check_shard_info(shard_info)
+  provider = get_mixture_or_task(mixture_or_task_name)
+  if split not in provider.splits:
+    raise ValueError(
+        f"{type(provider).__name__} {mixture_or_task_name!r} has no split "
+        f"{split!r}; it has {', '.join(map(repr, sorted(provider.splits)))}.")
+  lengths = _check_feature_lengths(mixture_or_task_name, provider,
+                                   feature_converter, task_feature_lengths)
+  ds = provider.get_dataset(
+      sequence_length=lengths,
+      split=split,
+      use_cached=use_cached,
+      shuffle=shuffle,
+      seed=seed,
+      shard_info=shard_info,
+      num_epochs=num_epochs,
+  )
+  ds = converter(ds, task_feature_lengths=lengths)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  options = tf.data.Options()
+  options.deterministic = True  # Resuming by replay needs a fixed order.
+  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def shard_info_for_process(process_index: Optional[int] = None,
+                           process_count: Optional[int] = None
+                          ) -> seqio.ShardInfo:
+  """This host's input shard: one shard per JAX process.
+
+  Every process reads a disjoint 1/process_count of the examples and builds
+  its own per-host batches (t5x's per-host input sharding); the trainer then
+  assembles the global batch from the per-host ones
+  (`jax.make_array_from_process_local_data`).
+
+  Args:
+    process_index: default `jax.process_index()`.
+    process_count: default `jax.process_count()`.
+
+  Returns:
+    ``seqio.ShardInfo(index=process_index, num_shards=process_count)``.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    if process_index is None:
+      process_index = jax.process_index()
+    if process_count is None:
+      process_count = jax.process_count()
+  count = _check_positive_int(process_count, "process_count")
+  if isinstance(process_index, bool) or not isinstance(
+      process_index, (int, np.integer)) or not 0 <= process_index < count:
+    raise ValueError(f"process_index {process_index!r} is not in "
+                     f"[0, {count}).")
+  return seqio.ShardInfo(index=int(process_index), num_shards=count)
+
+
+# ----------------------------------------------------------------------------
+# Iterator.
+# ----------------------------------------------------------------------------
+
+_STATE_FORMAT = "moe_jax.data.DataIterator"
+_STATE_VERSION = 1
+# In-memory checkpoints for get_state / set_state go through TensorFlow's RAM
+# filesystem, so both paths share tf.train.Checkpoint's format and code.
+_RAM_ROOT = "ram://moe_jax_data_iterator"
+
+
+def _spec_signature(element_spec: Any) -> str:
+  """A readable, comparable summary of a dataset's element spec."""
+  if isinstance(element_spec, Mapping):
+    return ";".join(f"{k}:{_spec_signature(v)}"
+                    for k, v in sorted(element_spec.items()))
+  if isinstance(element_spec, tf.TensorSpec):
+    return f"{element_spec.dtype.name}{element_spec.shape.as_list()}"
+  return repr(element_spec)
+
+
+def _remove_quietly(directory: str) -> None:
+  try:
+    tf.io.gfile.rmtree(directory)
+  except (tf.errors.OpError, OSError):
+    pass
+
+
+class DataIterator:
+  """NumPy batches from a `tf.data.Dataset`, with resumable position.
+
+  Two ways to resume, both exact:
+
+  * ``save(directory)`` / ``restore(directory)``: a `tf.train.Checkpoint`
+    of the tf.data iterator (shuffle buffers, packing buffers, mixture
+    sampler state) and the consumed-batch count, one file set per process
+    so hosts can share the directory. This is what t5x does, and it does not
+    need a deterministic pipeline.
+  * ``get_state()`` / ``set_state(state)``: the same checkpoint as a
+    JSON-serialisable dict (base64 file contents), for trainers that keep
+    the data position inside their own checkpoint. With
+    ``replay_only=True`` the state is just the batch count (a few bytes) and
+    ``set_state`` re-reads that many batches from the start. Replay is exact
+    only if the pipeline is deterministic (`get_dataset` with an int seed)
+    and the DataIterator is new, over a freshly built dataset (tf.data
+    reshuffles each new pass over one dataset object); it also costs a pass
+    over the consumed data.
+
+  A full state holds the shuffle buffers, so it grows with buffer and example
+  size (about 3 MB for ``synthetic_mix``: four tasks x 1000 examples).
+  Restoring into a pipeline built differently fails with an error naming
+  both feature specs when shapes differ (other batch size, lengths or
+  converter); other differences (another seed or task with the same shapes)
+  go unnoticed, as in t5x.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, *,
+               process_index: Optional[int] = None,
+               process_count: Optional[int] = None):
+    """Wraps ``dataset``; iteration starts on the first batch asked for.
+
+    Args:
+      dataset: e.g. from `get_dataset`.
+      process_index: names this host's files in ``save``; default
+        `jax.process_index()`.
+      process_count: likewise; default `jax.process_count()`.
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+      raise TypeError(f"DataIterator needs a tf.data.Dataset, got "
+                      f"{type(dataset).__name__}.")
+    self._dataset = dataset
+    # Made on first use: a replay-only set_state must run on the dataset's
+    # first iterator (see the class docstring).
+    self._iterator: Optional[tf.data.Iterator] = None
+    self._consumed = 0
+    self._process_index = process_index
+    self._process_count = process_count
+
+  # -- iteration -------------------------------------------------------------
+
+  def __iter__(self) -> "DataIterator":
+    return self
+
+  def _get_iterator(self) -> tf.data.Iterator:
+    if self._iterator is None:
+      self._iterator = iter(self._dataset)
+    return self._iterator
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    batch = next(self._get_iterator())  # StopIteration at the end.
+    self._consumed += 1
+    return tf.nest.map_structure(lambda t: t.numpy(), batch)
+
+  @property
+  def consumed_batches(self) -> int:
+    """Batches returned by ``__next__`` since the start of the data."""
+    return self._consumed
+
+  @property
+  def dataset(self) -> tf.data.Dataset:
+    return self._dataset
+
+  @property
+  def element_spec(self) -> Any:
+    return self._dataset.element_spec
+
+  # -- shared ----------------------------------------------------------------
+
+  def _metadata(self) -> Dict[str, Any]:
+    return {
+        "format": _STATE_FORMAT,
+        "version": _STATE_VERSION,
+        "consumed_batches": self._consumed,
+        "element_spec": _spec_signature(self.element_spec),
+    }
+
+  def _write(self, prefix: str) -> str:
+    checkpoint = tf.train.Checkpoint(
+        iterator=self._get_iterator(),
+        consumed_batches=tf.Variable(self._consumed, dtype=tf.int64))
+    return checkpoint.write(prefix)
+
+  def _read(self, prefix: str, expected: int, source: str) -> None:
+    counter = tf.Variable(0, dtype=tf.int64)
+    checkpoint = tf.train.Checkpoint(iterator=self._get_iterator(),
+                                     consumed_batches=counter)
+    checkpoint.read(prefix).assert_existing_objects_matched()
+    self._consumed = int(counter.numpy())
+    if self._consumed != expected:
+      logger.warning("%s says %d batches, its checkpoint %d; using the "
+                     "checkpoint.", source, expected, self._consumed)
+
+  def _check_state(self, state: Any, source: str) -> Dict[str, Any]:
+    if isinstance(state, (str, bytes)):
+      try:
+        state = json.loads(state)
+      except ValueError as err:
+        raise ValueError(f"{source} is not JSON: {err}") from err
+    if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+      raise ValueError(f"{source} is not a DataIterator state (no "
+                       f"format={_STATE_FORMAT!r}).")
+    if state.get("version") != _STATE_VERSION:
+      raise ValueError(f"{source} has version {state.get('version')!r}; this "
+                       f"code reads version {_STATE_VERSION}.")
+    consumed = state.get("consumed_batches")
+    if isinstance(consumed, bool) or not isinstance(consumed, int) or (
+        consumed < 0):
+      raise ValueError(f"{source}: consumed_batches must be an int >= 0, got "
+                       f"{consumed!r}.")
+    ours = _spec_signature(self.element_spec)
+    if state.get("element_spec") != ours:
+      raise ValueError(
+          f"{source} was saved for a dataset with features "
+          f"{state.get('element_spec')!r}, but this one has {ours!r}; build "
+          "the dataset with the same task, lengths, batch size and converter.")
+    return dict(state)
+
+  # -- in-memory state -------------------------------------------------------
+
+  def get_state(self, *, replay_only: bool = False) -> Dict[str, Any]:
+    """The position, as a JSON-serialisable dict (see the class docstring).
+
+    Args:
+      replay_only: keep only the batch count (tiny; resume by replay).
+
+    Returns:
+      ``{"format", "version", "consumed_batches", "element_spec",
+      "iterator"}``; ``iterator`` maps checkpoint file suffixes to their
+      base64 contents, or is None for a replay-only state.
+    """
+    state = self._metadata()
+    state["iterator"] = None
+    if not replay_only:
+      directory = f"{_RAM_ROOT}/{uuid.uuid4().hex}"
+      prefix = f"{directory}/state"
+      try:
+        self._write(prefix)
+        files = {}
+        for file in sorted(tf.io.gfile.glob(prefix + "*")):
+          with tf.io.gfile.GFile(file, "rb") as f:
+            files[file[len(prefix):]] = base64.b64encode(f.read()).decode(
+                "ascii")
+      finally:
+        _remove_quietly(directory)
+      state["iterator"] = files
+    return state
+
+  def set_state(self, state: Union[Mapping[str, Any], str, bytes]) -> None:
+    """Moves to the position ``state`` (from `get_state`) recorded.
+
+    Args:
+      state: the dict, or its JSON text.
+
+    Raises:
+      ValueError: not a DataIterator state; for a dataset with other
+        features or shapes; replay-only on a started iterator; replay past
+        the end of the data.
+    """
+    state = self._check_state(state, "state")
+    consumed = state["consumed_batches"]
+    files = state.get("iterator")
+    if files:
+      if not isinstance(files, Mapping):
+        raise ValueError("state['iterator'] must map checkpoint file "
+                         f"suffixes to base64 text, got {type(files).__name__}.")
+      directory = f"{_RAM_ROOT}/{uuid.uuid4().hex}"
+      prefix = f"{directory}/state"
+      try:
+        for suffix, text in files.items():
+          with tf.io.gfile.GFile(prefix + suffix, "wb") as f:
+            f.write(base64.b64decode(text))
+        self._read(prefix, consumed, "state")
+      finally:
+        _remove_quietly(directory)
+      return
+    if self._iterator is not None:
+      raise ValueError(
+          "A replay-only state (iterator=None) can only be set on a "
+          "DataIterator that has not started: tf.data reshuffles each new "
+          "pass over the same dataset object, so replaying on it would not "
+          "give the same batches. Wrap a freshly built dataset in a new "
+          "DataIterator, or use a full state (replay_only=False).")
+    iterator = self._get_iterator()
+    for i in range(consumed):
+      try:
+        next(iterator)
+      except StopIteration:
+        raise ValueError(
+            f"Replaying the data state: the dataset ended after {i} "
+            f"batches, but the state is at batch {consumed}.") from None
+    self._consumed = consumed
+
+  # -- on disk ---------------------------------------------------------------
+
+  def _prefix(self, directory: Union[str, os.PathLike]) -> str:
+    index, count = self._process_index, self._process_count
+    if index is None or count is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      index = jax.process_index() if index is None else index
+      count = jax.process_count() if count is None else count
+    return os.path.join(os.fspath(directory),
+                        f"data-{index:05d}-of-{count:05d}")
+
+  def save(self, directory: Union[str, os.PathLike]) -> str:
+    """Writes this process's iterator state into ``directory``.
+
+    Files: ``data-IIIII-of-NNNNN.index`` / ``.data-*`` (a
+    `tf.train.Checkpoint` of the iterator and the batch count) and
+    ``data-IIIII-of-NNNNN.json`` (metadata, written last, so its presence
+    marks a complete save). Use a directory per training step, as orbax
+    does: saving over an earlier save is not atomic.
+
+    Returns:
+      The checkpoint prefix written.
+    """
+    prefix = self._prefix(directory)
+    tf.io.gfile.makedirs(os.path.dirname(prefix))
+    path = self._write(prefix)
+    meta = self._metadata()
+    meta["checkpoint"] = os.path.basename(path)
+    tmp = prefix + ".json.tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      json.dump(meta, f, indent=1)
+    tf.io.gfile.rename(tmp, prefix + ".json", overwrite=True)
+    return path
+
+  def restore(self, directory: Union[str, os.PathLike]) -> None:
+    """Restores the position ``save(directory)`` wrote for this process.
+
+    Raises:
+      FileNotFoundError: no save for this process in ``directory`` (e.g. the
+        process count changed; the message lists what is there).
+      ValueError: the save is for a dataset with other features or shapes.
+    """
+    prefix = self._prefix(directory)
+    meta_file = prefix + ".json"
+    if not tf.io.gfile.exists(meta_file):
+      directory = os.fspath(directory)
+      there = (sorted(tf.io.gfile.listdir(directory))
+               if tf.io.gfile.isdir(directory) else None)
+      raise FileNotFoundError(
+          f"No data iterator state {meta_file!r}"
+          + (f"; the directory holds {there}." if there is not None else
+             "; the directory does not exist."))
+    with tf.io.gfile.GFile(meta_file, "r") as f:
+      meta = self._check_state(f.read(), meta_file)
+    self._read(prefix, meta["consumed_batches"], meta_file)
