@@ -211,7 +211,9 @@ def get_dataset(
     feature_converter: "decoder", "prefix_lm" or "enc_dec".
     pack: pack several examples per row (training); False pads one per row
       (evaluation, where examples must stay whole and in order) and drops the
-      segment-id and position features.
+      segment-id and position features. The last partial batch is dropped
+      either way, so a finite eval split loses up to ``batch_size - 1``
+      examples; `seqio.Evaluator` (see `moe_jax.eval`) keeps them all.
     shuffle: shuffle examples (seqio's task shuffle buffer) before packing.
     seed: shuffle and mixture-sampling seed; the same on every host.
     num_epochs: passes over the data; None repeats forever (training).
