@@ -1,0 +1,182 @@
+"""KV-arithmetic tasks of the CALM paper (Section 4.1), generated.
+
+Keys are random 2-6 character strings, each mapped to a unique integer.
+Three views of the same expressions:
+
+* KV-SUBS:  ``<ab>+<cde>-<f>=``  ->  ``10+22-24``   (what m_A is trained on)
+* NUM-MATH: ``10+22-24=``        ->  ``8``          (what m_B is trained on)
+* KV-MATH:  ``<ab>+<cde>-<f>=``  ->  ``8``          (the composed skill)
+
+Expressions have ``num_operands`` operands joined by operators from ``ops``
+(``x`` is multiplication, with the usual precedence). Composition training
+uses KV-MATH over a fraction (20%) of the keys; evaluation uses held-out
+KV-MATH expressions over all keys, so most of them contain keys that only
+m_A knows.
+
+Everything is deterministic in ``seed``. The examples are plain
+``{"inputs", "targets"}`` dicts, registered as seqio tasks by
+:func:`register_kv_tasks` (byte vocabulary, shared by all models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from functools import cached_property
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVArithmetic:
+  """Generator of the three KV-arithmetic tasks.
+
+  Attributes:
+    seed: seeds keys, values and expressions.
+    num_keys: how many keys (and distinct values).
+    key_length: inclusive range of key lengths.
+    value_range: inclusive range the unique values are drawn from.
+    num_operands: inclusive range of operands per expression.
+    ops: operators to draw from (``+``, ``-``, ``x``).
+    composition_key_fraction: share of keys used in composition training.
+  """
+
+  seed: int = 0
+  num_keys: int = 100
+  key_length: tuple[int, int] = (2, 6)
+  value_range: tuple[int, int] = (1, 100)
+  num_operands: tuple[int, int] = (3, 6)
+  ops: tuple[str, ...] = ("+", "-", "x")
+  composition_key_fraction: float = 0.2
+
+  def __post_init__(self):
+    lo, hi = self.value_range
+    if hi - lo + 1 < self.num_keys:
+      raise ValueError(f"value_range {self.value_range} has fewer than num_keys="
+                       f"{self.num_keys} distinct values")
+    if not set(self.ops) <= {"+", "-", "x"} or not self.ops:
+      raise ValueError(f"ops must be a non-empty subset of '+', '-', 'x', got {self.ops}")
+    if not 0 < self.composition_key_fraction <= 1:
+      raise ValueError("composition_key_fraction must be in (0, 1]")
+    if self.num_operands[0] < 2 or self.num_operands[0] > self.num_operands[1]:
+      raise ValueError(f"bad num_operands range {self.num_operands}")
+
+  @cached_property
+  def table(self) -> dict[str, int]:
+    """key -> value."""
+    rng = np.random.default_rng([self.seed, 0])
+    keys: list[str] = []
+    seen: set[str] = set()
+    while len(keys) < self.num_keys:
+      n = int(rng.integers(self.key_length[0], self.key_length[1] + 1))
+      k = "".join(rng.choice(list(string.ascii_lowercase), n))
+      if k not in seen:
+        seen.add(k)
+        keys.append(k)
+    lo, hi = self.value_range
+    values = rng.choice(np.arange(lo, hi + 1), self.num_keys, replace=False)
+    return dict(zip(keys, map(int, values)))
+
+  @cached_property
+  def composition_keys(self) -> tuple[str, ...]:
+    keys = list(self.table)
+    n = max(1, round(self.composition_key_fraction * len(keys)))
+    rng = np.random.default_rng([self.seed, 1])
+    return tuple(sorted(str(k) for k in rng.choice(keys, n, replace=False)))
+
+  def _expressions(self, n: int, keys: tuple[str, ...], stream: int
+                   ) -> list[tuple[list[str], list[str]]]:
+    rng = np.random.default_rng([self.seed, 2, stream])
+    out = []
+    for _ in range(n):
+      k = int(rng.integers(self.num_operands[0], self.num_operands[1] + 1))
+      operands = [str(x) for x in rng.choice(keys, k)]
+      ops = [str(x) for x in rng.choice(list(self.ops), k - 1)]
+      out.append((operands, ops))
+    return out
+
+  @staticmethod
+  def _join(operands: list[str], ops: list[str]) -> str:
+    s = operands[0]
+    for op, x in zip(ops, operands[1:]):
+      s += op + x
+    return s
+
+  def evaluate(self, operands: list[str], ops: list[str]) -> int:
+    """Integer value with ``x`` binding tighter than ``+``/``-``."""
+    values = [self.table[k] for k in operands]
+    terms, signs = [values[0]], []
+    for op, v in zip(ops, values[1:]):
+      if op == "x":
+        terms[-1] *= v
+      else:
+        terms.append(v)
+        signs.append(1 if op == "+" else -1)
+    return terms[0] + sum(s * t for s, t in zip(signs, terms[1:]))
+
+  def _views(self, operands, ops) -> dict[str, dict[str, str]]:
+    keyed = self._join([f"<{k}>" for k in operands], ops)
+    numeric = self._join([str(self.table[k]) for k in operands], ops)
+    result = str(self.evaluate(operands, ops))
+    return {"kv_subs": {"inputs": keyed + "=", "targets": numeric},
+            "num_math": {"inputs": numeric + "=", "targets": result},
+            "kv_math": {"inputs": keyed + "=", "targets": result}}
+
+  def examples(self, task: str, split: str, n: int) -> list[dict[str, str]]:
+    """``n`` examples of ``task`` (kv_subs | num_math | kv_math) for ``split``.
+
+    ``kv_subs`` and ``num_math`` draw operands from all keys; ``kv_math``
+    training draws only from :attr:`composition_keys`, its ``validation`` /
+    ``test`` splits from all keys. Validation and test expressions never occur
+    in any training split.
+    """
+    if task not in ("kv_subs", "num_math", "kv_math"):
+      raise ValueError(f"unknown KV task {task!r}; expected kv_subs, num_math or kv_math")
+    streams = {"train": 0, "validation": 1, "test": 2}
+    if split not in streams:
+      raise ValueError(f"unknown split {split!r}; expected one of {sorted(streams)}")
+    keys = (self.composition_keys if task == "kv_math" and split == "train"
+            else tuple(self.table))
+    stream = streams[split] * 10 + ("kv_subs", "num_math", "kv_math").index(task)
+    held_out = set()
+    if split == "train":
+      held_out = {ex["inputs"] for s in ("validation", "test")
+                  for ex in self._eval_pool(s)}
+    out = []
+    for operands, ops in self._expressions(n * 2 + 16, keys, stream):
+      view = self._views(operands, ops)
+      if view["kv_math"]["inputs"] in held_out:
+        continue
+      out.append(view[task])
+      if len(out) == n:
+        return out
+    raise RuntimeError(f"could not draw {n} distinct {task} examples")  # pragma: no cover
+
+  @cached_property
+  def _eval_cache(self) -> dict:
+    return {}
+
+  def _eval_pool(self, split: str, n: int = 512) -> list[dict[str, str]]:
+    """The held-out KV-MATH expressions of a split (keyed inputs)."""
+    if split not in self._eval_cache:
+      stream = {"validation": 1, "test": 2}[split] * 10 + 2
+      self._eval_cache[split] = [self._views(o, p)["kv_math"]
+                                 for o, p in self._expressions(n, tuple(self.table), stream)]
+    return self._eval_cache[split]
+
+
+def register_kv_tasks(gen: KVArithmetic, *, prefix: str = "calm_", num_train: int = 20000,
+                      num_eval: int = 256, overwrite: bool = True) -> dict[str, str]:
+  """Registers seqio tasks ``{prefix}kv_subs``, ``num_math``, ``kv_math``; returns their names."""
+  from moe_jax.data.tasks import register_in_memory_task
+
+  names = {}
+  for task in ("kv_subs", "num_math", "kv_math"):
+    name = f"{prefix}{task}"
+    register_in_memory_task(name, {
+        "train": gen.examples(task, "train", num_train),
+        "validation": gen.examples(task, "validation", num_eval),
+        "test": gen.examples(task, "test", num_eval),
+    }, overwrite=overwrite)
+    names[task] = name
+  return names
