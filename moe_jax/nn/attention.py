@@ -188,7 +188,7 @@ class Attention(nn.Module):
     new_cache = None
     if kv is None:
       if kv_source_BSD is not None:  # cross-attention; positions are the source's
-        kv = self.project_kv(kv_source_BSD, positions_BL)
+        kv = self.project_kv(kv_source_BSD, positions_BL, context)
       else:
         kv = self.project_kv(x_BLD, positions_BL, context)
       if cache is not None:

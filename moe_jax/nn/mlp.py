@@ -42,7 +42,13 @@ class Mlp(nn.Module):
 
   ``hidden_transform`` is applied to the activated hidden ``[B, L, F]`` before
   ``wo``: the hook where (IA)^3 / MoV scale the FFN intermediate without
-  changing this module's parameters.
+  changing this module's parameters. For a gated FFN, scaling
+  ``act(gate) * up`` elementwise is the same as scaling either branch.
+
+  Subclasses adapt the projections by overriding :meth:`adapt_projection`
+  (called with each projection's input and output; LoRA adds its low-rank
+  update there). ``context`` is opaque per-call data handed to that hook and
+  ignored by this class.
   """
 
   hidden_dim: int
@@ -55,23 +61,30 @@ class Mlp(nn.Module):
   kernel_init: Any = None
   out_kernel_init: Any = None
 
+  def adapt_projection(self, name: str, x_in: Array, y_out: Array, context: Any = None
+                       ) -> Array:
+    """Output of projection ``name`` (``wi``, ``wi_0``, ``wi_1`` or ``wo``); identity here."""
+    del name, x_in, context
+    return y_out
+
   @nn.compact
-  def __call__(self, x_BLD: Array, hidden_transform: Callable[[Array], Array] | None = None
-               ) -> Array:
+  def __call__(self, x_BLD: Array, hidden_transform: Callable[[Array], Array] | None = None,
+               *, context: Any = None) -> Array:
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
     act = get_activation(self.activation)
+
+    def project(name: str, x: Array, features: int, axes: tuple[str, str], init: Any) -> Array:
+      y = Linear(features, axes, kernel_init=init, name=name, **common)(x)
+      return self.adapt_projection(name, x, y, context)
+
     if self.gated:
-      gate = Linear(self.hidden_dim, ("embed", "mlp"), kernel_init=self.kernel_init,
-                    name="wi_0", **common)(x_BLD)
-      up = Linear(self.hidden_dim, ("embed", "mlp"), kernel_init=self.kernel_init,
-                  name="wi_1", **common)(x_BLD)
+      gate = project("wi_0", x_BLD, self.hidden_dim, ("embed", "mlp"), self.kernel_init)
+      up = project("wi_1", x_BLD, self.hidden_dim, ("embed", "mlp"), self.kernel_init)
       h_BLF = act(gate) * up
     else:
-      h_BLF = act(Linear(self.hidden_dim, ("embed", "mlp"), kernel_init=self.kernel_init,
-                         name="wi", **common)(x_BLD))
+      h_BLF = act(project("wi", x_BLD, self.hidden_dim, ("embed", "mlp"), self.kernel_init))
     h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "mlp"))
     if hidden_transform is not None:
       h_BLF = hidden_transform(h_BLF)
-    return Linear(self.out_features, ("mlp", "embed"),
-                  kernel_init=self.out_kernel_init or self.kernel_init, name="wo",
-                  **common)(h_BLF)
+    return project("wo", h_BLF, self.out_features, ("mlp", "embed"),
+                   self.out_kernel_init or self.kernel_init)
