@@ -1,0 +1,50 @@
+"""Parameter-efficient MoE on frozen backbones: (IA)^3, LoRA, MoV and MoLoRA.
+
+Zadouri et al. 2023 ("Pushing Mixture of Experts to the Limit", arXiv
+2309.05444). Typical use::
+
+    from moe_jax import peft
+    from moe_jax.checkpoints import load_hf
+
+    base = load_hf("path/to/llama")
+    cfg = peft.PeftConfig(method="mov", num_experts=10)
+    model = peft.adapt(base, cfg)                       # same backbone parameter names
+    params = peft.init_adapter_params(model, base.params, jax.random.key(0))
+    mask = peft.trainable_mask(params)                  # adapters + routers only
+    tx = peft.masked_optimizer(optax.adamw(3e-3), mask) # no state for the backbone
+    logits, state = model.apply({"params": params}, tokens,
+                                mutable=[peft.AUX_LOSS_COLLECTION, peft.METRICS_COLLECTION])
+    loss = ce(logits) + peft.total_aux_loss(state)
+    ...
+    peft.save_adapters("out/mov", params, cfg, base_checkpoint="path/to/llama")
+    peft.merge_and_export_hf("out/hf", base.config, params, cfg)   # ia3 / lora only
+
+Modules: :mod:`config` (:class:`PeftConfig`), :mod:`routers` (routing math,
+losses, metrics), :mod:`adapters` (adapter math and parameters),
+:mod:`layers` (adapted attention / FFN / blocks, :func:`adapt`),
+:mod:`params` (initialisation, freezing, optimizer), :mod:`export`
+(folding, HF export, adapter files).
+"""
+
+from moe_jax.peft.config import (ADAPTER_PREFIX, DEFAULT_SITES, LORA_SITES, METHODS,
+                                 SCALE_SITES, PeftConfig)
+from moe_jax.peft.export import (SavedAdapters, fold_adapters, load_adapted, load_adapters,
+                                 merge_and_export_hf, save_adapters)
+from moe_jax.peft.layers import (PeftAttention, PeftDecoderBlock, PeftMlp, PeftT5DecoderBlock,
+                                 PeftT5EncoderBlock, adapt, peft_config_of)
+from moe_jax.peft.params import (apply_masked_updates, init_adapter_params, logical_axes,
+                                 masked_optimizer, merge_params, param_shapes,
+                                 parameter_report, split_params, trainable_mask)
+from moe_jax.peft.routers import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, RouteContext,
+                                  summarize_metrics, total_aux_loss)
+
+__all__ = [
+    "ADAPTER_PREFIX", "AUX_LOSS_COLLECTION", "DEFAULT_SITES", "LORA_SITES", "METHODS",
+    "METRICS_COLLECTION", "PeftAttention", "PeftConfig", "PeftDecoderBlock", "PeftMlp",
+    "PeftT5DecoderBlock", "PeftT5EncoderBlock", "RouteContext", "SCALE_SITES",
+    "SavedAdapters", "adapt", "apply_masked_updates", "fold_adapters", "init_adapter_params",
+    "load_adapted", "load_adapters", "logical_axes", "masked_optimizer",
+    "merge_and_export_hf", "merge_params", "param_shapes", "parameter_report",
+    "peft_config_of", "save_adapters", "split_params", "summarize_metrics",
+    "total_aux_loss", "trainable_mask",
+]

@@ -1,0 +1,216 @@
+"""The adapters of one site: (IA)^3 / MoV scaling vectors and LoRA / MoLoRA low-rank updates.
+
+Legend: B batch, L tokens, E experts, R rank, ``I...`` the input feature
+dims of the adapted projection (``D``, or ``H, Dh`` for the attention output),
+``K...`` its output feature dims (``H, Dh``, ``D`` or ``F``).
+
+Pure functions do the math; :class:`ScaleAdapter` and :class:`LoraAdapter`
+only create parameters (logical axes on each) and call them.
+
+**Efficient soft merging.** Merging the experts' *outputs* would cost E
+passes. Instead:
+
+* MoV merges the E vectors per token first, ``s_BLK = w_BLE · S_EK``, then
+  scales once: ``E · K`` multiply-adds per token, nothing per input dim.
+* MoLoRA runs the E experts as one stacked low-rank product: ``A`` is stored
+  ``[I..., E, R]`` and ``B`` ``[E, R, K...]`` so that, flattened, they are a
+  single rank-``E·R`` LoRA; the router weights scale the ``E·R`` middle
+  activations, ``u_BLER * w_BLE[..., None]``, between the two matmuls. Cost:
+  one LoRA of rank ``E·R`` plus ``E·R`` multiplies per token.
+
+With E = 1 the router's softmax is exactly 1, so MoV and MoLoRA reduce to
+(IA)^3 and LoRA bit for bit (given the same vectors / matrices).
+
+**Initialisation.** Vectors start at one and ``B`` at zero, so an adapted
+model starts exactly at its backbone. ``A`` is uniform in
+``±1/sqrt(fan_in)`` (PyTorch's and Hugging Face ``peft``'s Kaiming-uniform
+with ``a = sqrt(5)``), independently per expert.
+
+**Storage dtype.** Adapters are stored in float32 even on a bfloat16
+backbone: an (IA)^3 vector sits at 1.0, where bfloat16's spacing is 2^-7, so
+any update smaller than ~0.004 would round away. They are tiny, so this costs
+nothing; compute still runs in the backbone's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.peft.config import PeftConfig
+from moe_jax.peft.routers import Router
+
+Array = jax.Array
+
+#: Logical axis of the expert and rank dims of adapter parameters: replicated
+#: (the adapters are tiny; sharding them would only add communication).
+ADAPTER_AXIS = "unmodeled"
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def ia3_scale(y: Array, scale_K: Array) -> Array:
+  """``y * s`` over the trailing feature dims."""
+  return y * scale_K.astype(y.dtype)
+
+
+def mov_scale(y: Array, weights_BLE: Array, scale_EK: Array, *, weights_sum_to_one: bool = True
+              ) -> Array:
+  """``y * Σ_e w_e s_e``: the E vectors are merged per token before scaling once.
+
+  When the weights sum to one (soft merging, renormalised top-k) the merged
+  vector is computed as ``1 + Σ_e w_e (s_e - 1)``: the same function, but the
+  adaptation (a small deviation from 1) is summed directly instead of being
+  rounded against 1, and vectors of ones give exactly 1 whatever the
+  router's rounding, so an untrained MoV *is* its backbone, bit for bit.
+  With one expert the weight is exactly 1 and ``w s`` is used as is.
+  """
+  e = scale_EK.shape[0]
+  feat = scale_EK.shape[1:]
+  s_EK = scale_EK.reshape(e, -1).astype(jnp.float32)
+  w = weights_BLE.astype(jnp.float32)
+  if weights_sum_to_one and e > 1:
+    merged = 1.0 + jnp.dot(w, s_EK - 1.0)
+  else:
+    merged = jnp.dot(w, s_EK)
+  return y * merged.reshape(weights_BLE.shape[:-1] + feat).astype(y.dtype)
+
+
+def _flat_in(x: Array, in_dims: int) -> Array:
+  return x.reshape(x.shape[:x.ndim - in_dims] + (-1,))
+
+
+def lora_delta(x: Array, a: Array, b: Array, *, scaling: float, dtype: Any = None) -> Array:
+  """``scaling · (x A) B`` with ``A [I..., R]``, ``B [R, K...]``; returns ``[..., K...]``."""
+  dtype = dtype or x.dtype
+  in_dims = a.ndim - 1
+  r = a.shape[-1]
+  out_shape = b.shape[1:]
+  u = jnp.dot(_flat_in(x.astype(dtype), in_dims), a.reshape(-1, r).astype(dtype))
+  u = u * jnp.asarray(scaling, dtype)
+  y = jnp.dot(u, b.reshape(r, -1).astype(dtype))
+  return y.reshape(x.shape[:x.ndim - in_dims] + out_shape)
+
+
+def molora_delta(x: Array, weights_BLE: Array, a: Array, b: Array, *, scaling: float,
+                 dtype: Any = None) -> Array:
+  """``Σ_e w_e · scaling · (x A_e) B_e`` as one stacked rank-``E·R`` product.
+
+  Args:
+    x: ``[B, L, I...]``.
+    weights_BLE: router merge weights.
+    a: ``[I..., E, R]``.
+    b: ``[E, R, K...]``.
+  """
+  dtype = dtype or x.dtype
+  e, r = a.shape[-2:]
+  in_dims = a.ndim - 2
+  lead = x.shape[:x.ndim - in_dims]
+  u = jnp.dot(_flat_in(x.astype(dtype), in_dims), a.reshape(-1, e * r).astype(dtype))
+  gate = (weights_BLE.astype(jnp.float32) * scaling).astype(dtype)
+  u = (u.reshape(lead + (e, r)) * gate[..., None]).reshape(lead + (e * r,))
+  y = jnp.dot(u, b.reshape(e * r, -1).astype(dtype))
+  return y.reshape(lead + b.shape[2:])
+
+
+def lora_update(a: Array, b: Array, scaling: float) -> Array:
+  """The dense update ``scaling · A B`` ``[I..., K...]`` (float32) that LoRA adds to a kernel."""
+  r = a.shape[-1]
+  ab = jnp.dot(a.reshape(-1, r).astype(jnp.float32), b.reshape(r, -1).astype(jnp.float32),
+               precision=jax.lax.Precision.HIGHEST)
+  return (ab * scaling).reshape(a.shape[:-1] + b.shape[1:])
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _router(peft: PeftConfig) -> Router:
+  return Router(num_experts=peft.num_experts, top_k=peft.top_k, renormalize=peft.renormalize,
+                load_balance_coef=peft.load_balance_coef, z_loss_coef=peft.z_loss_coef,
+                name="router")
+
+
+class ScaleAdapter(nn.Module):
+  """(IA)^3 (one vector ``scale [K...]``) or MoV (``scale [E, K...]`` plus ``router``).
+
+  Attributes:
+    peft: the method, E and router settings.
+    axes: logical axes of the scaled feature dims ``K...``.
+    param_dtype: storage dtype of the vectors (keep float32, see the module docstring).
+  """
+
+  peft: PeftConfig
+  axes: Sequence[str]
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, y: Array, *, route_x: Array | None = None,
+               valid: Array | None = None) -> Array:
+    feat = tuple(y.shape[y.ndim - len(self.axes):])
+    if not self.peft.is_mixture:
+      scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                               tuple(self.axes)),
+                         feat, jnp.dtype(self.param_dtype))
+      return ia3_scale(y, scale)
+    scale = self.param("scale", nn.with_logical_partitioning(
+        nn.initializers.ones, (ADAPTER_AXIS,) + tuple(self.axes)),
+        (self.peft.num_experts,) + feat, jnp.dtype(self.param_dtype))
+    if route_x is None:
+      raise ValueError(f"{self.name}: a MoV site needs its router input (route_x)")
+    weights = _router(self.peft)(route_x, valid)
+    p = self.peft
+    sums_to_one = p.top_k is None or p.renormalize or p.top_k >= p.num_experts
+    return mov_scale(y, weights, scale, weights_sum_to_one=sums_to_one)
+
+
+class LoraAdapter(nn.Module):
+  """LoRA (``lora_a [I..., R]``, ``lora_b [R, K...]``) or MoLoRA (with an E axis and ``router``).
+
+  Returns the update to add to the projection's output.
+
+  Attributes:
+    peft: method, rank, alpha, E and router settings.
+    in_axes: logical axes of the contracted input dims ``I...``.
+    out_features, out_axes: the projection's output dims ``K...`` and their axes.
+    dtype: compute dtype (the backbone's).
+    param_dtype: storage dtype (keep float32, see the module docstring).
+  """
+
+  peft: PeftConfig
+  in_axes: Sequence[str]
+  out_features: Sequence[int]
+  out_axes: Sequence[str]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, route_x: Array | None = None,
+               valid: Array | None = None) -> Array:
+    p = self.peft
+    in_dims = len(self.in_axes)
+    in_shape = tuple(x.shape[x.ndim - in_dims:])
+    out = tuple(self.out_features)
+    expert = (p.num_experts,) if p.is_mixture else ()
+    expert_axes = (ADAPTER_AXIS,) if p.is_mixture else ()
+    n_lead = len(expert)
+    a_init = nn.initializers.variance_scaling(
+        1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(in_dims)),
+        out_axis=tuple(range(in_dims, in_dims + n_lead + 1)))
+    a = self.param("lora_a", nn.with_logical_partitioning(
+        a_init, tuple(self.in_axes) + expert_axes + (ADAPTER_AXIS,)),
+        in_shape + expert + (p.rank,), jnp.dtype(self.param_dtype))
+    b = self.param("lora_b", nn.with_logical_partitioning(
+        nn.initializers.zeros, expert_axes + (ADAPTER_AXIS,) + tuple(self.out_axes)),
+        expert + (p.rank,) + out, jnp.dtype(self.param_dtype))
+    dtype = jnp.dtype(self.dtype)
+    if not p.is_mixture:
+      return lora_delta(x, a, b, scaling=p.scaling, dtype=dtype)
+    if route_x is None:
+      raise ValueError(f"{self.name}: a MoLoRA site needs its router input (route_x)")
+    weights = _router(p)(route_x, valid)
+    return molora_delta(x, weights, a, b, scaling=p.scaling, dtype=dtype)
+
