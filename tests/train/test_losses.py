@@ -78,7 +78,7 @@ def test_aux_losses_are_summed_and_metrics_averaged():
   assert losses.collect_aux_losses({})[0] == 0.0
 
 
-def test_model_loss_adds_aux_losses():
+def test_model_loss_adds_aux_losses(numpy_params):
   from moe_jax.models.decoder import Decoder, DecoderBlock, DecoderConfig
   from moe_jax.train.models import DecoderOnlyModel
 
@@ -91,12 +91,12 @@ def test_model_loss_adds_aux_losses():
   cfg = DecoderConfig(vocab_size=16, d_model=8, num_layers=2, num_heads=2, d_ff=16)
   plain = DecoderOnlyModel(cfg)
   aux = DecoderOnlyModel(cfg, module=Decoder(config=cfg, block_cls=AuxBlock))
-  params = plain.init_params(jax.random.key(0))
+  params = numpy_params(plain)
   tokens = np.arange(12, dtype=np.int32).reshape(2, 6) % 16
   batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": (tokens + 1) % 16,
            "decoder_loss_weights": np.ones_like(tokens)}
-  loss0, m0 = plain.loss_fn(params, batch)
-  loss1, m1 = aux.loss_fn(params, batch)
+  loss0, m0 = jax.jit(plain.loss_fn)(params, batch)
+  loss1, m1 = jax.jit(aux.loss_fn)(params, batch)
   np.testing.assert_allclose(loss1, loss0 + 2 * 0.125, rtol=1e-6)
   np.testing.assert_allclose(m1["aux_loss/penalty"], 0.25)
   np.testing.assert_allclose(m1["model/metrics"], 2.0)

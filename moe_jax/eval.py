@@ -1,0 +1,250 @@
+"""Evaluate a checkpoint on seqio tasks: ``python -m moe_jax.eval --gin_file=runs/eval.gin ...``.
+
+Two kinds of evaluation, both also run periodically by the trainer:
+
+* **validation loss**: the training loss metrics (cross-entropy, accuracy,
+  z-loss, auxiliary losses) over batches of a split (:class:`DatasetConfig`);
+* **inference metrics** (:class:`InferEvalConfig`): the tasks' own seqio
+  ``metric_fns``. ``seqio.Evaluator`` feeds unpacked examples; predictions are
+  generated with :func:`moe_jax.decoding.generate` (greedy, up to the targets
+  length) and decoded with each task's vocabulary (and ``postprocess_fn``) by
+  seqio before the metric functions see them; score metrics get per-example
+  target log-likelihoods (:meth:`BaseModel.score_batch`).
+
+Decoder-only models are evaluated on seq2seq tasks through seqio's prefix-LM
+features: the prompt is the inputs, the prediction the continuation.
+
+CLI flags are those of ``python -m moe_jax.train`` (``--gin_file``,
+``--gin.NAME=VALUE``, ``--gin_bindings``, ``--gin_search_paths``) plus
+``--checkpoint`` (binds ``CHECKPOINT_PATH``) and ``--model_dir`` (binds
+``MODEL_DIR``: where results are written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InferEvalConfig:
+  """Inference evaluation with the tasks' seqio metric functions.
+
+  Attributes:
+    mixture_or_task_name: task or mixture (its sub-tasks with metric_fns are evaluated).
+    task_feature_lengths: lengths of ``inputs`` / ``targets`` (longer examples
+      are truncated).
+    split: the split to evaluate.
+    batch_size: global examples per generation batch.
+    num_examples: evaluate only the first examples of each task (``None``: all).
+    max_new_tokens: generation length; default the ``targets`` length.
+    feature_converter: default ``enc_dec`` for encoder-decoders, ``prefix_lm``
+      for decoder-only models (``decoder`` for targets-only tasks).
+  """
+
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  split: str = "validation"
+  batch_size: int = 32
+  num_examples: int | None = None
+  max_new_tokens: int | None = None
+  feature_converter: str | None = None
+  use_cached: bool = False
+
+
+class InferenceEvaluator:
+  """``seqio.Evaluator`` driven by a model wrapper and a (possibly eval-only) trainer."""
+
+  def __init__(self, config: InferEvalConfig, trainer: Any):
+    import seqio
+
+    from moe_jax.data import pipeline
+
+    self.config = config
+    self.trainer = trainer
+    model = trainer.model
+    lengths = dict(config.task_feature_lengths)
+    name = config.feature_converter
+    if name is None:
+      if model.FEATURE_CONVERTER == "enc_dec":
+        name = "enc_dec"
+      else:
+        name = "prefix_lm" if "inputs" in lengths else "decoder"
+    self.max_new_tokens = config.max_new_tokens or int(lengths["targets"])
+    pipeline.get_mixture_or_task(config.mixture_or_task_name)  # a clear error for typos
+    n = trainer.partitioner.num_batch_shards
+    if config.batch_size % n:
+      raise ValueError(f"InferEvalConfig.batch_size={config.batch_size} is not divisible by the "
+                       f"{n} batch shards of the mesh")
+    self.evaluator = seqio.Evaluator(
+        mixture_or_task_name=config.mixture_or_task_name,
+        feature_converter=pipeline.make_feature_converter(name, pack=False),
+        eval_split=config.split, use_cached=config.use_cached, sequence_length=lengths,
+        num_examples=config.num_examples, async_compute_metrics=False)
+    self.eos_id = None
+    for task in self.evaluator.eval_tasks:
+      self.eos_id = task.output_features["targets"].vocabulary.eos_id
+      vocab = task.output_features["targets"].vocabulary.vocab_size
+      if vocab > model.vocab_size:
+        raise ValueError(f"task {task.name!r} has a vocabulary of {vocab} ids but the model's "
+                         f"vocab_size is {model.vocab_size}")
+
+  @property
+  def has_tasks(self) -> bool:
+    return bool(self.evaluator.eval_tasks)
+
+  def _batches(self, ds):
+    """``(indices, numpy features, real rows)`` padded to the full batch size."""
+    bs = self.config.batch_size
+    for index, feats in ds.batch(bs).as_numpy_iterator():
+      real = len(index)
+      if real < bs:
+        feats = {k: np.concatenate([v, np.repeat(v[:1], bs - real, axis=0)])
+                 for k, v in feats.items()}
+      yield index, feats, real
+
+  def evaluate(self, params: Any, step: int | None = None) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` for every task with metric functions."""
+    if not self.has_tasks:
+      return {}
+    trainer = self.trainer
+
+    def predict_fn(ds):
+      out = []
+      with trainer.partitioner.activate():
+        for index, feats, real in self._batches(ds):
+          tokens = trainer.model.predict_batch(params, feats, max_new_tokens=self.max_new_tokens,
+                                               eos_id=self.eos_id)
+          out.extend((int(i), t.tolist()) for i, t in zip(index[:real], tokens[:real]))
+      return out
+
+    def score_fn(ds):
+      out = []
+      for index, feats, real in self._batches(ds):
+        scores = trainer.score_batch(params, feats)
+        out.extend((int(i), float(s)) for i, s in zip(index[:real], scores[:real]))
+      return out
+
+    metrics, _ = self.evaluator.evaluate(compute_metrics=True, step=step,
+                                         predict_fn=predict_fn, score_fn=score_fn)
+    result = metrics.result() or {}
+    return {task: {k: _scalar(v) for k, v in m.items()} for task, m in result.items()}
+
+
+def _scalar(v):
+  v = getattr(v, "value", v)  # seqio metric objects (clu Scalar) -> float
+  try:
+    return float(np.asarray(v))
+  except (TypeError, ValueError):
+    return str(v)
+
+
+def make_eval_fn(trainer: Any, *, eval_dataset: Any = None, infer_eval: InferEvalConfig | None,
+                 eval_steps: int | None = None):
+  """A ``fn(state)`` logging validation loss and inference metrics (``None`` if nothing to do)."""
+  from moe_jax.train.trainer import make_data_iterator
+
+  inference = InferenceEvaluator(infer_eval, trainer) if infer_eval is not None else None
+  if inference is not None and not inference.has_tasks:
+    logger.warning("%s: no task with metric_fns on split %r; inference eval skipped",
+                   infer_eval.mixture_or_task_name, infer_eval.split)
+    inference = None
+  if eval_dataset is None and inference is None:
+    return None
+
+  def eval_fn(state) -> dict[str, Any]:
+    step = int(jax.device_get(state.step))
+    results: dict[str, Any] = {}
+    if eval_dataset is not None:
+      it = make_data_iterator(eval_dataset, trainer.model, num_epochs=1)
+      results["loss"] = trainer.evaluate_loss(state.params, it, eval_steps)
+      trainer.writer.write(step, f"{eval_dataset.split}", results["loss"])
+    if inference is not None:
+      results["tasks"] = inference.evaluate(state.params, step)
+      for task, m in results["tasks"].items():
+        trainer.writer.write(step, f"{infer_eval.split}/{task}", m)
+    return results
+
+  return eval_fn
+
+
+def evaluate(*, checkpoint_path: str, model: Any = None, model_dir: str | None = None,
+             eval_dataset: Any = None, infer_eval: InferEvalConfig | None = None,
+             partitioner: Any = None, eval_steps: int | None = None,
+             step: int | None = None) -> dict[str, Any]:
+  """Evaluates a checkpoint; returns ``{"loss": {...}, "tasks": {task: {...}}}``.
+
+  Args:
+    checkpoint_path: a training ``model_dir`` (newest step unless ``step``), a
+      Hugging Face directory, or a ``save_model`` directory.
+    model: the model wrapper; default built from the checkpoint's config.
+    model_dir: where ``metrics.jsonl`` lines go; default ``checkpoint_path``
+      for a training directory, else nowhere (stdout only).
+    eval_dataset: validation-loss data (:class:`~moe_jax.train.trainer.DatasetConfig`).
+    infer_eval: inference metrics (:class:`InferEvalConfig`).
+    partitioner: a ``PartitionerConfig``; default data parallel over all devices.
+    eval_steps: validation-loss batches (``None``: the whole split).
+    step: checkpoint step of a training directory.
+  """
+  from moe_jax.train import checkpointing
+  from moe_jax.train.models import model_from_checkpoint
+  from moe_jax.train.partitioner import Partitioner, PartitionerConfig
+  from moe_jax.train.trainer import MetricsWriter, Trainer, TrainerConfig, TrainState
+
+  if eval_dataset is None and infer_eval is None:
+    raise ValueError("evaluate: give eval_dataset (validation loss) and/or infer_eval (metrics)")
+  if model is None:
+    model = model_from_checkpoint(checkpoint_path)
+  part = Partitioner(partitioner or PartitionerConfig())
+  training_dir = checkpointing.is_training_dir(checkpoint_path)
+  if model_dir is None and training_dir:
+    model_dir = checkpoint_path
+  trainer = Trainer(model=model, optimizer=None, partitioner=part,
+                    config=TrainerConfig(num_train_steps=0, progress_bar=False),
+                    metrics_writer=MetricsWriter(model_dir))
+  abstract = trainer.abstract_state.params
+  if training_dir:
+    ckpt = checkpointing.Checkpointer(checkpoint_path, checkpointing.CheckpointConfig())
+    try:
+      restored = ckpt.restore(abstract_params=abstract, step=step)
+    finally:
+      ckpt.close()
+    params, at = restored["params"], restored["step"]
+  else:
+    fresh = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding),
+                         abstract)
+    params, _ = checkpointing.restore_into(
+        fresh, checkpointing.InitFromCheckpoint(path=str(checkpoint_path)))
+    at = 0
+  state = TrainState(step=np.int32(at), params=params, opt_state=None)
+  fn = make_eval_fn(trainer, eval_dataset=eval_dataset, infer_eval=infer_eval,
+                    eval_steps=eval_steps)
+  return fn(state) if fn is not None else {}
+
+
+def main(argv=None) -> int:
+  from moe_jax import configurables
+
+  try:
+    args = configurables.parse_flags(argv, prog="python -m moe_jax.eval", checkpoint_flag=True)
+    configurables.setup(args)
+  except configurables.GinConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  results = configurables.run(evaluate)
+  if args.model_dir:
+    configurables.write_operative_config(Path(args.model_dir), name="eval_config.gin")
+  print(results)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

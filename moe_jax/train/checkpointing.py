@@ -1,0 +1,450 @@
+"""Training checkpoints with orbax, exact resumption, and partial restore by assignment map.
+
+Layout of a training ``model_dir``::
+
+    model_dir/
+      model_config.json         {"format_version", "kind", "config", "metadata"}: the model,
+                                readable without orbax (moe_jax.models.registry)
+      config.gin                the operative gin config (written by the CLI)
+      metrics.jsonl             one JSON object per log / eval line
+      checkpoints/<step>/
+        params/                 orbax StandardSave of the (sharded) parameters
+        opt_state/              orbax StandardSave of the optimizer state
+        data_iterator/          DataIterator.save(): data-PPPPP-of-NNNNN.* per process
+
+:class:`Checkpointer` wraps ``orbax.checkpoint.CheckpointManager``: saves every
+N steps and at the end, keeps the last K, writes asynchronously where orbax
+can (arrays are copied to host before ``save`` returns; the data iterator's
+position is written synchronously, at the step it belongs to). Restoring the
+three items puts the trainer exactly where it was: same parameters, same
+optimizer state, same next batch (the per-step RNG is ``fold_in(seed, step)``,
+so it needs no state).
+
+:func:`load_latest` reads only the parameters of the newest (or a given)
+step into a :class:`~moe_jax.checkpoints.LoadedModel`, so generation and
+export work on a training directory.
+
+**Partial restore** (:class:`InitFromCheckpoint`, :func:`apply_assignment_map`)
+initialises a model from a checkpoint of a *different* model -- a Hugging Face
+or moe-jax dense checkpoint into a larger model with adapters, experts or
+routers that the checkpoint lacks. The assignment map is t5x's: a list of
+``(target_regex, source)`` pairs tried in order against each target parameter
+name (``/``-joined path, ``re.fullmatch``):
+
+* ``source`` a string: load the source tensor ``match.expand(source)``
+  (``r"\\1"`` back-references work), e.g. ``(r"(.*)/layers_1/(.*)",
+  r"\\1/layers_0/\\2")`` copies layer 0 into layer 1;
+* ``source`` ``None``: keep the fresh initialisation (new adapters, routers);
+* no rule matches: load the tensor of the same name.
+
+A missing source tensor is an error naming it (``fallback_to_init=True``
+keeps the fresh value instead); a shape mismatch always is. Values are cast
+to the target parameter's dtype (a bfloat16 checkpoint into float32 training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from moe_jax.checkpoints.hf_common import CheckpointError
+from moe_jax.checkpoints.native import CONFIG_FILE, FORMAT_VERSION, flatten, unflatten
+from moe_jax.models import registry
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+ORBAX_FORMAT = "orbax"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+  """When and how training checkpoints are written and restored.
+
+  Attributes:
+    save_every: save every this many steps (``None``: only at the end).
+    keep: keep the newest ``keep`` checkpoints (``None``: all).
+    async_save: write in the background where orbax supports it.
+    save_data_iterator: store the input pipeline's position with each step.
+    restore: resume from the newest checkpoint in ``model_dir`` if there is one.
+  """
+
+  save_every: int | None = 1000
+  keep: int | None = 3
+  async_save: bool = True
+  save_data_iterator: bool = True
+  restore: bool = True
+
+  def __post_init__(self):
+    if self.save_every is not None and self.save_every < 1:
+      raise ValueError(f"CheckpointConfig.save_every must be >= 1 or None, got {self.save_every}")
+    if self.keep is not None and self.keep < 1:
+      raise ValueError(f"CheckpointConfig.keep must be >= 1 or None, got {self.keep}")
+
+
+# ----------------------------------------------------------------------------- model config
+
+
+def write_model_config(model_dir: str | os.PathLike, config: Any) -> Path:
+  """Writes ``model_config.json`` (kind + config) into a training directory (process 0)."""
+  model_dir = Path(model_dir)
+  file = model_dir / CONFIG_FILE
+  if jax.process_index() != 0:
+    return file
+  model_dir.mkdir(parents=True, exist_ok=True)
+  data = {"format_version": FORMAT_VERSION, "kind": registry.kind_of(config),
+          "config": registry.config_to_dict(config),
+          "metadata": {"checkpoint_format": ORBAX_FORMAT, "checkpoints_dir": CHECKPOINTS_DIR}}
+  tmp = file.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, file)
+  return file
+
+
+def is_training_dir(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a training ``model_dir`` (model_config.json + orbax checkpoints)."""
+  path = Path(path)
+  return (path / CONFIG_FILE).exists() and (path / CHECKPOINTS_DIR).is_dir()
+
+
+def read_model_config(path: str | os.PathLike) -> Any:
+  """The model config of an HF directory, a ``save_model`` directory or a training dir."""
+  from moe_jax.checkpoints import native
+  from moe_jax.checkpoints.hf import converter_for
+  from moe_jax.checkpoints.io import read_json
+
+  path = Path(path)
+  if (path / CONFIG_FILE).exists():
+    return native.load_model_config(path)[1]
+  if (path / "config.json").exists():
+    hf = read_json(path / "config.json")
+    return converter_for(hf, str(path / "config.json")).config_from_hf(hf)
+  raise CheckpointError(f"{path}: no model_config.json (moe-jax) or config.json (Hugging Face)")
+
+
+# ----------------------------------------------------------------------------- data iterator item
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Orbax handler for ``moe_jax.data.pipeline.DataIterator`` (anything with save/restore).
+
+  Every process writes its own files (the iterator names them by process).
+  """
+
+  def save(self, directory, args: "DataIteratorSave"):
+    args.iterator.save(os.fspath(directory))
+
+  def restore(self, directory, args: "DataIteratorRestore" = None):
+    if args is None or args.iterator is None:
+      raise ValueError("restoring a data iterator needs the iterator to restore into")
+    args.iterator.restore(os.fspath(directory))
+    return args.iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+# ----------------------------------------------------------------------------- checkpointer
+
+
+class Checkpointer:
+  """Saves and restores ``(params, opt_state, data_iterator)`` under ``model_dir/checkpoints``."""
+
+  def __init__(self, model_dir: str | os.PathLike, config: CheckpointConfig = CheckpointConfig()):
+    self.model_dir = Path(model_dir).absolute()
+    self.config = config
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep, enable_async_checkpointing=config.async_save, create=True,
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.model_dir / CHECKPOINTS_DIR, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    every = self.config.save_every
+    return every is not None and step % every == 0
+
+  def save(self, step: int, *, params: Any, opt_state: Any, data_iterator: Any = None,
+           force: bool = False) -> bool:
+    """Saves step ``step`` (asynchronously if configured); returns whether it saved."""
+    items = {"params": ocp.args.StandardSave(params),
+             "opt_state": ocp.args.StandardSave(opt_state)}
+    if data_iterator is not None and self.config.save_data_iterator:
+      if not hasattr(data_iterator, "save"):
+        raise TypeError(f"{type(data_iterator).__name__} has no save(directory); set "
+                        "CheckpointConfig.save_data_iterator = False to skip it")
+      items["data_iterator"] = DataIteratorSave(data_iterator)
+    if step in self.manager.all_steps():
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, *, abstract_params: Any, abstract_opt_state: Any | None = None,
+              data_iterator: Any = None, step: int | None = None) -> dict[str, Any]:
+    """Restores a step (default the newest) onto the shardings of the abstract trees.
+
+    Returns ``{"step", "params", "opt_state"?}``; ``data_iterator`` is
+    restored in place when given and the checkpoint has its state.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"{self.model_dir / CHECKPOINTS_DIR}: no checkpoint to restore")
+    if step not in self.manager.all_steps():
+      raise CheckpointError(f"{self.model_dir / CHECKPOINTS_DIR}: no step {step}; "
+                            f"have {self.all_steps()}")
+    items = {"params": ocp.args.StandardRestore(abstract_params)}
+    if abstract_opt_state is not None:
+      items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    step_dir = self.model_dir / CHECKPOINTS_DIR / str(step)
+    if data_iterator is not None and self.config.save_data_iterator:
+      if not (step_dir / "data_iterator").is_dir():
+        raise CheckpointError(f"{step_dir}: the checkpoint has no data_iterator state; resume "
+                              "with CheckpointConfig.save_data_iterator = False to restart the "
+                              "data from its beginning")
+      items["data_iterator"] = DataIteratorRestore(data_iterator)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{step_dir}: cannot restore into this model/optimizer ({e})") from e
+    out = {"step": step, "params": restored["params"]}
+    if abstract_opt_state is not None:
+      out["opt_state"] = restored["opt_state"]
+    return out
+
+  def wait_until_finished(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _single_device_abstract(shapes: Any) -> Any:
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
+
+
+def load_latest(model_dir: str | os.PathLike, *, step: int | None = None,
+                dtype: str | None = None):
+  """Parameters of a training directory's newest (or given) step as a ``LoadedModel``.
+
+  Args:
+    model_dir: a training ``model_dir`` (see the module docstring).
+    step: a specific checkpoint step; default the newest.
+    dtype: cast parameters to ``float32``/``bfloat16``/``float16`` (and set the
+      config's ``param_dtype``).
+  """
+  from moe_jax.checkpoints import native
+  from moe_jax.checkpoints.hf import _NP_DTYPES, LoadedModel
+
+  model_dir = Path(model_dir)
+  if not is_training_dir(model_dir):
+    raise CheckpointError(f"{model_dir}: not a training directory (needs {CONFIG_FILE} and "
+                          f"{CHECKPOINTS_DIR}/)")
+  kind, config = native.load_model_config(model_dir)
+  module = registry.build_module(config, kind)
+  shapes = registry.param_shapes(module, kind)
+  ckpt = Checkpointer(model_dir, CheckpointConfig(async_save=False))
+  try:
+    restored = ckpt.restore(abstract_params=_single_device_abstract(shapes), step=step)
+  finally:
+    ckpt.close()
+  params = jax.tree.map(np.asarray, restored["params"])
+  if dtype is not None:
+    if dtype not in _NP_DTYPES:
+      raise CheckpointError(f"unsupported parameter dtype {dtype!r}; use one of "
+                            f"{sorted(_NP_DTYPES)}")
+    params = jax.tree.map(lambda x: x.astype(_NP_DTYPES[dtype]), params)
+    config = dataclasses.replace(config, param_dtype=dtype)
+    module = registry.build_module(config, kind)
+  tok = str(model_dir) if (model_dir / "tokenizer.json").exists() else None
+  return LoadedModel(config=config, module=module, params=params,
+                     source=f"{model_dir}@step{restored['step']}", tokenizer_dir=tok)
+
+
+# ----------------------------------------------------------------------------- partial restore
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InitFromCheckpoint:
+  """Initialise (part of) a fresh model from a checkpoint (see the module docstring).
+
+  Attributes:
+    path: Hugging Face directory, ``save_model`` directory, or training ``model_dir``.
+    assignment_map: ``(target_regex, source_name_or_None)`` pairs.
+    fallback_to_init: keep the fresh value for targets the source lacks.
+    step: for a training ``model_dir``: the step (default the newest).
+  """
+
+  path: str
+  assignment_map: tuple[tuple[str, str | None], ...] = ()
+  fallback_to_init: bool = False
+  step: int | None = None
+
+  def __post_init__(self):
+    rules = []
+    for rule in self.assignment_map:
+      if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str) \
+          or not (rule[1] is None or isinstance(rule[1], str)):
+        raise ValueError(f"assignment_map entry {rule!r}: expected (target_regex, "
+                         "source_name or None)")
+      try:
+        re.compile(rule[0])
+      except re.error as e:
+        raise ValueError(f"assignment_map regex {rule[0]!r} is invalid: {e}") from None
+      rules.append((rule[0], rule[1]))
+    object.__setattr__(self, "assignment_map", tuple(rules))
+
+
+def load_source_params(path: str | os.PathLike, *, step: int | None = None) -> dict[str, Any]:
+  """Flat ``{name: np.ndarray}`` parameters of any checkpoint we read."""
+  from moe_jax.checkpoints import load_checkpoint
+
+  if is_training_dir(path):
+    params = load_latest(path, step=step).params
+  else:
+    params = load_checkpoint(path).params
+  return flatten(params)
+
+
+@dataclasses.dataclass
+class AssignmentReport:
+  """What :func:`apply_assignment_map` did, by target parameter name."""
+
+  loaded: dict[str, str]        # target -> source
+  fresh: list[str]              # kept at initialisation
+  unused_source: list[str]      # source tensors nothing loaded
+
+  def summary(self) -> str:
+    return (f"{len(self.loaded)} parameters loaded, {len(self.fresh)} freshly initialised"
+            + (f", {len(self.unused_source)} source tensors unused" if self.unused_source else ""))
+
+
+def apply_assignment_map(target: Mapping, source: Mapping[str, Any],
+                         assignment_map: Sequence[tuple[str, str | None]] = (), *,
+                         fallback_to_init: bool = False, source_name: str = "checkpoint"
+                         ) -> tuple[dict, AssignmentReport]:
+  """Which source tensor each target parameter takes.
+
+  Args:
+    target: the target parameter tree (arrays or ``ShapeDtypeStruct``).
+    source: flat ``{name: array}`` source parameters.
+    assignment_map: ``(target_regex, source_name_or_None)`` rules.
+    fallback_to_init: targets whose source tensor is missing stay fresh
+      instead of raising.
+    source_name: for error messages.
+
+  Returns:
+    ``(tree, report)``: ``tree`` has the target's structure with the source
+    value (a numpy array in the target's dtype) or ``None`` (keep fresh) at
+    each leaf.
+  """
+  compiled = [(re.compile(t), s) for t, s in assignment_map]
+  flat_target = flatten(target, leaf=lambda x: x)
+  chosen: dict[str, Any] = {}
+  loaded: dict[str, str] = {}
+  fresh: list[str] = []
+  missing: list[tuple[str, str]] = []
+  for name, leaf in flat_target.items():
+    src = name
+    for regex, repl in compiled:
+      m = regex.fullmatch(name)
+      if m:
+        src = None if repl is None else m.expand(repl)
+        break
+    if src is None:
+      chosen[name] = None
+      fresh.append(name)
+      continue
+    if src not in source:
+      if fallback_to_init:
+        chosen[name] = None
+        fresh.append(name)
+        continue
+      missing.append((name, src))
+      continue
+    value = np.asarray(source[src])
+    want = tuple(leaf.shape)
+    if tuple(value.shape) != want:
+      raise CheckpointError(f"{source_name}: tensor {src!r} has shape {tuple(value.shape)}, but "
+                            f"target parameter {name!r} has shape {want}")
+    chosen[name] = value.astype(np.dtype(leaf.dtype))
+    loaded[name] = src
+  if missing:
+    shown = ", ".join(f"{t!r} <- {s!r}" for t, s in missing[:6])
+    raise CheckpointError(
+        f"{source_name}: {len(missing)} target parameter(s) have no source tensor ({shown}"
+        f"{' ...' if len(missing) > 6 else ''}); add assignment_map rules "
+        "(target_regex, None) to keep them freshly initialised, or set fallback_to_init=True")
+  unused = sorted(set(source) - set(loaded.values()))
+  return unflatten(chosen), AssignmentReport(loaded=loaded, fresh=fresh, unused_source=unused)
+
+
+def restore_into(params: Any, init: InitFromCheckpoint, shardings: Any = None, *,
+                 abstract: Any = None) -> tuple[Any, AssignmentReport]:
+  """``params`` with the leaves ``init`` assigns replaced by checkpoint values.
+
+  Args:
+    params: the fresh parameters (sharded arrays), or a zero-argument callable
+      returning them. A callable is only called when some parameter stays
+      fresh, so a full restore never pays for initialising (or compiling the
+      initialisation of) the model; ``abstract`` is then required.
+    init: what to load and how (assignment map).
+    shardings: a tree like ``params`` of target shardings; by default each
+      loaded value takes its fresh leaf's (or abstract leaf's) sharding.
+    abstract: with a callable ``params``: the ``ShapeDtypeStruct`` tree (with
+      shardings) of the parameters.
+
+  Returns:
+    ``(params, report)``.
+  """
+  fresh_fn = params if callable(params) else None
+  if fresh_fn is not None:
+    if abstract is None:
+      raise ValueError("restore_into(callable, ...) needs the abstract parameters")
+    if shardings is None:
+      shardings = jax.tree.map(lambda s: s.sharding, abstract)
+  else:
+    abstract = params
+  source = load_source_params(init.path, step=init.step)
+  values, report = apply_assignment_map(abstract, source, init.assignment_map,
+                                        fallback_to_init=init.fallback_to_init,
+                                        source_name=str(init.path))
+  if fresh_fn is not None:
+    params = fresh_fn() if report.fresh else None
+  flat_params = None if params is None else flatten(params, leaf=lambda x: x)
+  flat_values = flatten(values, leaf=lambda x: x)
+  flat_shardings = None if shardings is None else flatten(shardings, leaf=lambda x: x)
+  out = {}
+  for name, value in flat_values.items():
+    if value is None:
+      out[name] = flat_params[name]
+      continue
+    sharding = (flat_params[name].sharding if flat_shardings is None
+                else flat_shardings[name])
+    out[name] = jax.make_array_from_callback(value.shape, sharding,
+                                             lambda idx, v=value: v[idx])
+  logger.info("init from %s: %s", init.path, report.summary())
+  return unflatten(out), report
+

@@ -1,0 +1,431 @@
+"""The train loop: sharded, jitted train step, metrics, periodic eval and checkpoints.
+
+:class:`Trainer` ties a model wrapper (:mod:`models`), an optimizer
+(:mod:`optimizers`) and a partitioner (:mod:`partitioner`) together:
+
+* ``create_state(seed)`` initialises parameters and optimizer state directly
+  into their shardings (``jit`` with ``out_shardings``: no host copy of a big
+  model ever exists); ``restore_state`` does the same from a checkpoint.
+* ``train_step(state, batch)`` is one jitted function, state donated, with
+  in/out shardings for parameters, optimizer state and batch. The per-step
+  RNG is ``fold_in(key(seed), step)``: resuming needs no RNG state.
+* ``train(state, batches, ...)`` runs the loop. The loop never waits for the
+  device between log lines: metrics stay on device and are fetched every
+  ``log_every`` steps (and before a checkpoint), so host-side input work
+  overlaps the device's step. Each log line goes to stdout (with a tqdm
+  progress bar) and to ``model_dir/metrics.jsonl``: loss, cross-entropy,
+  z-loss, accuracy, auxiliary losses and model metrics (see :mod:`losses`),
+  gradient norm, learning rate, steps/s and target tokens/s.
+* A non-finite loss (or gradient norm, or auxiliary loss) raises
+  :class:`NonFiniteError` naming the first bad step and the values, *before*
+  any checkpoint of the bad state is written: nothing good on disk is lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moe_jax.train.models import BaseModel
+from moe_jax.train.optimizers import Optimizer, masked_global_norm
+from moe_jax.train.partitioner import Partitioner
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Step counter (completed steps), parameters and optimizer state."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+class NonFiniteError(FloatingPointError):
+  """A training step produced a NaN or infinite loss (or gradient norm)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+  """The loop's schedule.
+
+  Attributes:
+    num_train_steps: train until the state's step reaches this.
+    log_every: fetch metrics, check them, and log every this many steps.
+    eval_every: evaluate every this many steps (``None``: only at the end,
+      if an evaluation is configured).
+    eval_steps: validation-loss batches per evaluation (``None``: the whole split).
+    seed: parameter initialisation and per-step RNG seed.
+    progress_bar: show a tqdm bar (process 0 only).
+    check_finite_every_step: fetch the loss every step to stop at the exact
+      first non-finite step even between log lines (costs a host sync per step).
+  """
+
+  num_train_steps: int
+  log_every: int = 100
+  eval_every: int | None = None
+  eval_steps: int | None = 20
+  seed: int = 0
+  progress_bar: bool = True
+  check_finite_every_step: bool = False
+
+  def __post_init__(self):
+    if self.num_train_steps < 0:
+      raise ValueError(f"TrainerConfig.num_train_steps must be >= 0, got {self.num_train_steps}")
+    if self.log_every < 1:
+      raise ValueError(f"TrainerConfig.log_every must be >= 1, got {self.log_every}")
+    if self.eval_every is not None and self.eval_every < 1:
+      raise ValueError(f"TrainerConfig.eval_every must be >= 1 or None, got {self.eval_every}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DatasetConfig:
+  """A seqio input pipeline (``moe_jax.data.pipeline.get_dataset``).
+
+  Attributes:
+    mixture_or_task_name: registered seqio task or mixture.
+    task_feature_lengths: e.g. ``{"inputs": 64, "targets": 32}``.
+    batch_size: **global** batch size (split evenly over processes).
+    split: dataset split.
+    feature_converter: ``"decoder"``, ``"prefix_lm"`` or ``"enc_dec"``;
+      ``None`` uses the model's (``decoder`` / ``enc_dec``).
+    pack: pack several examples per row.
+    shuffle: shuffle examples.
+    seed: shuffle seed (same on every host).
+    use_cached: read seqio's offline cache.
+  """
+
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  batch_size: int
+  split: str = "train"
+  feature_converter: str | None = None
+  pack: bool = True
+  shuffle: bool = True
+  seed: int | None = 0
+  use_cached: bool = False
+
+
+def make_data_iterator(config: DatasetConfig, model: BaseModel, *,
+                       num_epochs: int | None = None, **overrides: Any):
+  """A ``DataIterator`` over this process's share of ``config``'s batches."""
+  from moe_jax.data import pipeline
+
+  c = dataclasses.replace(config, **overrides) if overrides else config
+  n = jax.process_count()
+  if c.batch_size % n:
+    raise ValueError(f"DatasetConfig.batch_size={c.batch_size} (global) is not divisible by "
+                     f"the {n} processes")
+  ds = pipeline.get_dataset(
+      mixture_or_task_name=c.mixture_or_task_name,
+      task_feature_lengths=dict(c.task_feature_lengths), split=c.split,
+      batch_size=c.batch_size // n, feature_converter=c.feature_converter or
+      model.FEATURE_CONVERTER, pack=c.pack, shuffle=c.shuffle, seed=c.seed,
+      num_epochs=num_epochs, shard_info=pipeline.shard_info_for_process(),
+      use_cached=c.use_cached)
+  return pipeline.DataIterator(ds)
+
+
+class MetricsWriter:
+  """Appends JSON lines to ``model_dir/metrics.jsonl`` and prints them (process 0)."""
+
+  def __init__(self, model_dir: str | os.PathLike | None, *, echo: bool = True):
+    self.path = None if model_dir is None else Path(model_dir) / METRICS_FILE
+    self.echo = echo and jax.process_index() == 0
+    self._bar = None
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
+    row = {"step": int(step), "split": split,
+           **{k: _to_json(v) for k, v in sorted(metrics.items())}}
+    if self.path is not None and jax.process_index() == 0:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if self.echo:
+      text = f"[{split}] step {step}: " + " ".join(
+          f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
+      if self._bar is not None:
+        self._bar.write(text, file=sys.stdout)
+      else:
+        print(text, flush=True)
+
+
+def _to_json(v):
+  if isinstance(v, (np.generic, np.ndarray)):
+    v = v.item() if np.ndim(v) == 0 else v.tolist()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+def _fmt(v) -> str:
+  if isinstance(v, (float, np.floating)):
+    return f"{float(v):.4g}"
+  return str(v)
+
+
+class Trainer:
+  """Sharded training of a model wrapper with an optimizer (see the module docstring)."""
+
+  def __init__(self, *, model: BaseModel, optimizer: Optimizer | None, partitioner: Partitioner,
+               config: TrainerConfig, metrics_writer: MetricsWriter | None = None):
+    """``optimizer=None`` gives an evaluation-only trainer (``eval_step``, ``score_batch``)."""
+    self.model = model
+    self.optimizer = optimizer
+    self.partitioner = partitioner
+    self.config = config
+    self.writer = metrics_writer or MetricsWriter(None, echo=False)
+    p = partitioner
+    with p.activate():
+      boxed = model.abstract_boxed_params()
+    self.abstract_params = nn.meta.unbox(boxed)
+    self.param_specs = p.param_specs(boxed)
+    abstract_opt = (None if optimizer is None
+                    else jax.eval_shape(optimizer.tx.init, self.abstract_params))
+    opt_specs = p.derived_specs(abstract_opt, self.abstract_params, self.param_specs)
+    self.state_shardings = TrainState(step=p.replicated, params=p.shardings(self.param_specs),
+                                      opt_state=p.shardings(opt_specs))
+    self.abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params,
+                   opt_state=abstract_opt), self.state_shardings)
+    self._steps: dict[tuple, Callable] = {}
+    self._evals: dict[tuple, Callable] = {}
+    self._scores: dict[tuple, Callable] = {}
+
+  # -- state -------------------------------------------------------------------
+
+  def create_state(self, seed: int | None = None) -> TrainState:
+    """Freshly initialised, sharded train state at step 0."""
+    seed = self.config.seed if seed is None else seed
+    model, tx = self.model, self.optimizer.tx
+
+    def init(key):
+      params = model.init_params(key)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    fn = self.partitioner.jit(init, out_shardings=self.state_shardings)
+    return fn(jax.random.key(seed))
+
+  def create_params(self, seed: int | None = None) -> Any:
+    """Freshly initialised, sharded parameters (no optimizer state)."""
+    seed = self.config.seed if seed is None else seed
+    fn = self.partitioner.jit(self.model.init_params, out_shardings=self.state_shardings.params)
+    return fn(jax.random.key(seed))
+
+  def state_from_params(self, params: Any, step: int = 0) -> TrainState:
+    """A train state around given (sharded) parameters, with a fresh optimizer state."""
+    tx = self.optimizer.tx
+    fn = self.partitioner.jit(lambda p: tx.init(p), in_shardings=(self.state_shardings.params,),
+                              out_shardings=self.state_shardings.opt_state)
+    return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32),
+                                          self.state_shardings.step),
+                      params=params, opt_state=fn(params))
+
+  # -- jitted steps ------------------------------------------------------------
+
+  def _batch_key(self, batch: Mapping[str, jax.Array]) -> tuple:
+    return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+
+  def _batch_shardings(self, batch):
+    return {k: self.partitioner.batch_sharding(v.ndim) for k, v in batch.items()}
+
+  def _make_train_step(self, batch) -> Callable:
+    model, opt = self.model, self.optimizer
+    base_key = jax.random.key(self.config.seed)
+
+    def train_step(state: TrainState, batch):
+      rng = jax.random.fold_in(base_key, state.step)
+      (_, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
+          state.params, batch, rng)
+      updates, opt_state = opt.tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      metrics["grad_norm"] = masked_global_norm(grads, opt.trainable_mask)
+      metrics["learning_rate"] = jnp.asarray(opt.schedule(state.step), jnp.float32)
+      return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return self.partitioner.jit(
+        train_step, in_shardings=(self.state_shardings, self._batch_shardings(batch)),
+        out_shardings=(self.state_shardings, self.partitioner.replicated), donate_argnums=(0,))
+
+  def train_step(self, state: TrainState, batch: Mapping[str, Any]
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step on a sharded (or per-process numpy) batch."""
+    if not all(isinstance(v, jax.Array) for v in batch.values()):
+      batch = self.partitioner.shard_batch(batch)
+    key = self._batch_key(batch)
+    if key not in self._steps:
+      self._steps[key] = self._make_train_step(batch)
+    return self._steps[key](state, batch)
+
+  def eval_step(self, params: Any, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Loss metrics of one batch without RNG (no jitter, no dropout)."""
+    if not all(isinstance(v, jax.Array) for v in batch.values()):
+      batch = self.partitioner.shard_batch(batch)
+    key = self._batch_key(batch)
+    if key not in self._evals:
+      model = self.model
+      self._evals[key] = self.partitioner.jit(
+          lambda p, b: model.loss_fn(p, b)[1],
+          in_shardings=(self.state_shardings.params, self._batch_shardings(batch)),
+          out_shardings=self.partitioner.replicated)
+    return self._evals[key](params, batch)
+
+  def score_batch(self, params: Any, batch: Mapping[str, Any]) -> np.ndarray:
+    """``[B]`` per-example log-likelihoods (``BaseModel.score_batch``), jitted and sharded."""
+    batch = {k: v for k, v in batch.items() if k != "decoder_causal_attention"}
+    batch = self.partitioner.shard_batch(batch)
+    key = self._batch_key(batch)
+    if key not in self._scores:
+      model = self.model
+      self._scores[key] = self.partitioner.jit(
+          model.score_batch,
+          in_shardings=(self.state_shardings.params, self._batch_shardings(batch)),
+          out_shardings=self.partitioner.replicated)
+    return np.asarray(self._scores[key](params, batch))
+
+  # -- loop --------------------------------------------------------------------
+
+  def train(self, state: TrainState, batches: Iterator[Mapping[str, Any]], *,
+            checkpointer: Any = None, data_iterator: Any = None,
+            eval_fn: Callable[[TrainState], None] | None = None) -> TrainState:
+    """Trains until ``config.num_train_steps``; returns the final state.
+
+    Args:
+      state: the starting state (its ``step`` says where the loop starts).
+      batches: per-process numpy batches (e.g. a ``DataIterator``).
+      checkpointer: a :class:`~moe_jax.train.checkpointing.Checkpointer`;
+        saves every ``save_every`` steps and at the end.
+      data_iterator: saved with each checkpoint (default ``batches`` if it
+        has ``save``).
+      eval_fn: called with the state every ``eval_every`` steps and at the end.
+    """
+    from tqdm.auto import tqdm
+
+    c = self.config
+    if data_iterator is None and hasattr(batches, "save"):
+      data_iterator = batches
+    step = int(jax.device_get(state.step))
+    end = c.num_train_steps
+    bar = tqdm(total=end, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not c.progress_bar or jax.process_index() != 0 or step >= end)
+    self.writer._bar = bar
+    pending: list[tuple[int, dict]] = []
+    timer = [time.perf_counter(), 0]  # last flush time, steps since
+
+    def flush():
+      if pending:
+        self._log(pending, timer, bar)
+        pending.clear()
+
+    def save(force=False):
+      flush()
+      checkpointer.save(step, params=state.params, opt_state=state.opt_state,
+                        data_iterator=data_iterator, force=force)
+
+    try:
+      while step < end:
+        try:
+          batch = next(batches)
+        except StopIteration:
+          raise RuntimeError(f"the training data ran out after step {step} (of {end}); "
+                             "use num_epochs=None for training data") from None
+        state, metrics = self.train_step(state, batch)
+        step += 1
+        timer[1] += 1
+        pending.append((step, metrics))
+        if c.check_finite_every_step:
+          self._check_finite(pending[-1:])
+        if step % c.log_every == 0:
+          flush()
+        if checkpointer is not None and checkpointer.should_save(step) and step < end:
+          save()
+        if eval_fn is not None and c.eval_every and step % c.eval_every == 0 and step < end:
+          flush()
+          eval_fn(state)
+          timer[0] = time.perf_counter()
+      flush()
+      if eval_fn is not None and step > 0:
+        eval_fn(state)
+      if checkpointer is not None and step > 0:
+        save(force=True)
+        checkpointer.wait_until_finished()
+    finally:
+      bar.close()
+      self.writer._bar = None
+    return state
+
+  def _check_finite(self, pending: list[tuple[int, dict]], host=None) -> list[dict]:
+    host = jax.device_get([m for _, m in pending]) if host is None else host
+    watched = ("loss", "grad_norm", "z_loss", "cross_entropy")
+    for (step, _), m in zip(pending, host):
+      bad = {k: float(v) for k, v in m.items()
+             if (k in watched or k.startswith("aux_loss")) and np.ndim(v) == 0
+             and not np.isfinite(v)}
+      if bad:
+        values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        raise NonFiniteError(
+            f"step {step}: non-finite {', '.join(sorted(bad))} ({values}). Training stopped "
+            "before this state was checkpointed; lower the learning rate, enable "
+            "OptimizerConfig.clip_grad_norm or the z-loss, or check the data of this step.")
+    return host
+
+  def _log(self, pending: list[tuple[int, dict]], timer: list, bar) -> None:
+    host = self._check_finite(pending)
+    now = time.perf_counter()
+    elapsed = max(now - timer[0], 1e-9)
+    n_steps = timer[1]
+    timer[0], timer[1] = now, 0
+    keys = set().union(*(m.keys() for m in host))
+    avg = {k: float(np.mean([m[k] for m in host if k in m])) for k in keys}
+    tokens = float(sum(m.get("num_tokens", 0.0) for m in host))
+    avg.pop("num_tokens", None)
+    avg["learning_rate"] = float(host[-1]["learning_rate"])
+    avg["steps_per_sec"] = n_steps / elapsed
+    avg["tokens_per_sec"] = tokens / elapsed
+    step = pending[-1][0]
+    self.writer.write(step, "train", avg)
+    bar.update(step - bar.n)
+    bar.set_postfix(loss=f"{avg['loss']:.4f}", refresh=False)
+
+  # -- evaluation --------------------------------------------------------------
+
+  def evaluate_loss(self, params: Any, batches: Iterator[Mapping[str, Any]],
+                    num_batches: int | None = None) -> dict[str, float]:
+    """Mean loss metrics over up to ``num_batches`` batches (token-weighted accuracy)."""
+    results = []
+    for i, batch in enumerate(batches):
+      if num_batches is not None and i >= num_batches:
+        break
+      results.append(self.eval_step(params, batch))
+    if not results:
+      raise ValueError("evaluate_loss: the evaluation data is empty")
+    host = jax.device_get(results)
+    tokens = np.array([m["num_tokens"] for m in host], np.float64)
+    out = {}
+    for k in host[0]:
+      if k == "num_tokens":
+        continue
+      vals = np.array([m[k] for m in host], np.float64)
+      out[k] = float(np.sum(vals * tokens) / max(tokens.sum(), 1.0)) if k == "accuracy" \
+          else float(np.mean(vals))
+    out["num_tokens"] = float(tokens.sum())
+    out["num_batches"] = len(host)
+    return out
