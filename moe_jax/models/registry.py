@@ -18,11 +18,16 @@ _KINDS: dict[str, tuple[str, str]] = {
     # kind: ("module.path:ConfigClass", "module.path:factory(config) -> flax module")
     "decoder": ("moe_jax.models.decoder:DecoderConfig", "moe_jax.models.decoder:Decoder"),
     "t5": ("moe_jax.models.t5:T5Config", "moe_jax.models.t5:T5"),
+    "moe_decoder": ("moe_jax.models.moe_decoder:MoeDecoderConfig",
+                    "moe_jax.models.moe_decoder:MoeDecoder"),
+    "bam_decoder": ("moe_jax.models.bam_decoder:BamDecoderConfig",
+                    "moe_jax.models.bam_decoder:BamDecoder"),
     "calm": ("calm_jax.model:CompositionConfig", "calm_jax.model:ComposedModel"),
 }
 # How many ``[B, L]`` token arrays the module's ``__call__`` takes positionally
 # (1 for decoder-only, 2 for encoder-decoder); used to derive parameter shapes.
-_TOKEN_INPUTS: dict[str, int] = {"decoder": 1, "t5": 2, "calm": 1}
+_TOKEN_INPUTS: dict[str, int] = {"decoder": 1, "t5": 2, "calm": 1, "moe_decoder": 1,
+                                 "bam_decoder": 1}
 
 
 def register_model(kind: str, config_cls: str, factory: str, token_inputs: int = 1) -> None:
