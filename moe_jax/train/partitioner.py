@@ -44,8 +44,9 @@ from moe_jax.train.partitioning import (DEFAULT_RULES, MESH_AXES, logical_to_mes
 
 logger = logging.getLogger(__name__)
 
-#: Logical names our models use beyond ``DEFAULT_RULES`` (T5's relative-position table).
-MODEL_RULES: tuple[tuple[str, Any], ...] = (("relpos_buckets", None),)
+#: Logical names our models use beyond ``DEFAULT_RULES`` (T5's relative-position table,
+#: the input dim of CALM's projection from an augmenting model).
+MODEL_RULES: tuple[tuple[str, Any], ...] = (("relpos_buckets", None), ("embed_aug", None))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
