@@ -1,10 +1,11 @@
 """Hugging Face checkpoints: ``config.json`` + ``model.safetensors`` (or a sharded index).
 
 Supported architectures: ``LlamaForCausalLM``, ``MistralForCausalLM``,
-``Qwen2ForCausalLM`` (:mod:`hf_llama`) and ``T5ForConditionalGeneration``
-(:mod:`hf_t5`). float32, bfloat16 and float16 files load; parameters are
-cast to the config's ``param_dtype`` (by default the file's dtype for
-bfloat16/float16 files, float32 otherwise) unless ``dtype`` says otherwise.
+``Qwen2ForCausalLM`` (:mod:`hf_llama`), ``MixtralForCausalLM`` (:mod:`hf_mixtral`)
+and ``T5ForConditionalGeneration`` (:mod:`hf_t5`). float32, bfloat16 and
+float16 files load; parameters are cast to the config's ``param_dtype`` (by
+default the file's dtype for bfloat16/float16 files, float32 otherwise) unless
+``dtype`` says otherwise.
 
 Export writes the same layout into a temporary directory and renames it into
 place, so a crash never leaves a half-written checkpoint.
@@ -32,10 +33,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def converters() -> dict[str, Converter]:
   """model_type -> converter, for every supported HF architecture."""
   from moe_jax.checkpoints.hf_llama import LlamaConverter
+  from moe_jax.checkpoints.hf_mixtral import MixtralConverter
   from moe_jax.checkpoints.hf_t5 import T5Converter
 
   table: dict[str, Converter] = {}
-  for conv in (LlamaConverter(), T5Converter()):
+  # Subclass configs first: converter_for_config takes the first isinstance match
+  # (MoeDecoderConfig is a DecoderConfig).
+  for conv in (MixtralConverter(), LlamaConverter(), T5Converter()):
     for model_type in conv.model_types:
       table[model_type] = conv
   return table
