@@ -279,19 +279,22 @@ class Partitioner:
     return {k: self.batch_sharding(np.ndim(v) if not hasattr(v, "ndim") else v.ndim)
             for k, v in batch.items()}
 
-  def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """Per-process numpy batch -> global arrays sharded over the batch axes."""
-    out = {}
+  def check_batch(self, batch: Mapping[str, Any]) -> None:
+    """Raises ``ValueError`` if a per-process batch cannot be split over the batch shards."""
     for key, value in batch.items():
-      value = np.asarray(value)
-      global_b = value.shape[0] * jax.process_count()
+      global_b = np.shape(value)[0] * jax.process_count()
       if global_b % self.num_batch_shards:
         raise ValueError(
             f"batch feature {key!r}: global batch size {global_b} is not divisible by the "
             f"{self.num_batch_shards} batch shards (mesh axes {self.batch_axes!r} of "
             f"{dict(self.mesh.shape)})")
-      out[key] = jax.make_array_from_process_local_data(self.batch_sharding(value.ndim), value)
-    return out
+
+  def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Per-process numpy batch -> global arrays sharded over the batch axes."""
+    self.check_batch(batch)
+    return {key: jax.make_array_from_process_local_data(self.batch_sharding(np.ndim(value)),
+                                                        np.asarray(value))
+            for key, value in batch.items()}
 
 
 def _lower_in(partitioner: Partitioner, jitted, *args, **kwargs):

@@ -209,6 +209,7 @@ class Trainer:
     self._steps: dict[tuple, Callable] = {}
     self._evals: dict[tuple, Callable] = {}
     self._scores: dict[tuple, Callable] = {}
+    self._checked: set[tuple] = set()
 
   # -- state -------------------------------------------------------------------
 
@@ -241,11 +242,26 @@ class Trainer:
 
   # -- jitted steps ------------------------------------------------------------
 
-  def _batch_key(self, batch: Mapping[str, jax.Array]) -> tuple:
-    return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+  def _batch_key(self, batch: Mapping[str, Any]) -> tuple:
+    return tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items()))
+
+  def _prepare(self, batch: Mapping[str, Any]) -> tuple[tuple, Mapping[str, Any]]:
+    """``(key, batch)`` ready for a jitted step.
+
+    Multi-process: per-host numpy batches become global arrays. One process:
+    numpy arrays go straight into the jitted call, whose ``in_shardings``
+    place them (jit's C++ fast path; checked once per batch shape).
+    """
+    key = self._batch_key(batch)
+    if jax.process_count() > 1 and not all(isinstance(v, jax.Array) for v in batch.values()):
+      return key, self.partitioner.shard_batch(batch)
+    if key not in self._checked:
+      self.partitioner.check_batch(batch)
+      self._checked.add(key)
+    return key, batch
 
   def _batch_shardings(self, batch):
-    return {k: self.partitioner.batch_sharding(v.ndim) for k, v in batch.items()}
+    return {k: self.partitioner.batch_sharding(np.ndim(v)) for k, v in batch.items()}
 
   def _make_train_step(self, batch) -> Callable:
     model, opt = self.model, self.optimizer
@@ -268,18 +284,14 @@ class Trainer:
   def train_step(self, state: TrainState, batch: Mapping[str, Any]
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on a sharded (or per-process numpy) batch."""
-    if not all(isinstance(v, jax.Array) for v in batch.values()):
-      batch = self.partitioner.shard_batch(batch)
-    key = self._batch_key(batch)
+    key, batch = self._prepare(batch)
     if key not in self._steps:
       self._steps[key] = self._make_train_step(batch)
     return self._steps[key](state, batch)
 
   def eval_step(self, params: Any, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
     """Loss metrics of one batch without RNG (no jitter, no dropout)."""
-    if not all(isinstance(v, jax.Array) for v in batch.values()):
-      batch = self.partitioner.shard_batch(batch)
-    key = self._batch_key(batch)
+    key, batch = self._prepare(batch)
     if key not in self._evals:
       model = self.model
       self._evals[key] = self.partitioner.jit(
@@ -291,8 +303,7 @@ class Trainer:
   def score_batch(self, params: Any, batch: Mapping[str, Any]) -> np.ndarray:
     """``[B]`` per-example log-likelihoods (``BaseModel.score_batch``), jitted and sharded."""
     batch = {k: v for k, v in batch.items() if k != "decoder_causal_attention"}
-    batch = self.partitioner.shard_batch(batch)
-    key = self._batch_key(batch)
+    key, batch = self._prepare(batch)
     if key not in self._scores:
       model = self.model
       self._scores[key] = self.partitioner.jit(
