@@ -1,0 +1,58 @@
+"""KV-arithmetic generation: the three views agree, splits are disjoint, keys as documented."""
+
+import re
+
+import pytest
+
+from calm_jax.tasks import KVArithmetic
+
+
+@pytest.fixture(scope="module")
+def gen():
+  return KVArithmetic(seed=3, num_keys=20, value_range=(1, 40), ops=("+", "-", "x"))
+
+
+def test_keys_are_unique_strings_with_unique_values(gen):
+  keys = list(gen.table)
+  assert len(set(keys)) == 20 and all(2 <= len(k) <= 6 and k.isalpha() for k in keys)
+  assert len(set(gen.table.values())) == 20
+  assert len(gen.composition_keys) == 4 and set(gen.composition_keys) <= set(keys)
+
+
+def test_views_are_consistent(gen):
+  subs = gen.examples("kv_subs", "validation", 50)
+  num = gen.examples("num_math", "validation", 50)
+  kvm = gen.examples("kv_math", "validation", 50)
+  for s in subs:
+    operands = re.findall(r"<([a-z]+)>", s["inputs"])
+    assert 3 <= len(operands) <= 6
+    # substituting the table into the keyed expression gives the numeric one
+    assert re.sub(r"<([a-z]+)>", lambda m: str(gen.table[m.group(1)]), s["inputs"]) \
+        == s["targets"] + "="
+  for n in num:  # python's precedence agrees with ours once x means *
+    assert int(n["targets"]) == eval(n["inputs"][:-1].replace("x", "*"))
+  for k in kvm:
+    numeric = re.sub(r"<([a-z]+)>", lambda m: str(gen.table[m.group(1)]), k["inputs"][:-1])
+    assert int(k["targets"]) == eval(numeric.replace("x", "*"))
+
+
+def test_composition_training_uses_only_its_keys_and_never_eval_expressions(gen):
+  train = gen.examples("kv_math", "train", 300)
+  used = {k for ex in train for k in re.findall(r"<([a-z]+)>", ex["inputs"])}
+  assert used <= set(gen.composition_keys)
+  held_out = {ex["inputs"] for s in ("validation", "test") for ex in gen._eval_pool(s)}
+  for task in ("kv_subs", "kv_math"):
+    assert not {ex["inputs"] for ex in gen.examples(task, "train", 300)} & held_out
+  test_keys = {k for ex in gen.examples("kv_math", "test", 100)
+               for k in re.findall(r"<([a-z]+)>", ex["inputs"])}
+  assert test_keys - set(gen.composition_keys)  # evaluation reaches unseen keys
+
+
+def test_deterministic_and_validated():
+  a = KVArithmetic(seed=1).examples("kv_math", "test", 5)
+  assert a == KVArithmetic(seed=1).examples("kv_math", "test", 5)
+  assert a != KVArithmetic(seed=2).examples("kv_math", "test", 5)
+  with pytest.raises(ValueError, match="fewer than num_keys"):
+    KVArithmetic(num_keys=50, value_range=(1, 10))
+  with pytest.raises(ValueError, match="unknown KV task"):
+    KVArithmetic().examples("kv_div", "train", 1)
