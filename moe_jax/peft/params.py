@@ -135,8 +135,10 @@ def logical_axes(module: nn.Module) -> PyTree:
 def init_adapter_params(adapted: nn.Module, base_params: Mapping, rng: jax.Array) -> dict:
   """Backbone parameters untouched plus freshly initialised adapters.
 
-  Only the adapters are computed: ``init`` runs under a ``jit`` that returns
-  just them, so XLA drops the backbone's initialisation.
+  Only the adapters are initialised: the model is applied to one token with
+  the backbone's parameters given and ``params`` mutable, so flax creates
+  just the missing (adapter) parameters; no backbone initialiser is traced,
+  and the backbone is never copied.
 
   Args:
     adapted: a module from :func:`moe_jax.peft.adapt`.
@@ -155,10 +157,14 @@ def init_adapter_params(adapted: nn.Module, base_params: Mapping, rng: jax.Array
   tokens = _dummy_inputs(adapted)
 
   @jax.jit
-  def init(key):
-    return split_params(nn.meta.unbox(adapted.init(key, *tokens)["params"]))[1]
+  def init(key, base):
+    _, state = adapted.apply({"params": base}, *tokens, rngs={"params": key},
+                             mutable=["params"])
+    return split_params(nn.meta.unbox(state["params"]))[1]
 
-  return merge_params(base_params, init(rng))
+  adapters = init(rng, base_params)
+  check_tree(adapter_shapes, adapters, "adapter parameters")
+  return merge_params(base_params, adapters)
 
 
 def masked_optimizer(tx: optax.GradientTransformation, mask: PyTree
