@@ -6,13 +6,14 @@ flags into a parsed config. Nothing else in moe-jax imports gin.
 
 Registered (use them in ``gin_configs/``; the module prefix is optional)::
 
-    models.DecoderConfig  models.T5Config  models.RopeScaling  (models.MoeDecoderConfig,
-    models.MoeConfig when moe_jax.models.moe_decoder is importable)
+    models.DecoderConfig  models.T5Config  models.RopeScaling  models.MoeDecoderConfig
+    models.MoeConfig  models.BamDecoderConfig  models.AttentionMixtureConfig
     train.DecoderOnlyModel  train.EncoderDecoderModel  train.model_for_config
     train.model_from_checkpoint  train.LossConfig  train.OptimizerConfig
     train.ScheduleConfig  train.PartitionerConfig  train.DistributedConfig
     train.TrainerConfig  train.DatasetConfig  train.CheckpointConfig
     train.InitFromCheckpoint  train.InferEvalConfig  train.trainable_regexes
+    peft.trainable_mask                               (a mask function for train.trainable)
     train  evaluate                                   (the two entry points)
 
 Registration wraps each class in a factory with the class's own signature,
@@ -34,6 +35,7 @@ Command line (shared by ``python -m moe_jax.train`` and ``python -m moe_jax.eval
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import logging
 import os
@@ -82,13 +84,17 @@ def register_all() -> None:
 
   for cls in (DecoderConfig, T5Config, RopeScaling):
     _register(cls, "models")
-  try:
-    from moe_jax.models.moe_decoder import MoeDecoderConfig
-    from moe_jax.moe.layer import MoeConfig
-    _register(MoeDecoderConfig, "models")
-    _register(MoeConfig, "models")
-  except ImportError:  # the MoE package is optional here
-    pass
+  for module, names in (("moe_jax.models.moe_decoder", ("MoeDecoderConfig",)),
+                        ("moe_jax.moe.layer", ("MoeConfig",)),
+                        ("moe_jax.models.bam_decoder", ("BamDecoderConfig",)),
+                        ("moe_jax.moe.attention_mixture", ("AttentionMixtureConfig",))):
+    try:  # model families that may not be importable in every checkout
+      mod = importlib.import_module(module)
+    except ImportError:
+      continue
+    for name in names:
+      if hasattr(mod, name):
+        _register(getattr(mod, name), "models")
   for fn in (models.DecoderOnlyModel, models.EncoderDecoderModel, models.model_for_config,
              models.model_from_checkpoint, losses.LossConfig, optimizers.OptimizerConfig,
              optimizers.ScheduleConfig, partitioner.PartitionerConfig,

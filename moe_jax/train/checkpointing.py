@@ -214,9 +214,14 @@ class Checkpointer:
       raise CheckpointError(f"{self.model_dir / CHECKPOINTS_DIR}: no step {step}; "
                             f"have {self.all_steps()}")
     items = {"params": ocp.args.StandardRestore(abstract_params)}
-    if abstract_opt_state is not None:
-      items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
     step_dir = self.model_dir / CHECKPOINTS_DIR / str(step)
+    if abstract_opt_state is not None:
+      if not (step_dir / "opt_state").is_dir():
+        raise CheckpointError(
+            f"{step_dir}: the checkpoint has parameters but no optimizer state (e.g. an "
+            "upcycled model at step 0); train into another model_dir and start from it "
+            "with InitFromCheckpoint (runs/finetune.gin)")
+      items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
     if data_iterator is not None and self.config.save_data_iterator:
       if not (step_dir / "data_iterator").is_dir():
         raise CheckpointError(f"{step_dir}: the checkpoint has no data_iterator state; resume "

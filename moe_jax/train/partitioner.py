@@ -167,9 +167,15 @@ class Partitioner:
       yield
 
   def jit(self, fn: Callable, *, in_shardings: Any = None, out_shardings: Any = None,
-          donate_argnums: Sequence[int] = (), static_argnums: Sequence[int] = ()
-          ) -> Callable:
-    """``jax.jit`` whose calls (and so its tracing) run in :meth:`activate`."""
+          donate_argnums: Sequence[int] = (), static_argnums: Sequence[int] = (),
+          in_context: bool = True) -> Callable:
+    """``jax.jit`` whose calls (and so its tracing) run in :meth:`activate`.
+
+    ``in_context=False`` traces outside the mesh and rules (the explicit
+    shardings still place inputs and outputs): parameter initialisation runs
+    the model on a dummy ``[1, 1]`` batch, which layers that switch to
+    ``shard_map`` under a mesh (expert parallelism) could not split.
+    """
     kwargs = {}
     if in_shardings is not None:
       kwargs["in_shardings"] = in_shardings
@@ -179,6 +185,8 @@ class Partitioner:
                      static_argnums=tuple(static_argnums), **kwargs)
 
     def call(*args, **kw):
+      if not in_context:
+        return jitted(*args, **kw)
       with self.activate():
         return jitted(*args, **kw)
 

@@ -193,8 +193,7 @@ class Trainer:
     self.config = config
     self.writer = metrics_writer or MetricsWriter(None, echo=False)
     p = partitioner
-    with p.activate():
-      boxed = model.abstract_boxed_params()
+    boxed = model.abstract_boxed_params()  # outside the mesh: see Partitioner.jit(in_context=)
     self.abstract_params = nn.meta.unbox(boxed)
     self.param_specs = p.param_specs(boxed)
     abstract_opt = (None if optimizer is None
@@ -222,13 +221,14 @@ class Trainer:
       params = model.init_params(key)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    fn = self.partitioner.jit(init, out_shardings=self.state_shardings)
+    fn = self.partitioner.jit(init, out_shardings=self.state_shardings, in_context=False)
     return fn(jax.random.key(seed))
 
   def create_params(self, seed: int | None = None) -> Any:
     """Freshly initialised, sharded parameters (no optimizer state)."""
     seed = self.config.seed if seed is None else seed
-    fn = self.partitioner.jit(self.model.init_params, out_shardings=self.state_shardings.params)
+    fn = self.partitioner.jit(self.model.init_params, out_shardings=self.state_shardings.params,
+                              in_context=False)
     return fn(jax.random.key(seed))
 
   def state_from_params(self, params: Any, step: int = 0) -> TrainState:

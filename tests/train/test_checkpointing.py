@@ -73,6 +73,17 @@ def test_resume_is_exact(tmp_path, monkeypatch):
   with pytest.raises(checkpointing.CheckpointError, match="no step 3"):
     checkpointing.load_latest(tmp_path / "a", step=3)
 
+  # python -m moe_jax.eval on the training directory: validation loss at step 4.
+  from moe_jax import eval as eval_lib
+  assert eval_lib.main([
+      "--gin_file=runs/eval.gin", f"--checkpoint={tmp_path / 'a'}",
+      "--gin.MIXTURE_OR_TASK_NAME='synthetic_lm_text'", "--gin.BATCH_SIZE=8",
+      "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.EVAL_STEPS=2",
+      "--gin.INFER_EVAL=None"]) == 0
+  rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["split"] == "validation" and rows[-1]["step"] == 4
+  assert rows[-1]["num_batches"] == 2 and np.isfinite(rows[-1]["loss"])
+
 
 class _NanAtToken7(DecoderOnlyModel):
   """A model whose loss is NaN on batches starting with token 7."""

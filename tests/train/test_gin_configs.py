@@ -27,14 +27,20 @@ TINY = [
     "DecoderConfig.num_kv_heads = 2", "DecoderConfig.d_ff = 64",
     "T5Config.d_model = 32", "T5Config.d_kv = 16", "T5Config.d_ff = 64", "T5Config.num_layers = 1",
     "T5Config.num_decoder_layers = 1", "T5Config.num_heads = 2",
+    "MoeDecoderConfig.d_model = 32", "MoeDecoderConfig.num_layers = 2",
+    "MoeDecoderConfig.num_heads = 2", "MoeDecoderConfig.num_kv_heads = 2",
+    "MoeDecoderConfig.d_ff = 64",
     "TRAIN_STEPS = 1", "BATCH_SIZE = 8", "LOG_EVERY = 1", "EVAL_STEPS = 1",
     "INFER_NUM_EXAMPLES = 8", "TrainerConfig.progress_bar = False",
+    "MESH_DATA = 2",  # sharded, but cheaper to compile than all 8 fake devices
 ]
 # Experiments that need a pretrained checkpoint: which tiny one to make.
 INIT_CHECKPOINTS = {"t5_finetune_from_hf.gin": "t5",
                     "decoder_finetune_attention_only.gin": "llama"}
 # Only this one also runs evaluation (validation loss + seqio metric_fns).
 WITH_EVAL = {"t5_tiny_mix.gin"}
+# Extra bindings: the MoE experiment runs expert-parallel on the 8 fake devices.
+EXTRA = {"moe_decoder_tiny_lm.gin": ["MESH_DATA = 1", "MESH_EXPERT = 2"]}
 
 
 def _hf_checkpoint(kind: str, directory: Path, numpy_params) -> str:
@@ -66,6 +72,7 @@ def test_experiment_runs_one_step(path, tmp_path, numpy_params):
     bindings.append(f"INIT_CHECKPOINT = {ckpt!r}")
   if path.name not in WITH_EVAL:
     bindings += ["train.eval_dataset = None", "INFER_EVAL = None"]
+  bindings += EXTRA.get(path.name, [])
   configurables.parse_gin([str(path)], bindings)
   state = configurables.run(train_main.train)
   assert int(jax.device_get(state.step)) == 1
@@ -82,6 +89,9 @@ def test_experiment_runs_one_step(path, tmp_path, numpy_params):
     assert "validation" in splits
     assert any(s.startswith("validation/synthetic_") for s in splits), splits
     assert any("exact_match" in r for r in rows)
+  if "moe" in path.name:  # router losses are added to the loss and logged
+    assert train_rows[0]["aux_loss/load_balancing_loss"] > 0
+    assert any(k.startswith("model/") for k in train_rows[0])
   if path.name in INIT_CHECKPOINTS:
     init = [r for r in rows if r["split"] == "init"]
     assert init and init[0]["loaded"] > 0
