@@ -103,6 +103,13 @@ class PeftConfig:
     if self.method not in MIXTURE_METHODS and self.num_experts != 1:
       raise ValueError(f"PeftConfig.num_experts={self.num_experts} needs a mixture method "
                        f"(mov or molora); {self.method} has one adapter per site")
+    if self.method not in MIXTURE_METHODS:
+      routed = {name: getattr(self, name) for name, default in (
+          ("router", "token"), ("top_k", None), ("load_balance_coef", 0.0),
+          ("z_loss_coef", 0.0)) if getattr(self, name) != default}
+      if routed:
+        raise ValueError(f"PeftConfig: {self.method} has no router, so {routed} would be "
+                         "ignored; use mov / molora for routed mixtures")
     if self.rank < 1:
       raise ValueError(f"PeftConfig.rank must be >= 1, got {self.rank}")
     if self.router not in ROUTERS:

@@ -170,14 +170,16 @@ class PeftMlp(Mlp):
   def __call__(self, x_BLD: Array, hidden_transform: Callable[[Array], Array] | None = None,
                *, context: RouteContext | None = None) -> Array:
     ctx = RouteContext(query_BLD=x_BLD) if context is None else context
-    transform = hidden_transform
-    if "ffn" in self.peft.sites:
-      def transform(h_BLF: Array) -> Array:
-        if hidden_transform is not None:
-          h_BLF = hidden_transform(h_BLF)
-        return getattr(self, ADAPTER_PREFIX + "hidden")(
-            h_BLF, route_x=ctx.query_BLD, valid=ctx.query_valid_BL)
-    return super().__call__(x_BLD, transform, context=ctx)
+    if "ffn" not in self.peft.sites:
+      return super().__call__(x_BLD, hidden_transform, context=ctx)
+
+    def scale_hidden(h_BLF: Array) -> Array:
+      if hidden_transform is not None:
+        h_BLF = hidden_transform(h_BLF)
+      return getattr(self, ADAPTER_PREFIX + "hidden")(
+          h_BLF, route_x=ctx.query_BLD, valid=ctx.query_valid_BL)
+
+    return super().__call__(x_BLD, scale_hidden, context=ctx)
 
 
 # ----------------------------------------------------------------------------- blocks

@@ -1,4 +1,4 @@
-"""Shared helpers of the PEFT tests (imported as ``peft_util``): tiny backbones with NumPy-random parameters.
+"""Shared helpers of the PEFT tests (``import peft_util``): tiny backbones, NumPy parameters.
 
 Parameters come from NumPy in the shapes ``jax.eval_shape(module.init)``
 reports: compiling flax's init (a threefry + truncated normal per parameter)
@@ -17,7 +17,7 @@ VOCAB = 61
 BACKBONES = {
     "decoder": DecoderConfig(vocab_size=VOCAB, d_model=16, num_layers=2, num_heads=4,
                              num_kv_heads=2, d_ff=32, qkv_bias=True),
-    "decoder_parallel": DecoderConfig(vocab_size=VOCAB, d_model=16, num_layers=2, num_heads=4,
+    "decoder_parallel": DecoderConfig(vocab_size=VOCAB, d_model=16, num_layers=1, num_heads=4,
                                       num_kv_heads=1, d_ff=32, parallel_block=True,
                                       tie_embeddings=True),
     "t5_v1_0": T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=1,

@@ -223,6 +223,7 @@ def test_lora_update_is_the_dense_delta():
     (dict(method="mov", num_experts=4, top_k=5), "top_k=5 must be in"),
     (dict(method="mov", router="expert"), "router='expert'"),
     (dict(method="molora", rank=0), "rank must be >= 1"),
+    (dict(method="ia3", router="sentence"), r"ia3 has no router, so \{'router': 'sentence'\}"),
     (dict(method="mov", z_loss_coef=-1.0), "z_loss_coef must be >= 0"),
 ])
 def test_config_errors_name_the_field(kw, match):

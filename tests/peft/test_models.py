@@ -13,7 +13,8 @@ from moe_jax import peft
 from moe_jax.checkpoints.hf_common import CheckpointError
 from moe_jax.train.partitioning import DEFAULT_RULES
 
-from peft_util import backbone, inputs, logits, randomize_adapters, rng_key, with_adapters
+from peft_util import (backbone, inputs, logits, randomize_adapters, rng_key,
+                       with_adapters)
 
 ALL_LORA = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 CASES = [
