@@ -160,12 +160,18 @@ def make_eval_fn(trainer: Any, *, eval_dataset: Any = None, infer_eval: InferEva
   if eval_dataset is None and inference is None:
     return None
 
+  dataset = None  # the tf.data pipeline is built once; each evaluation restarts it
+
   def eval_fn(state) -> dict[str, Any]:
+    nonlocal dataset
+    from moe_jax.data.pipeline import DataIterator
+
     step = int(jax.device_get(state.step))
     results: dict[str, Any] = {}
     if eval_dataset is not None:
-      it = make_data_iterator(eval_dataset, trainer.model, num_epochs=1)
-      results["loss"] = trainer.evaluate_loss(state.params, it, eval_steps)
+      if dataset is None:
+        dataset = make_data_iterator(eval_dataset, trainer.model, num_epochs=1).dataset
+      results["loss"] = trainer.evaluate_loss(state.params, DataIterator(dataset), eval_steps)
       trainer.writer.write(step, f"{eval_dataset.split}", results["loss"])
     if inference is not None:
       results["tasks"] = inference.evaluate(state.params, step)
@@ -218,11 +224,12 @@ def evaluate(*, checkpoint_path: str, model: Any = None, model_dir: str | None =
     finally:
       ckpt.close()
     params, at = restored["params"], restored["step"]
-  else:
-    fresh = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding),
-                         abstract)
+  else:  # every parameter must come from the checkpoint: nothing is initialised
+    def missing():
+      raise checkpointing.CheckpointError(f"{checkpoint_path}: lacks parameters of "
+                                          f"{type(model.config).__name__}")
     params, _ = checkpointing.restore_into(
-        fresh, checkpointing.InitFromCheckpoint(path=str(checkpoint_path)))
+        missing, checkpointing.InitFromCheckpoint(path=str(checkpoint_path)), abstract=abstract)
     at = 0
   state = TrainState(step=np.int32(at), params=params, opt_state=None)
   fn = make_eval_fn(trainer, eval_dataset=eval_dataset, infer_eval=infer_eval,
