@@ -111,7 +111,7 @@ def test_bam_cached_decoding_equals_full_recompute(shared_kv):
   v = np.asarray(valid)
   np.testing.assert_allclose(inc[v], np.asarray(full)[v], atol=2e-5, rtol=0)
 
-  if shared_kv:  # generation goes through BamDecoder.init_cache
+  if not shared_kv:  # generation builds E k/v sets via BamDecoder.init_cache (shared-KV: CLI)
     out = decoding.generate(model, params, ids, prompt_valid_BP=valid, max_new_tokens=3)
     assert out.tokens_BN.shape == (2, 3)
     np.testing.assert_allclose(out.prefill_logits_BV, np.asarray(full)[:, -1], atol=2e-5)

@@ -84,6 +84,8 @@ def test_btx_with_prompt_routers_and_mixtral_export(tmp_path, capsys, hf_branche
   btx = load_checkpoint(tmp_path / "btx")
   router = np.asarray(btx.params["layers_1"]["mlp"]["router"]["kernel"])
   np.testing.assert_allclose(np.linalg.norm(router, axis=0), 1.0, rtol=1e-5)
+  assert generate.main(["--checkpoint", str(tmp_path / "btx"), "--prompt_ids", "5 6 7",
+                        "--max_new_tokens", "2"]) == 0
   mixtral = load_checkpoint(tmp_path / "mixtral")
   assert json.loads((tmp_path / "mixtral" / "config.json").read_text())["model_type"] == "mixtral"
   jax.tree.map(np.testing.assert_array_equal, mixtral.params, btx.params)
