@@ -149,7 +149,7 @@ class MetricsWriter:
   def __init__(self, model_dir: str | os.PathLike | None, *, echo: bool = True):
     self.path = None if model_dir is None else Path(model_dir) / METRICS_FILE
     self.echo = echo and jax.process_index() == 0
-    self._bar = None
+    self.bar = None  # a tqdm bar to print through, while one is active
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
     row = {"step": int(step), "split": split,
@@ -161,8 +161,8 @@ class MetricsWriter:
     if self.echo:
       text = f"[{split}] step {step}: " + " ".join(
           f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
-      if self._bar is not None:
-        self._bar.write(text, file=sys.stdout)
+      if self.bar is not None:
+        self.bar.write(text, file=sys.stdout)
       else:
         print(text, flush=True)
 
@@ -337,7 +337,7 @@ class Trainer:
     end = c.num_train_steps
     bar = tqdm(total=end, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not c.progress_bar or jax.process_index() != 0 or step >= end)
-    self.writer._bar = bar
+    self.writer.bar = bar
     pending: list[tuple[int, dict]] = []
     timer = [time.perf_counter(), 0]  # last flush time, steps since
 
@@ -373,14 +373,15 @@ class Trainer:
           eval_fn(state)
           timer[0] = time.perf_counter()
       flush()
+      if checkpointer is not None and step > 0:
+        save(force=True)  # before the final evaluation: a failing eval loses no training
       if eval_fn is not None and step > 0:
         eval_fn(state)
-      if checkpointer is not None and step > 0:
-        save(force=True)
+      if checkpointer is not None:
         checkpointer.wait_until_finished()
     finally:
       bar.close()
-      self.writer._bar = None
+      self.writer.bar = None
     return state
 
   def _check_finite(self, pending: list[tuple[int, dict]], host=None) -> list[dict]:
