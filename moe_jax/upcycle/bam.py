@@ -21,7 +21,12 @@ work too.
 
 Function preservation: N copies of one dense model give back that model's
 function exactly (soft attention weights sum to one, renormalised FFN gates
-too), whatever the routers.
+too), whatever the routers. With top-1, renormalised gates are all 1, so the
+FFN router learns from the balancing and z-losses (and its initialisation)
+only; Switch gates (``moe=upcycled_moe_config(N, 1, renormalize=False)``)
+let the LM loss train it at the price of an FFN scaled by its gate at the
+start -- see :func:`~moe_jax.upcycle.common.upcycled_moe_config` and the
+``bam_ekv_switch`` row of ``benchmarks/upcycle_bam.py``.
 """
 
 from __future__ import annotations

@@ -19,18 +19,16 @@ import numpy as np
 from moe_jax.checkpoints.hf_common import CheckpointError
 from moe_jax.checkpoints.native import flatten, unflatten
 from moe_jax.models.decoder import DecoderConfig
-from moe_jax.models.moe_decoder import moe_layer_indices
 from moe_jax.moe.layer import MoeConfig
 
-__all__ = ["UpcycleError", "average", "check_compatible", "check_against_model", "flat_params",
-           "layer_of", "random_router_kernel", "stack", "upcycled_moe_config"]
+__all__ = ["ATTENTION_TENSOR", "FFN_TENSOR", "UpcycleError", "assemble", "average",
+           "check_against_model", "check_compatible", "dense_fields", "flat_params", "load_inputs",
+           "random_router_kernel", "stack", "upcycled_moe_config"]
 
 # Config fields that do not change the function of a dense model; they may
 # differ among the inputs (the first input's value is kept).
 NON_ARCHITECTURE_FIELDS = ("dtype", "param_dtype", "max_seq_len", "pad_token_id",
                            "bos_token_id", "eos_token_id", "hf_model_type")
-
-_LAYER = re.compile(r"^layers_(\d+)/")
 
 
 class UpcycleError(CheckpointError):
@@ -42,12 +40,6 @@ def flat_params(params: Mapping) -> dict[str, np.ndarray]:
   from moe_jax.checkpoints.hf import unbox
 
   return flatten(unbox(params))
-
-
-def layer_of(name: str) -> int | None:
-  """The layer index of a flat parameter name (``layers_3/...`` -> 3), else ``None``."""
-  m = _LAYER.match(name)
-  return int(m.group(1)) if m else None
 
 
 def check_compatible(configs: Sequence[DecoderConfig], params: Sequence[Mapping[str, Any]],
@@ -140,10 +132,6 @@ def upcycled_moe_config(num_experts: int, num_selected: int, *, renormalize: boo
   """
   return MoeConfig(num_experts=num_experts, num_selected=num_selected,
                    renormalize=renormalize, capacity_factor=capacity_factor, **overrides)
-
-
-def moe_layers_of(layout: Any, num_layers: int) -> tuple[int, ...]:
-  return moe_layer_indices(layout, num_layers)
 
 
 def check_against_model(config: Any, params: Mapping[str, Any], what: str) -> dict:
