@@ -12,7 +12,7 @@ Registered (use them in ``gin_configs/``; the module prefix is optional)::
     train.model_from_checkpoint  train.LossConfig  train.OptimizerConfig
     train.ScheduleConfig  train.PartitionerConfig  train.DistributedConfig
     train.TrainerConfig  train.DatasetConfig  train.CheckpointConfig
-    train.InitFromCheckpoint  train.InferEvalConfig  train.trainable_regexes
+    train.InitFromCheckpoint  train.InferEvalConfig
     peft.trainable_mask                               (a mask function for train.trainable)
     train  evaluate                                   (the two entry points)
 
@@ -260,13 +260,13 @@ def write_operative_config(model_dir: str | Path, name: str = "config.gin") -> P
 # ----------------------------------------------------------------------------- flags
 
 
-def parse_flags(argv: Sequence[str] | None, *, prog: str, checkpoint_flag: bool = False
-                ) -> argparse.Namespace:
+def parse_flags(argv: Sequence[str] | None, *, prog: str, checkpoint_flag: bool = False,
+                description: str | None = None) -> argparse.Namespace:
   """Parses the shared gin / multi-host flags (see the module docstring)."""
   import sys
 
   argv = list(sys.argv[1:] if argv is None else argv)
-  p = argparse.ArgumentParser(prog=prog, description=__doc__,
+  p = argparse.ArgumentParser(prog=prog, description=description or __doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
   p.add_argument("--gin_bindings", action="append", default=[], help="gin binding (repeatable)")

@@ -241,7 +241,8 @@ def main(argv=None) -> int:
   from moe_jax import configurables
 
   try:
-    args = configurables.parse_flags(argv, prog="python -m moe_jax.eval", checkpoint_flag=True)
+    args = configurables.parse_flags(argv, prog="python -m moe_jax.eval", checkpoint_flag=True,
+                                     description=__doc__)
     configurables.setup(args)
   except configurables.GinConfigError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -118,7 +118,8 @@ def main(argv=None) -> int:
 
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   try:
-    args = configurables.parse_flags(argv, prog="python -m moe_jax.train")
+    args = configurables.parse_flags(argv, prog="python -m moe_jax.train",
+                                     description=__doc__)
     configurables.setup(args)
   except configurables.GinConfigError as e:
     print(f"error: {e}", file=sys.stderr)
