@@ -288,6 +288,9 @@ class Router(nn.Module):
     return routing.weights
 
   def _sow(self, routing: Routing, valid: Array | None) -> None:
+    if not (self.is_mutable_collection(AUX_LOSS_COLLECTION)
+            or self.is_mutable_collection(METRICS_COLLECTION)):
+      return  # nobody asked: do not even trace the statistics
     lb = load_balancing_loss(routing, valid)
     z = router_z_loss(routing.logits, valid)
     if self.load_balance_coef > 0:
