@@ -18,10 +18,15 @@ __all__ = ["CheckpointError", "LoadedModel", "export_hf", "load_checkpoint", "lo
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None) -> LoadedModel:
-  """Loads an HF directory (``config.json``) or one of ours (``model_config.json``)."""
+  """Loads an HF directory (``config.json``), one of ours (``model_config.json`` +
+  ``params.safetensors``) or a training directory (newest orbax step)."""
   directory = Path(path)
   if not directory.is_dir():
     raise CheckpointError(f"{directory}: no such checkpoint directory")
+  from moe_jax.train import checkpointing  # training dirs: orbax steps + model_config.json
+
+  if checkpointing.is_training_dir(directory) and not (directory / "params.safetensors").exists():
+    return checkpointing.load_latest(directory, dtype=dtype)
   if is_native_checkpoint(directory):
     return _load_native(directory, dtype)
   if (directory / "config.json").exists():
