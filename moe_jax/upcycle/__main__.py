@@ -72,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", default=None, help="parameter dtype: float32, bfloat16, float16")
   p.add_argument("--seed", type=int, default=0, help="routers and noise")
   p.add_argument("--export_mixtral", metavar="DIR", help="also write an HF Mixtral checkpoint")
-  p.add_argument("--no_safetensors", action="store_true",
-                 help="write only the orbax checkpoint (no params.safetensors copy)")
+  p.add_argument("--safetensors", action="store_true",
+                 help="also write params.safetensors (native copy) beside the orbax checkpoint")
   return p.parse_args(argv)
 
 
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
       from moe_jax.checkpoints.hf import converter_for_config
       converter_for_config(config).config_to_hf(config)
     out = write_upcycled(
-        args.out, config, params, command=command, write_safetensors=not args.no_safetensors,
+        args.out, config, params, command=command, write_safetensors=args.safetensors,
         tokenizer_dir=args.tokenizer or loaded[0].tokenizer_dir,
         provenance={"method": args.method, "inputs": [m.source for m in loaded],
                     "args": vars(args)})

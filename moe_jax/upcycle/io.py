@@ -8,16 +8,15 @@ native format and the gin file that continues training it::
       model_config.json        {"kind", "config", ...}: the MoE / BAM architecture
       checkpoints/0/params/    orbax StandardSave of the parameters (no optimizer
                                state: training starts from them, it does not resume)
-      params.safetensors       the same weights, moe-jax native format
+      params.safetensors       optional: the same weights in moe-jax native format
       finetune.gin             include 'runs/finetune.gin' + INIT_CHECKPOINT = OUT
       upcycle.json             how OUT was made (method, inputs, options)
       tokenizer files          copied from the first input, if it has them
 
-The safetensors copy is what ``moe_jax.checkpoints.load_checkpoint`` (hence
-``python -m moe_jax.generate --checkpoint OUT``) reads today; orbax is what
-the trainer reads (``InitFromCheckpoint(path=OUT)`` takes the step-0 params
-via ``load_latest``). ``write_safetensors=False`` skips the copy for large
-models once generation reads training directories directly.
+``moe_jax.checkpoints.load_checkpoint`` (hence ``python -m moe_jax.generate
+--checkpoint OUT``) and the trainer (``InitFromCheckpoint(path=OUT)``) both
+read the orbax step-0 parameters. ``write_safetensors=True`` adds a native
+copy for tools that read only safetensors (twice the disk).
 
 Everything is written into a temporary sibling directory and renamed into
 place (``moe_jax.checkpoints.io.atomic_directory``): a failed run leaves the
@@ -43,10 +42,7 @@ GIN_FILE = "finetune.gin"
 def load_dense(path: str | os.PathLike, dtype: str | None = None):
   """A dense input as a ``LoadedModel``: HF dir, ``save_model`` dir, or training ``model_dir``."""
   from moe_jax.checkpoints import load_checkpoint
-  from moe_jax.train import checkpointing
 
-  if checkpointing.is_training_dir(path) and not (Path(path) / "params.safetensors").exists():
-    return checkpointing.load_latest(path, dtype=dtype)
   return load_checkpoint(path, dtype=dtype)
 
 
@@ -88,7 +84,7 @@ def write_upcycled(out: str | os.PathLike, config: Any, params: Mapping, *,
                    command: str = "python -m moe_jax.upcycle ...",
                    provenance: Mapping[str, Any] | None = None,
                    tokenizer_dir: str | os.PathLike | None = None,
-                   write_safetensors: bool = True) -> Path:
+                   write_safetensors: bool = False) -> Path:
   """Writes the upcycled model directory (module docstring), atomically; returns it."""
   import orbax.checkpoint as ocp
   from safetensors.numpy import save_file

@@ -50,9 +50,9 @@ def test_sparse_from_hf_writes_orbax_gin_and_generates(tmp_path, capsys, hf_bran
                                   "--checkpoints", hf_branches[0], "--out", out])
   assert rc == 0, err
   assert "MoeDecoderConfig" in stdout
-  for name in ("model_config.json", "params.safetensors", "finetune.gin", "upcycle.json",
-               "checkpoints/0/params"):
+  for name in ("model_config.json", "finetune.gin", "upcycle.json", "checkpoints/0/params"):
     assert (out / name).exists(), name
+  assert not (out / "params.safetensors").exists()  # orbax only, unless --safetensors
   dense = load_checkpoint(hf_branches[0])
   moe = load_checkpoint(out)
   assert moe.config.moe.num_experts == 4
@@ -79,8 +79,10 @@ def test_btx_with_prompt_routers_and_mixtral_export(tmp_path, capsys, hf_branche
                                  {"positive": [[40, 41, 42, 43]], "negative": [[5, 6, 7]]}]))
   rc, _, err = _run(capsys, ["--method", "btx", "--checkpoints", *hf_branches, "--out",
                              tmp_path / "btx", "--router_init", "prompts", "--prompts", prompts,
+                             "--safetensors",
                              "--export_mixtral", tmp_path / "mixtral"])
   assert rc == 0, err
+  assert (tmp_path / "btx" / "params.safetensors").exists()
   btx = load_checkpoint(tmp_path / "btx")
   router = np.asarray(btx.params["layers_1"]["mlp"]["router"]["kernel"])
   np.testing.assert_allclose(np.linalg.norm(router, axis=0), 1.0, rtol=1e-5)
