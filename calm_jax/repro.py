@@ -67,13 +67,13 @@ def _trainer(config: Any, module: Any, rc: ReproConfig, steps: int, trainable=No
   from moe_jax.train.partitioner import Partitioner, PartitionerConfig
   from moe_jax.train.trainer import Trainer, TrainerConfig
 
+  import flax.linen as nn
   import jax
 
   model = DecoderOnlyModel(config, module=module, allow_causal_prefix_lm=True)
   partitioner = Partitioner(PartitionerConfig(data=1), devices=jax.devices()[:1])
   with partitioner.activate():
-    abstract = jax.tree.map(lambda x: x, model.abstract_boxed_params())
-  import flax.linen as nn
+    abstract = model.abstract_boxed_params()
   schedule = ScheduleConfig(kind="cosine", lr=rc.lr, warmup_steps=min(100, steps // 10),
                             decay_steps=steps, end_lr=rc.lr * 0.05)
   opt = make_optimizer(OptimizerConfig(name="adamw", schedule=schedule, weight_decay=0.01,
