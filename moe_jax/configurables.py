@@ -14,6 +14,7 @@ Registered (use them in ``gin_configs/``; the module prefix is optional)::
     train.TrainerConfig  train.DatasetConfig  train.CheckpointConfig
     train.InitFromCheckpoint  train.InferEvalConfig
     peft.trainable_mask                               (a mask function for train.trainable)
+    peft.PeftConfig  peft.adapted_model               (adapters on a model wrapper)
     train  evaluate                                   (the two entry points)
 
 Registration wraps each class in a factory with the class's own signature,
@@ -108,6 +109,10 @@ def register_all() -> None:
     from moe_jax import peft
     if hasattr(peft, "trainable_mask"):
       _register(peft.trainable_mask, "peft", "trainable_mask")
+    if hasattr(peft, "PeftConfig"):
+      _register(peft.PeftConfig, "peft")
+    if hasattr(peft, "adapted_model"):
+      _register(peft.adapted_model, "peft", "adapted_model")
   except ImportError:
     pass
 

@@ -23,7 +23,9 @@ Modules: :mod:`config` (:class:`PeftConfig`), :mod:`routers` (routing math,
 losses, metrics), :mod:`adapters` (adapter math and parameters),
 :mod:`layers` (adapted attention / FFN / blocks, :func:`adapt`),
 :mod:`params` (initialisation, freezing, optimizer), :mod:`export`
-(folding, HF export, adapter files).
+(folding, HF export, adapter files), :mod:`training` (:func:`adapted_model`
+for gin-configured runs), :mod:`sweep` and :mod:`analysis` (the PEFT sweep:
+rank classification, routing statistics).
 """
 
 from moe_jax.peft.config import (ADAPTER_PREFIX, DEFAULT_SITES, LORA_SITES, METHODS,
@@ -37,6 +39,7 @@ from moe_jax.peft.params import (apply_masked_updates, init_adapter_params, logi
                                  parameter_report, split_params, trainable_mask)
 from moe_jax.peft.routers import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, RouteContext,
                                   summarize_metrics, total_aux_loss)
+from moe_jax.peft.training import adapted_model
 
 __all__ = [
     "ADAPTER_PREFIX", "AUX_LOSS_COLLECTION", "DEFAULT_SITES", "LORA_SITES", "METHODS",
@@ -46,5 +49,5 @@ __all__ = [
     "load_adapted", "load_adapters", "logical_axes", "masked_optimizer",
     "merge_and_export_hf", "merge_params", "param_shapes", "parameter_report",
     "peft_config_of", "save_adapters", "split_params", "summarize_metrics",
-    "total_aux_loss", "trainable_mask",
+    "total_aux_loss", "trainable_mask", "adapted_model",
 ]
