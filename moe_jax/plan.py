@@ -1,0 +1,523 @@
+"""Memory and step-time plan of a training run, computed from its gin config without allocating.
+
+``python -m moe_jax.plan --gin_file=... [--gin.NAME=VALUE ...] --mesh=data=64 --mesh=data=16,model=4``
+
+Reads the same gin files as ``python -m moe_jax.train`` and builds the same
+objects (model wrapper, optimizer, partitioner rules, dataset) but never
+initialises a parameter: shapes come from ``jax.eval_shape`` of the model's
+``init``, optimizer-state shapes from ``jax.eval_shape`` of the optimizer's
+``init``, and activations from tracing (not running) ``jax.vjp`` of the
+loss. For each mesh it prints, per device:
+
+* **params**: every parameter's bytes divided by the mesh axes its logical
+  axes map to (the trainer's own ``Partitioner.param_specs``; a dimension the
+  mesh does not divide is the same error training would give);
+* **optimizer**: the optimizer state (AdamW moments, Adafactor's factored
+  statistics; frozen parameters have none), sharded like the trainer shards it;
+* **grads**: gradients of the trainable parameters, sharded like them;
+* **activations**: the residuals the backward pass keeps, for this device's
+  share of the global batch (``batch`` splits over the ``data`` and ``expert``
+  axes). A residual with a dimension of a ``model``-sharded size (heads, FFN,
+  vocab: the sizes of logical axes the rules map to ``model``, other than
+  ``d_model``) is divided by the ``model`` axis -- an estimate of what GSPMD
+  does with the modules' logical constraints, not a measurement. Residuals with a parameter's shape (the
+  parameter cast to the compute dtype) are counted once, sharded like it. No
+  rematerialisation (the trainer does none);
+* **step time**: matmul FLOPs per device divided by ``--peak_tflops`` x
+  ``--mfu``. FLOPs are ``2·N·T`` forward, ``2·N·T`` for input gradients and
+  ``2·N_trainable·T`` for weight gradients, with N the *active* matmul
+  parameters (routed experts count ``k / E`` of their size; embedding lookups
+  count nothing, a tied head counts once) and T the tokens each stack sees.
+  Attention-score FLOPs (``~ L^2``) are left out.
+
+Parameter counts (total, active, trainable) are printed once. A mesh is
+``data=D,expert=E,model=M`` (missing axes are 1, one axis may be -1 with
+``--num_devices``); without ``--mesh`` the config's own ``PartitionerConfig``
+is planned for ``--num_devices``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from moe_jax.train.partitioner import MODEL_RULES, Partitioner, PartitionerConfig
+from moe_jax.train.partitioning import (DEFAULT_RULES, MESH_AXES, merge_rules, mesh_axes_size,
+                                        mesh_axis_for, validate_rules)
+
+GIB = 1024 ** 3
+
+#: Macros a run needs at training time but the plan never reads; bound to a
+#: placeholder when the command line leaves them unbound.
+_RUNTIME_MACROS = ("MODEL_DIR", "INIT_CHECKPOINT")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParameterCounts:
+  """Parameter counts of a model.
+
+  Attributes:
+    total: every parameter.
+    active: parameters a token uses: routed-expert parameters count ``k / E``
+      of their size (``k`` = ``config.moe.num_selected``); soft-merged adapters
+      (MoV, MoLoRA without top-k) are all active.
+    trainable: parameters the optimizer updates (the trainable mask).
+    expert: parameters with an ``expert`` logical axis.
+  """
+
+  total: int
+  active: int
+  trainable: int
+  expert: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshPlan:
+  """Per-device memory and time of one mesh (bytes, FLOPs, seconds).
+
+  Attributes:
+    mesh: axis sizes ``{"data", "expert", "model"}``.
+    batch_per_device: rows of the global batch each batch shard holds.
+    param_bytes, opt_bytes, grad_bytes, activation_bytes: per device.
+    flops_per_device: matmul FLOPs of one train step on one device.
+  """
+
+  mesh: Mapping[str, int]
+  batch_per_device: float
+  param_bytes: int
+  opt_bytes: int
+  grad_bytes: int
+  activation_bytes: int
+  flops_per_device: float
+
+  @property
+  def num_devices(self) -> int:
+    return math.prod(self.mesh.values())
+
+  @property
+  def total_bytes(self) -> int:
+    return self.param_bytes + self.opt_bytes + self.grad_bytes + self.activation_bytes
+
+  def step_seconds(self, peak_tflops: float, mfu: float) -> float:
+    return self.flops_per_device / (peak_tflops * 1e12 * mfu)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+  """What :func:`plan_run` computed.
+
+  Attributes:
+    model: a short description (config class and sizes).
+    counts: parameter counts.
+    tokens: tokens per global batch ``{"encoder": ..., "decoder": ...}``.
+    meshes: one :class:`MeshPlan` per mesh.
+  """
+
+  model: str
+  counts: ParameterCounts
+  tokens: Mapping[str, int]
+  meshes: tuple[MeshPlan, ...]
+
+  def format(self, *, peak_tflops: float = 275.0, mfu: float = 0.4) -> str:
+    """A readable report: the counts, then one table row per mesh (GiB per device)."""
+    c = self.counts
+    tok = ", ".join(f"{k} {v:,}" for k, v in self.tokens.items() if v)
+    lines = [
+        f"model: {self.model}",
+        f"parameters: total {_billions(c.total)}, active per token {_billions(c.active)}, "
+        f"trainable {_billions(c.trainable)} ({100.0 * c.trainable / max(c.total, 1):.3g}%), "
+        f"in routed experts {_billions(c.expert)}",
+        f"tokens per step: {tok}",
+        "",
+        f"| mesh (data x expert x model) | devices | batch/device | params GiB | "
+        f"optimizer GiB | grads GiB | activations GiB | total GiB | TFLOP/device | "
+        f"step s @{mfu:.0%} of {peak_tflops:g} TFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in self.meshes:
+      shape = " x ".join(str(m.mesh[a]) for a in MESH_AXES)
+      lines.append(
+          f"| {shape} | {m.num_devices} | {m.batch_per_device:g} | {m.param_bytes / GIB:.2f} | "
+          f"{m.opt_bytes / GIB:.2f} | {m.grad_bytes / GIB:.2f} | "
+          f"{m.activation_bytes / GIB:.2f} | {m.total_bytes / GIB:.2f} | "
+          f"{m.flops_per_device / 1e12:.1f} | {m.step_seconds(peak_tflops, mfu):.2f} |")
+    return "\n".join(lines)
+
+
+def _billions(n: int) -> str:
+  return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
+# ----------------------------------------------------------------------------- partitioning
+
+
+class AbstractPartitioner(Partitioner):
+  """The trainer's :class:`Partitioner` over an abstract mesh: specs, no devices.
+
+  ``param_specs`` / ``derived_specs`` / ``spec_for`` are the trainer's own, so
+  the plan shards (and refuses to shard) exactly as training would, for a
+  mesh of any size on any machine.
+  """
+
+  def __init__(self, config: PartitionerConfig, num_devices: int | None = None):
+    # pylint: disable=super-init-not-called  (a real Partitioner needs the devices)
+    self.config = config
+    sizes = dict(data=config.data, expert=config.expert, model=config.model)
+    if -1 in sizes.values():
+      if num_devices is None:
+        raise ValueError(f"mesh {sizes} has an axis of -1 (all devices left over); give "
+                         "--num_devices or a mesh without -1")
+      sizes = config.mesh_shape(num_devices)
+    self.mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+    self.rules = merge_rules(merge_rules(DEFAULT_RULES, MODEL_RULES), config.rules)
+    validate_rules(self.rules, self.mesh)
+
+  @property
+  def mesh_shape(self) -> dict[str, int]:
+    return dict(self.mesh.shape)
+
+
+def _spec_shards(partitioner: Partitioner, spec: PartitionSpec) -> int:
+  return math.prod(mesh_axes_size(partitioner.mesh, axes) for axes in tuple(spec))
+
+
+def _nbytes(x: Any) -> int:
+  return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def sharded_bytes(partitioner: Partitioner, tree: Any, specs: Any) -> int:
+  """Bytes of ``tree`` (shape leaves) on one device when laid out by ``specs``."""
+  leaves = jax.tree.leaves(tree)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  if len(leaves) != len(spec_leaves):
+    raise ValueError(f"{len(leaves)} arrays but {len(spec_leaves)} partition specs")
+  return sum(_nbytes(x) // _spec_shards(partitioner, s) for x, s in zip(leaves, spec_leaves))
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def _logical_leaves(boxed: Any) -> list[tuple[str, tuple, Any]]:
+  """``(path, logical axes, shape leaf)`` for every parameter."""
+  logical = nn.get_partition_spec(boxed)
+  shapes = nn.meta.unbox(boxed)
+  flat = jax.tree_util.tree_flatten_with_path(
+      logical, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+  return [(jax.tree_util.keystr(path, simple=True, separator="/"),
+           tuple(spec) if isinstance(spec, PartitionSpec) else (), leaf)
+          for (path, spec), leaf in zip(flat, jax.tree.leaves(shapes))]
+
+
+def _top_k_share(config: Any) -> float:
+  moe = getattr(config, "moe", None)
+  k, e = getattr(moe, "num_selected", None), getattr(moe, "num_experts", None)
+  return 1.0 if not k or not e else min(k, e) / e
+
+
+def parameter_counts(model: Any, trainable_mask: Any = None, *, boxed: Any = None
+                     ) -> ParameterCounts:
+  """Total, active, trainable and routed-expert parameter counts of a model wrapper.
+
+  Args:
+    model: a :class:`~moe_jax.train.models.BaseModel` (nothing is initialised).
+    trainable_mask: bool pytree with the parameters' structure (``None``: all).
+    boxed: ``model.abstract_boxed_params()`` if already computed.
+  """
+  boxed = model.abstract_boxed_params() if boxed is None else boxed
+  leaves = _logical_leaves(boxed)
+  mask = ([True] * len(leaves) if trainable_mask is None
+          else [bool(m) for m in jax.tree.leaves(trainable_mask)])
+  share = _top_k_share(model.config)
+  total = active = trainable = expert = 0.0
+  for (_, axes, leaf), m in zip(leaves, mask):
+    n = int(np.prod(leaf.shape, dtype=np.int64))
+    total += n
+    trainable += n if m else 0
+    if "expert" in axes:
+      expert += n
+      active += n * share
+    else:
+      active += n
+  return ParameterCounts(total=int(total), active=int(round(active)), trainable=int(trainable),
+                         expert=int(expert))
+
+
+def _matmul_flops(model: Any, boxed: Any, mask: Any, tokens: Mapping[str, int]) -> float:
+  """``2·N·T + 2·N·T + 2·N_trainable·T`` over the active matmul parameters (see module doc)."""
+  leaves = _logical_leaves(boxed)
+  flags = [bool(m) for m in jax.tree.leaves(mask)]
+  share = _top_k_share(model.config)
+  has_head = any(axes and axes[-1] == "vocab" and axes[0] != "vocab" for _, axes, _ in leaves)
+  fwd = train = 0.0
+  for (path, axes, leaf), trainable in zip(leaves, flags):
+    if len(axes) < 2 or axes[0] == "relpos_buckets":
+      continue  # norms, biases, relative-position tables: no matmul
+    if axes[0] == "vocab" and has_head:
+      continue  # an embedding lookup; the untied head is counted separately
+    n = float(np.prod(leaf.shape)) * (share if "expert" in axes else 1.0)
+    t = tokens["encoder"] if path.startswith("encoder/") else tokens["decoder"]
+    fwd += 2 * n * t
+    train += 2 * n * t if trainable else 0.0
+  return 2 * fwd + train
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def _dummy_batch(model: Any, dataset: Any, rows: int = 1) -> tuple[dict, dict[str, int]]:
+  """Abstract seqio features of ``rows`` rows, and the per-row lengths per stack."""
+  lengths = dict(dataset.task_feature_lengths)
+  converter = dataset.feature_converter or model.FEATURE_CONVERTER
+  targets = int(lengths["targets"])
+  ints = lambda n: jax.ShapeDtypeStruct((rows, n), jnp.int32)
+  if converter == "enc_dec":
+    enc = int(lengths["inputs"])
+    batch = {"encoder_input_tokens": ints(enc), "decoder_input_tokens": ints(targets),
+             "decoder_target_tokens": ints(targets), "decoder_loss_weights": ints(targets)}
+    if dataset.pack:
+      batch |= {"encoder_segment_ids": ints(enc), "encoder_positions": ints(enc),
+                "decoder_segment_ids": ints(targets), "decoder_positions": ints(targets)}
+    return batch, {"encoder": enc, "decoder": targets}
+  length = targets + (int(lengths.get("inputs", 0)) if converter == "prefix_lm" else 0)
+  batch = {"decoder_input_tokens": ints(length), "decoder_target_tokens": ints(length),
+           "decoder_loss_weights": ints(length)}
+  if dataset.pack:
+    batch |= {"decoder_segment_ids": ints(length), "decoder_positions": ints(length)}
+  return batch, {"encoder": 0, "decoder": length}
+
+
+def residuals(model: Any, params: Any, mask: Any, batch: Mapping[str, Any]) -> list[Any]:
+  """Abstract arrays the backward pass keeps for one ``batch`` (traced, never run).
+
+  ``jax.vjp`` of the loss with respect to the *trainable* parameters (frozen
+  ones are closed over, as the trainer's masked optimizer makes them): the
+  VJP function's residuals are the activations saved for the backward pass.
+  Residuals that are the inputs themselves (parameters, batch) are left out.
+  """
+  flat, treedef = jax.tree.flatten(params)
+  flags = [bool(m) for m in jax.tree.leaves(mask)]
+
+  def vjp_fn(trainable, frozen, b):
+    def loss(t):
+      it_t, it_f = iter(t), iter(frozen)
+      merged = [next(it_t) if f else next(it_f) for f in flags]
+      return model.loss_fn(jax.tree.unflatten(treedef, merged), b)[0]
+    return jax.vjp(loss, trainable)[1]  # a jax.tree_util.Partial: its leaves are residuals
+
+  trainable = [x for x, f in zip(flat, flags) if f]
+  frozen = [x for x, f in zip(flat, flags) if not f]
+  closed = jax.make_jaxpr(vjp_fn)(trainable, frozen, dict(batch))
+  inputs = set(closed.jaxpr.invars)
+  seen, out = set(), []
+  for v in closed.jaxpr.outvars:
+    if not hasattr(v, "aval") or type(v).__name__ == "Literal" or v in inputs or v in seen:
+      continue
+    seen.add(v)
+    out.append(v.aval)
+  return out
+
+
+def _model_axis_sizes(partitioner: Partitioner, boxed: Any) -> set[int]:
+  """Dimension sizes of the logical axes the rules map to ``model`` (heads, mlp, vocab).
+
+  Activations follow the parameters' logical names, so a residual with a
+  dimension of one of these sizes is taken to be split over the ``model``
+  axis. The ``embed`` size (``[B, L, D]`` activations stay replicated over
+  ``model``) is never one of them.
+  """
+  sharded, embed = set(), set()
+  for _, axes, leaf in _logical_leaves(boxed):
+    for name, size in zip(axes, leaf.shape):
+      mesh_axes = mesh_axis_for(name, partitioner.rules) if name else None
+      names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+      if "model" in names:
+        sharded.add(int(size))
+      if name == "embed":
+        embed.add(int(size))
+  return sharded - embed
+
+
+def activation_bytes(partitioner: Partitioner, avals: Sequence[Any], boxed: Any, specs: Any,
+                     rows: float) -> int:
+  """Bytes on one device of the residuals ``avals`` of one batch row, for ``rows`` rows.
+
+  A residual with a parameter's shape is that parameter cast to the compute
+  dtype: it is counted once, sharded like the parameter. Every other residual
+  grows with the rows and is divided by the ``model`` axis when one of its
+  dimensions has a model-sharded size (:func:`_model_axis_sizes`).
+  """
+  param_shards: dict[tuple[int, ...], int] = {}
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  for (_, _, leaf), spec in zip(_logical_leaves(boxed), spec_leaves):
+    shape = tuple(leaf.shape)
+    param_shards[shape] = min(param_shards.get(shape, sys.maxsize),
+                              _spec_shards(partitioner, spec))
+  m = int(partitioner.mesh.shape["model"])
+  sizes = _model_axis_sizes(partitioner, boxed) if m > 1 else set()
+  total = 0.0
+  for a in avals:
+    if tuple(a.shape) in param_shards:
+      total += _nbytes(a) / param_shards[tuple(a.shape)]
+    else:
+      split = any(d in sizes and d % m == 0 for d in a.shape)
+      total += rows * _nbytes(a) / (m if split else 1)
+  return int(total)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
+             partitioners: Sequence[PartitionerConfig] = (PartitionerConfig(data=1),),
+             num_devices: int | None = None, trainable: Any = None) -> Plan:
+  """Plans a training run for each mesh; nothing is allocated.
+
+  Args:
+    model: the model wrapper (``train.model`` of a gin config).
+    dataset: the training :class:`~moe_jax.train.trainer.DatasetConfig`
+      (global batch size and feature lengths).
+    optimizer: an :class:`~moe_jax.train.optimizers.OptimizerConfig`
+      (default Adafactor, as :func:`moe_jax.train.__main__.train`).
+    partitioners: one ``PartitionerConfig`` per mesh to plan.
+    num_devices: devices for meshes with a ``-1`` axis.
+    trainable: as ``train(trainable=...)``: regexes, a mask, or a callable.
+
+  Raises:
+    ValueError: a mesh that does not divide a parameter or the batch (named).
+  """
+  from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
+
+  boxed = model.abstract_boxed_params()
+  abstract = nn.meta.unbox(boxed)
+  opt = make_optimizer(optimizer or OptimizerConfig(), abstract, trainable=trainable)
+  mask = opt.trainable_mask
+  abstract_opt = jax.eval_shape(opt.tx.init, abstract)
+  counts = parameter_counts(model, mask, boxed=boxed)
+  one_row, row_tokens = _dummy_batch(model, dataset)
+  row_residuals = residuals(model, abstract, mask, one_row)
+  tokens = {k: v * dataset.batch_size for k, v in row_tokens.items()}
+  flops = _matmul_flops(model, boxed, mask, tokens)
+  trainable_params = jax.tree.map(lambda x, m: x if m else None, abstract, mask)
+
+  meshes = []
+  for config in partitioners:
+    part = AbstractPartitioner(config, num_devices)
+    specs = part.param_specs(boxed)
+    opt_specs = part.derived_specs(abstract_opt, abstract, specs)
+    grad_specs = jax.tree.map(lambda s, m: s if m else None, specs, mask,
+                              is_leaf=lambda x: isinstance(x, PartitionSpec))
+    shards = mesh_axes_size(part.mesh, mesh_axis_for("batch", part.rules))
+    if dataset.batch_size % shards:
+      raise ValueError(f"mesh {part.mesh_shape}: global batch size {dataset.batch_size} is not "
+                       f"divisible by the {shards} batch shards")
+    rows = dataset.batch_size / shards
+    meshes.append(MeshPlan(
+        mesh=part.mesh_shape, batch_per_device=rows,
+        param_bytes=sharded_bytes(part, abstract, specs),
+        opt_bytes=sharded_bytes(part, abstract_opt, opt_specs),
+        grad_bytes=sharded_bytes(part, trainable_params, grad_specs),
+        activation_bytes=activation_bytes(part, row_residuals, boxed, specs, rows),
+        flops_per_device=flops / part.mesh.size))
+  return Plan(model=_describe(model.config), counts=counts, tokens=tokens, meshes=tuple(meshes))
+
+
+def _describe(config: Any) -> str:
+  fields = ("d_model", "num_layers", "num_decoder_layers", "num_heads", "num_kv_heads", "d_ff",
+            "vocab_size", "param_dtype", "dtype")
+  parts = [f"{f}={getattr(config, f)}" for f in fields if hasattr(config, f)]
+  moe = getattr(config, "moe", None)
+  if moe is not None:
+    parts.append(f"experts={moe.num_experts} top-{moe.num_selected}")
+  return f"{type(config).__name__}({', '.join(parts)})"
+
+
+def parse_mesh(text: str) -> PartitionerConfig:
+  """``"data=16,expert=8,model=2"`` -> ``PartitionerConfig`` (missing axes are 1)."""
+  sizes = {}
+  for item in text.split(","):
+    name, sep, value = item.partition("=")
+    name = name.strip()
+    if not sep or name not in MESH_AXES:
+      raise ValueError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in "
+                       f"{list(MESH_AXES)}")
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise ValueError(f"--mesh {text!r}: size of {name!r} is not an integer") from None
+  return PartitionerConfig(**{a: sizes.get(a, 1) for a in MESH_AXES})
+
+
+def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
+                  meshes: Sequence[PartitionerConfig] = (), num_devices: int | None = None,
+                  search_paths: Sequence[str] = ()) -> Plan:
+  """:func:`plan_run` for the objects a ``python -m moe_jax.train`` config builds.
+
+  The bindings of ``train`` (``train.model``, ``train.train_dataset``,
+  ``train.optimizer``, ``train.partitioner``, ``train.trainable``) are
+  evaluated exactly as the train entry point would receive them. ``meshes``
+  defaults to the config's own partitioner.
+  """
+  import gin
+
+  from moe_jax import configurables
+  from moe_jax.train import __main__ as train_main
+
+  configurables.parse_gin(files, bindings, search_paths, finalize=False)
+  extra = []
+  for macro in _RUNTIME_MACROS:
+    try:
+      gin.query_parameter(f"{macro}/gin.macro.value")
+    except ValueError:
+      extra.append(f"{macro} = None")
+  configurables.parse_gin(files, extra + list(bindings), search_paths)
+  b = gin.get_bindings(configurables.configured(train_main.train))
+  for name in ("model", "train_dataset"):
+    if name not in b:
+      raise configurables.GinConfigError(f"the gin config binds no train.{name}; plan a config "
+                                         "that python -m moe_jax.train would run")
+  return plan_run(b["model"], dataset=b["train_dataset"], optimizer=b.get("optimizer"),
+                  partitioners=tuple(meshes) or (b.get("partitioner") or PartitionerConfig(),),
+                  num_devices=num_devices, trainable=b.get("trainable"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from moe_jax import configurables
+
+  argv = list(sys.argv[1:] if argv is None else argv)
+  p = argparse.ArgumentParser(add_help=False)
+  p.add_argument("--mesh", action="append", default=[])
+  p.add_argument("--num_devices", type=int, default=None)
+  p.add_argument("--peak_tflops", type=float, default=275.0)
+  p.add_argument("--mfu", type=float, default=0.4)
+  own, rest = p.parse_known_args(argv)
+  if "-h" in rest or "--help" in rest:
+    print(__doc__ + "\nPlan flags: --mesh=data=D,expert=E,model=M (repeatable), --num_devices=N, "
+          "--peak_tflops=F (per device, default 275: TPU v4 bf16), --mfu=F (default 0.4); "
+          "gin flags as python -m moe_jax.train.")
+    return 0
+  try:
+    args = configurables.parse_flags(rest, prog="python -m moe_jax.plan", description=__doc__)
+    meshes = [parse_mesh(m) for m in own.mesh]
+    plan = plan_from_gin(args.gin_file, args.bindings, meshes=meshes,
+                         num_devices=own.num_devices, search_paths=args.search_paths)
+  except (configurables.GinConfigError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(plan.format(peak_tflops=own.peak_tflops, mfu=own.mfu))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
