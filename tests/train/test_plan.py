@@ -109,7 +109,7 @@ def test_mesh_errors_name_the_culprit():
 
 
 def test_published_sizes(capsys):
-  """Mixtral-8x7B (46.7B total / 12.9B active) and T5-v1.1-XL (~2.85B) from their gin files."""
+  """Mixtral-8x7B (46.7B total / 12.9B active) and T5-v1.1-XL MoV-10 (~2.85B) from the pod gins."""
   code = plan.main(["--gin_file=runs/pod_mixtral_8x7b_upcycled.gin",
                     "--gin.MIXTURE_OR_TASK_NAME='any'", "--mesh=data=32,expert=8",
                     "--mesh=data=8,expert=8,model=4"])
@@ -124,8 +124,7 @@ def test_published_sizes(capsys):
   assert params_gib[0] == pytest.approx((45.097e9 / 8 + 1.606e9) * 4 / 2**30, rel=1e-2)
   assert params_gib[1] < params_gib[0] / 3.5
 
-  code = plan.main(["--gin_file=models/t5_1_1_xl.gin", "--gin_file=runs/pod_finetune.gin",
-                    "--gin.MIXTURE_OR_TASK_NAME='any'",
+  code = plan.main(["--gin_file=runs/pod_t5_xl_mov10.gin", "--gin.MIXTURE_OR_TASK_NAME='any'",
                     "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
                     "--gin.BATCH_SIZE=8", "--gin.TRAIN_STEPS=1", "--mesh=data=8",
                     "--mesh=data=2,model=4"])
@@ -133,6 +132,8 @@ def test_published_sizes(capsys):
   assert code == 0, out
   total = float(out.split("parameters: total ")[1].split("B")[0])
   assert 2.8 < total < 2.9  # T5-v1.1-XL: 2.85B (the "3B" model)
+  share = float(out.split("trainable ")[1].split("(")[1].split("%")[0])
+  assert 0.1 < share < 1.0  # MoV-10 trains under 1% of the parameters
 
 
 def test_cli_errors(capsys):
