@@ -5,5 +5,7 @@ from calm_jax.composition import (compose, load_composition, save_composition,
 from calm_jax.model import (ComposedModel, CompositionConfig, CompositionLayer,
                             select_layer_pairs)
 
-__all__ = ["ComposedModel", "CompositionConfig", "CompositionLayer", "compose",
+from calm_jax import api  # compose() returning a model for the moe_jax Python API
+
+__all__ = ["ComposedModel", "CompositionConfig", "CompositionLayer", "api", "compose",
            "load_composition", "save_composition", "select_layer_pairs", "trainable_mask"]

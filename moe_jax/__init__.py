@@ -1,0 +1,39 @@
+"""moe-jax: mixture-of-experts from pretrained language models, in JAX/Flax.
+
+The notebook API (:mod:`moe_jax.api`) is available at the top level::
+
+    import moe_jax as mj
+    model = mj.add_adapters(mj.load("path/to/checkpoint"), "mov", num_experts=10)
+    run = mj.finetune(model, examples, steps=100)
+    mj.predict(run.model, ["..."])
+
+Importing ``moe_jax`` is cheap: the API (and with it jax, seqio and
+TensorFlow) is imported on first use of one of its names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+#: Top-level name -> the module that defines it (imported lazily).
+_API = {name: "moe_jax.api" for name in (
+    "Data", "LoadedModel", "TrainResult", "add_adapters", "evaluate", "export_hf", "finetune",
+    "load", "predict", "router_probabilities", "save", "upcycle_model")}
+_API["compose"] = "calm_jax.api"
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+  if name in _API:
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+  raise AttributeError(f"module 'moe_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_API))

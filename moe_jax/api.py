@@ -1,0 +1,535 @@
+"""The Python API for notebooks: each step of a run in one call, on the CLIs' own code.
+
+Every function builds the objects the gin entry points build (model wrappers,
+``Trainer``, ``DatasetConfig``, seqio tasks, ``InferEvalConfig``) and calls the
+library functions the CLIs call; nothing here is a second implementation::
+
+    import moe_jax as mj
+
+    base = mj.load("path/to/llama-or-t5")                      # HF or moe-jax directory
+    model = mj.add_adapters(base, "mov", num_experts=10)       # backbone frozen, adapters fresh
+    run = mj.finetune(model, [{"inputs": "2+2=", "targets": "4"}, ...], steps=100)
+    run.history[-1]["loss"]                                    # one row per logged step
+    mj.evaluate(run.model, "my_task", feature_lengths={"inputs": 32, "targets": 8})
+    mj.predict(run.model, ["2+3="], max_new_tokens=4)         # ["5"]
+    mj.save(run.model, "out/mov")                              # adapters + base reference
+    mj.export_hf(mj.upcycle_model(base, num_experts=8), "out/moe")  # sparse upcycling -> Mixtral
+
+A model is a :class:`~moe_jax.checkpoints.LoadedModel` throughout (config,
+flax module, host parameters, source); functions return new ones and never
+modify their inputs. CALM compositions come from :func:`calm_jax.api.compose`
+and go through the same :func:`finetune` / :func:`predict`.
+
+The names avoid the subpackages' (``moe_jax.train``, ``moe_jax.generate``,
+``moe_jax.upcycle``), which would shadow them at the top level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import jax
+import numpy as np
+
+from moe_jax.checkpoints import LoadedModel
+
+Examples = Union[Sequence[Mapping[str, str]], Mapping[str, Sequence[Mapping[str, str]]]]
+#: A seqio task or mixture name, or in-memory examples ``[{"inputs", "targets"}, ...]``
+#: (or ``{"train": [...], "validation": [...]}``).
+Data = Union[str, Examples]
+
+__all__ = ["Data", "LoadedModel", "TrainResult", "add_adapters", "evaluate", "export_hf",
+           "finetune", "load", "predict", "router_probabilities", "save", "upcycle_model"]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load(path: str | os.PathLike, *, dtype: str | None = None) -> LoadedModel:
+  """Loads a Hugging Face directory, a moe-jax ``save_model`` directory or a training dir.
+
+  Same as :func:`moe_jax.checkpoints.load_checkpoint` (and ``--checkpoint`` of
+  the CLIs); a directory written by :func:`save` for an adapted model
+  (``adapter_config.json``) loads its base and adapters.
+
+  Args:
+    path: the checkpoint directory.
+    dtype: cast parameters (``"float32"``, ``"bfloat16"``, ``"float16"``).
+  """
+  from moe_jax import peft
+  from moe_jax.checkpoints import load_checkpoint
+  from moe_jax.peft.export import ADAPTER_CONFIG_FILE
+
+  if (Path(path) / ADAPTER_CONFIG_FILE).exists():
+    return peft.load_adapted(path, dtype=dtype)
+  return load_checkpoint(path, dtype=dtype)
+
+
+def add_adapters(model: LoadedModel, method: str = "mov", *, num_experts: int | None = None,
+                 seed: int = 0, **options: Any) -> LoadedModel:
+  """The model with fresh (IA)^3 / LoRA / MoV / MoLoRA adapters on its frozen backbone.
+
+  Args:
+    model: a loaded decoder or T5 (not already adapted).
+    method: ``"ia3"``, ``"lora"``, ``"mov"`` or ``"molora"``.
+    num_experts: experts of ``mov`` / ``molora`` (default 10); 1 for the others.
+    seed: adapter and router initialisation.
+    **options: further :class:`~moe_jax.peft.PeftConfig` fields (``sites``,
+      ``rank``, ``alpha``, ``router``, ``top_k``, ``load_balance_coef``, ...).
+
+  Returns:
+    A model whose backbone parameters are ``model``'s (same names) plus
+    ``peft_*`` adapters; :func:`finetune` trains only the adapters.
+  """
+  from moe_jax import peft
+
+  if num_experts is None:
+    num_experts = 10 if method in ("mov", "molora") else 1
+  config = peft.PeftConfig(method=method, num_experts=num_experts, **options)
+  module = peft.adapt(model, config)
+  params = peft.init_adapter_params(module, model.params, jax.random.key(seed))
+  return dataclasses.replace(model, module=module, params=jax.device_get(params))
+
+
+def upcycle_model(models: LoadedModel | Sequence[LoadedModel], *, method: str = "sparse",
+            num_experts: int | None = None, top_k: int | None = None,
+            capacity_factor: float | None = None, moe_layout: str | Sequence[int] = "every",
+            seed: int = 0, **options: Any) -> LoadedModel:
+  """Dense decoder(s) -> MoE, as ``python -m moe_jax.upcycle`` does.
+
+  Args:
+    models: one dense model (``sparse``) or the branches (``btx``, ``bam``).
+    method: ``"sparse"`` (FFN copied into ``num_experts`` experts), ``"btx"``
+      (branch FFNs become experts, the rest is averaged) or ``"bam"`` (FFN and
+      attention experts).
+    num_experts: experts for ``sparse``; one per branch otherwise.
+    top_k: experts per token (default 2, or E if fewer).
+    capacity_factor: ``None`` is dropless.
+    moe_layout: ``"every"``, ``"every_other"`` or layer indices.
+    seed: router initialisation (and ``noise_std`` noise for ``sparse``).
+    **options: method options (``noise_std`` for sparse; ``shared_kv``,
+      ``attention_top_k`` for bam).
+  """
+  from moe_jax import upcycle as up
+  from moe_jax.models import registry
+
+  inputs = [models] if isinstance(models, LoadedModel) else list(models)
+  configs, params = [m.config for m in inputs], [m.params for m in inputs]
+  e = num_experts or len(inputs)
+  moe = up.upcycled_moe_config(e, top_k or min(2, e), capacity_factor=capacity_factor)
+  if method == "sparse":
+    if len(inputs) != 1:
+      raise ValueError(f"upcycle_model(method='sparse') takes one model, got {len(inputs)}")
+    if num_experts is None:
+      raise ValueError("upcycle_model(method='sparse') needs num_experts")
+    config, out = up.sparse_upcycle(configs[0], params[0], num_experts=e, moe=moe,
+                                    moe_layout=moe_layout, seed=seed, **options)
+  elif method in ("btx", "bam"):
+    if len(inputs) < 2 or num_experts not in (None, len(inputs)):
+      raise ValueError(f"upcycle_model(method={method!r}) takes one model per expert (>= 2), got "
+                       f"{len(inputs)} models and num_experts={num_experts}")
+    merge = up.btx_merge if method == "btx" else up.bam_merge
+    config, out = merge(configs, params, moe=moe, moe_layout=moe_layout, seed=seed,
+                        names=[m.source for m in inputs], **options)
+  else:
+    raise ValueError(f"upcycle_model: method must be 'sparse', 'btx' or 'bam', got {method!r}")
+  return LoadedModel(config=config, module=registry.build_module(config), params=out,
+                     source=f"{method}({', '.join(m.source for m in inputs)})",
+                     tokenizer_dir=inputs[0].tokenizer_dir)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _vocabulary(model: LoadedModel, vocabulary: Any = None) -> Any:
+  from moe_jax.data.tasks import default_vocabulary
+
+  return vocabulary if vocabulary is not None else default_vocabulary(model.tokenizer_dir)
+
+
+def _task(data: Data, model: LoadedModel, vocabulary: Any = None) -> str:
+  """A registered seqio task / mixture name for ``data`` (in-memory examples are registered)."""
+  from moe_jax.data import pipeline
+  from moe_jax.data.tasks import register_in_memory_task
+
+  if isinstance(data, str):
+    pipeline.get_mixture_or_task(data)  # a clear error naming close matches
+    return data
+  digest = zlib.crc32(json.dumps(data, sort_keys=True, default=str).encode())
+  vocab = _vocabulary(model, vocabulary)
+  name = f"api_examples_{digest:08x}_{zlib.crc32(repr(vocab).encode()):08x}"
+  register_in_memory_task(name, data, vocab)
+  return name
+
+
+def _has_inputs(task: str) -> bool:
+  from moe_jax.data import pipeline
+
+  return "inputs" in pipeline.get_mixture_or_task(task).output_features
+
+
+def _feature_lengths(task: str, lengths: Mapping[str, int] | None) -> dict[str, int]:
+  """``lengths``, or the longest train example of the task (+ EOS) rounded up to 8."""
+  if lengths is not None:
+    return dict(lengths)
+  from moe_jax.data import pipeline
+
+  provider = pipeline.get_mixture_or_task(task)
+  longest = {k: 1 for k in provider.output_features}
+  ds = provider.get_dataset(sequence_length=None, split="train", shuffle=False)
+  for i, ex in enumerate(ds.as_numpy_iterator()):
+    if i >= 10_000:
+      break
+    for k in longest:
+      longest[k] = max(longest[k], len(ex[k]))
+  return {k: -(-(n + 1) // 8) * 8 for k, n in longest.items()}
+
+
+def _wrapper(model: LoadedModel, task: str | None = None) -> tuple[Any, str | None]:
+  """The trainer's model wrapper and feature converter for ``model`` on ``task``.
+
+  Decoder-only models train seq2seq tasks through seqio's prefix-LM features
+  (the loss on the targets only), as ``calm_jax.repro`` does.
+  """
+  from moe_jax.train.models import DecoderOnlyModel, EncoderDecoderModel
+
+  if model.is_encoder_decoder:
+    return EncoderDecoderModel(model.config, module=model.module), None
+  converter = "prefix_lm" if task is not None and _has_inputs(task) else None
+  return DecoderOnlyModel(model.config, module=model.module, allow_causal_prefix_lm=True), \
+      converter
+
+
+def _default_trainable(model: LoadedModel) -> Any:
+  """Adapters only for an adapted model, composition layers only for CALM, else everything."""
+  from moe_jax import peft
+
+  if peft.peft_config_of(model.module) is not None:
+    return peft.trainable_mask
+  if any(str(k).startswith("composition_") for k in model.params):
+    from calm_jax.composition import trainable_mask
+    return trainable_mask
+  return None
+
+
+def _partitioner(mesh: Any) -> Any:
+  from moe_jax.train.partitioner import Partitioner, PartitionerConfig
+
+  if mesh is None:
+    mesh = PartitionerConfig()
+  elif isinstance(mesh, Mapping):
+    mesh = PartitionerConfig(**mesh)
+  return Partitioner(mesh)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What :func:`finetune` returns.
+
+  Attributes:
+    model: the trained model (host parameters).
+    history: one dict per logged step (``step``, ``split``, ``loss``,
+      ``accuracy``, ``learning_rate``, ...), as written to ``metrics.jsonl``.
+    state: the final sharded :class:`~moe_jax.train.trainer.TrainState`.
+    task: the seqio task or mixture trained on.
+  """
+
+  model: LoadedModel
+  history: list[dict[str, Any]]
+  state: Any
+  task: str
+
+  def losses(self, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, losses)`` of ``split``'s rows, for plotting."""
+    rows = [r for r in self.history if r["split"] == split and "loss" in r]
+    return (np.array([r["step"] for r in rows]), np.array([r["loss"] for r in rows]))
+
+
+def _recording_writer(model_dir: str | os.PathLike | None, echo: bool):
+  from moe_jax.train.trainer import MetricsWriter, _to_json
+
+  class Recording(MetricsWriter):
+    def __init__(self):
+      super().__init__(model_dir, echo=echo)
+      self.rows: list[dict[str, Any]] = []
+
+    def write(self, step, split, metrics):
+      self.rows.append({"step": int(step), "split": split,
+                        **{k: _to_json(v) for k, v in metrics.items()}})
+      super().write(step, split, metrics)
+
+  return Recording()
+
+
+def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
+          feature_lengths: Mapping[str, int] | None = None, learning_rate: float = 1e-3,
+          optimizer: str = "adamw", warmup_steps: int = 0, trainable: Any = "auto",
+          model_dir: str | os.PathLike | None = None, log_every: int = 1, seed: int = 0,
+          mesh: Any = None, pack: bool = True, vocabulary: Any = None,
+          progress_bar: bool = False, echo: bool = False) -> TrainResult:
+  """Trains ``model`` for ``steps`` steps with the trainer of ``python -m moe_jax.train``.
+
+  Args:
+    model: a loaded, adapted, upcycled or composed model.
+    data: a registered seqio task / mixture name, or in-memory examples
+      (``[{"inputs": ..., "targets": ...}]``; registered as a seqio task with
+      :func:`moe_jax.data.tasks.register_in_memory_task`).
+    steps: training steps.
+    batch_size: global batch size (rows; packed rows hold several examples).
+    feature_lengths: e.g. ``{"inputs": 32, "targets": 16}``; default the
+      longest example (in-memory and small tasks).
+    learning_rate: peak learning rate (constant after ``warmup_steps``).
+    optimizer: ``"adamw"`` or ``"adafactor"``.
+    warmup_steps: linear warm-up.
+    trainable: ``"auto"`` (adapters for adapted models, composition layers
+      for CALM, everything otherwise), ``None`` (everything), regexes, a bool
+      pytree or a callable ``params -> mask``.
+    model_dir: write ``metrics.jsonl``, orbax checkpoints and
+      ``model_config.json`` there (``None``: nothing is written).
+    log_every: record metrics every this many steps (``history``).
+    seed: data shuffling and per-step RNG.
+    mesh: a ``PartitionerConfig`` or ``{"data": ..., "expert": ..., "model": ...}``
+      (default: data parallel over every device).
+    pack: pack several examples per row.
+    vocabulary: the seqio vocabulary of in-memory examples (default the
+      model's tokenizer, or bytes).
+    progress_bar, echo: tqdm bar and printed log lines.
+  """
+  import flax.linen as nn
+
+  from moe_jax.train import checkpointing
+  from moe_jax.train import __main__ as train_main
+  from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig, make_optimizer
+  from moe_jax.train.trainer import DatasetConfig, Trainer, TrainerConfig, make_data_iterator
+
+  task = _task(data, model, vocabulary)
+  wrapper, converter = _wrapper(model, task)
+  dataset = DatasetConfig(mixture_or_task_name=task, batch_size=batch_size, pack=pack,
+                          task_feature_lengths=_feature_lengths(task, feature_lengths),
+                          feature_converter=converter, seed=seed)
+  train_main._check_vocabulary(wrapper, dataset)  # pylint: disable=protected-access
+  part = _partitioner(mesh)
+  abstract = nn.meta.unbox(wrapper.abstract_boxed_params())
+  schedule = ScheduleConfig(kind="constant", lr=learning_rate, warmup_steps=warmup_steps)
+  opt = make_optimizer(OptimizerConfig(name=optimizer, schedule=schedule), abstract,
+                       trainable=_default_trainable(model) if trainable == "auto" else trainable)
+  writer = _recording_writer(model_dir, echo)
+  trainer = Trainer(model=wrapper, optimizer=opt, partitioner=part, metrics_writer=writer,
+                    config=TrainerConfig(num_train_steps=steps, log_every=log_every, seed=seed,
+                                         eval_steps=None, progress_bar=progress_bar))
+  params = jax.device_put(model.params, trainer.state_shardings.params)
+  state = trainer.state_from_params(params)
+  ckpt = None
+  if model_dir is not None:
+    checkpointing.write_model_config(model_dir, model.config)
+    ckpt = checkpointing.Checkpointer(model_dir, checkpointing.CheckpointConfig(restore=False))
+  try:
+    state = trainer.train(state, make_data_iterator(dataset, wrapper), checkpointer=ckpt)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  trained = dataclasses.replace(model, params=jax.device_get(state.params))
+  return TrainResult(model=trained, history=writer.rows, state=state, task=task)
+
+
+def evaluate(model: LoadedModel, data: Data, *, feature_lengths: Mapping[str, int] | None = None,
+             batch_size: int = 8, split: str = "validation", num_examples: int | None = None,
+             metrics: bool = True, loss: bool = True, mesh: Any = None,
+             vocabulary: Any = None) -> dict[str, Any]:
+  """Validation loss and the tasks' seqio metrics, as ``python -m moe_jax.eval`` computes them.
+
+  Args:
+    model: the model to evaluate.
+    data: task / mixture name or in-memory examples (give a ``{"validation": [...]}``
+      split, or ``split="train"`` for a plain list).
+    feature_lengths: as in :func:`finetune`.
+    batch_size: global batch size.
+    split: the split to evaluate.
+    num_examples: inference metrics on only the first examples of each task.
+    metrics: run the tasks' ``metric_fns`` (greedy generation).
+    loss: compute the validation loss (packed batches of the whole split).
+    mesh, vocabulary: as in :func:`finetune`.
+
+  Returns:
+    ``{"loss": {"loss", "accuracy", ...}, "tasks": {task: {metric: value}}}``.
+  """
+  from moe_jax.eval import InferEvalConfig, make_eval_fn
+  from moe_jax.train.trainer import DatasetConfig, Trainer, TrainerConfig, TrainState
+
+  if not (metrics or loss):
+    raise ValueError("evaluate: nothing to do (metrics=False and loss=False)")
+  task = _task(data, model, vocabulary)
+  wrapper, converter = _wrapper(model, task)
+  lengths = _feature_lengths(task, feature_lengths)
+  trainer = Trainer(model=wrapper, optimizer=None, partitioner=_partitioner(mesh),
+                    config=TrainerConfig(num_train_steps=0, progress_bar=False))
+  eval_dataset = DatasetConfig(mixture_or_task_name=task, task_feature_lengths=lengths,
+                               batch_size=batch_size, split=split, shuffle=False,
+                               feature_converter=converter) if loss else None
+  infer = InferEvalConfig(mixture_or_task_name=task, task_feature_lengths=lengths, split=split,
+                          batch_size=batch_size, num_examples=num_examples) if metrics else None
+  fn = make_eval_fn(trainer, eval_dataset=eval_dataset, infer_eval=infer)
+  if fn is None:
+    return {}
+  params = jax.device_put(model.params, trainer.state_shardings.params)
+  return fn(TrainState(step=np.int32(0), params=params, opt_state=None))
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def _prompt_ids(model: LoadedModel, prompts: Sequence[Any], vocabulary: Any,
+                task_format: bool) -> tuple[list[list[int]], Any]:
+  if not prompts:
+    raise ValueError("generate: no prompts")
+  if not isinstance(prompts[0], str):
+    return [list(map(int, p)) for p in prompts], None
+  vocab = _vocabulary(model, vocabulary)
+  ids = [list(vocab.encode(p)) for p in prompts]
+  if task_format:  # as seqio's features present an example's inputs
+    eos = [vocab.eos_id]
+    bos = [] if model.is_encoder_decoder else [0]
+    ids = [bos + p + eos for p in ids]
+  return ids, vocab
+
+
+def predict(model: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
+             vocabulary: Any = None, task_format: bool = True
+             ) -> list[str] | list[list[int]]:
+  """Generates continuations with :func:`moe_jax.decoding.generate` (KV cache, one jit).
+
+  Args:
+    model: any model of this API (adapted, upcycled and composed ones too).
+    prompts: strings (encoded with ``vocabulary``: default the model's
+      tokenizer, or bytes) or token-id lists.
+    max_new_tokens, temperature, top_k, top_p, seed: sampling (greedy at
+      temperature 0).
+    eos_id: stop id; default the config's ``eos_token_id`` (or the vocabulary's).
+    vocabulary: a seqio vocabulary for string prompts.
+    task_format: encode string prompts as the training pipeline encodes a
+      task's ``inputs`` (EOS appended; decoder-only models: after a leading 0,
+      as seqio's prefix-LM features), so a model fine-tuned with :func:`finetune`
+      sees what it was trained on. ``False``: the plain encoding.
+
+  Returns:
+    Decoded strings for string prompts, else generated id lists (each up to EOS).
+  """
+  from moe_jax import decoding
+
+  ids, vocab = _prompt_ids(model, prompts, vocabulary, task_format)
+  if eos_id is None:
+    eos_id = getattr(model.config, "eos_token_id", None)
+    if eos_id is None and vocab is not None:
+      eos_id = vocab.eos_id
+  out = decoding.generate(model.module, model.params, ids, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                          eos_id=eos_id).to_lists()
+  return [vocab.decode(row) for row in out] if vocab is not None else out
+
+
+def router_probabilities(model: LoadedModel, prompts: Sequence[str] | Sequence[Sequence[int]], *,
+                         vocabulary: Any = None, task_format: bool = True
+                         ) -> dict[str, np.ndarray]:
+  """Average router probability per expert at every routed site, over the prompts' tokens.
+
+  Works for adapter mixtures (MoV, MoLoRA) and routed-expert layers (MoE):
+  both sow ``expert_usage`` (the mean routing weight of each expert over the
+  valid tokens) into the ``moe_metrics`` collection.
+
+  Returns:
+    ``{site: [E] array}`` with sites like ``"layers_0/attn/peft_k"`` in model order;
+    stack the arrays for a (site x expert) heatmap.
+  """
+  import jax.numpy as jnp
+
+  from moe_jax.decoding import pad_prompts
+  from moe_jax.peft import METRICS_COLLECTION
+
+  ids, _ = _prompt_ids(model, prompts, vocabulary, task_format)
+  tokens, _ = pad_prompts(ids, side="right")
+  args = [jnp.asarray(tokens)]
+  if model.is_encoder_decoder:
+    args.append(jnp.zeros((tokens.shape[0], 1), jnp.int32))
+  _, state = jax.jit(lambda p, *a: model.module.apply({"params": p}, *a,
+                                                      mutable=[METRICS_COLLECTION]))(
+                                                          model.params, *args)
+  out: dict[str, np.ndarray] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state.get(METRICS_COLLECTION, {})):
+    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    if "expert_usage" not in names:
+      continue
+    site = "/".join(n for n in names[:names.index("expert_usage")] if n != "router")
+    usage = np.asarray(leaf, np.float32)
+    out[site] = (out[site] + usage) / 2 if site in out else usage
+  if not out:
+    raise ValueError(f"router_probabilities: {type(model.module).__name__} has no routers "
+                     "(add MoV / MoLoRA adapters or upcycle it)")
+  return out
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save(model: LoadedModel, path: str | os.PathLike, *, base_checkpoint: str | None = None
+         ) -> Path:
+  """Writes the model where :func:`load` (and every CLI) reads it back.
+
+  * adapted models: only the adapters and routers
+    (:func:`moe_jax.peft.save_adapters`), with a reference to the base
+    checkpoint (``base_checkpoint``, default ``model.source``);
+  * CALM compositions: only the composition layers
+    (:func:`calm_jax.save_composition`);
+  * anything else: config + parameters (:func:`moe_jax.checkpoints.save_model`).
+  """
+  from moe_jax import peft
+  from moe_jax.checkpoints import save_model
+
+  cfg = peft.peft_config_of(model.module)
+  if cfg is not None:
+    base = base_checkpoint or model.source
+    if not Path(base).is_dir():
+      raise ValueError(f"save: the adapters' base checkpoint {base!r} is not a directory; pass "
+                       "base_checkpoint= (save the base with save() first if it was made here)")
+    return peft.save_adapters(path, model.params, cfg, base_checkpoint=str(base))
+  if any(str(k).startswith("composition_") for k in model.params):
+    from calm_jax.composition import save_composition
+    return save_composition(path, model.config, model.params)
+  return save_model(path, model.config, model.params)
+
+
+def export_hf(model: LoadedModel, path: str | os.PathLike, **options: Any) -> Path:
+  """Writes a Hugging Face checkpoint (``config.json`` + safetensors), atomically.
+
+  (IA)^3 and LoRA adapters are folded into the base weights
+  (:func:`moe_jax.peft.merge_and_export_hf`); MoV / MoLoRA mixtures cannot be
+  folded (the merge depends on each token) and raise ``ValueError``: use
+  :func:`save`. Sparse / BTX upcycled models export as ``MixtralForCausalLM``.
+
+  Args:
+    model: the model.
+    path: target directory.
+    **options: ``dtype``, ``max_shard_bytes``, ``tokenizer_dir`` of
+      :func:`moe_jax.checkpoints.export_hf` (``tokenizer_dir`` defaults to the model's).
+  """
+  from moe_jax import peft
+  from moe_jax.checkpoints import export_hf as export
+
+  options.setdefault("tokenizer_dir", model.tokenizer_dir)
+  cfg = peft.peft_config_of(model.module)
+  if cfg is not None:
+    if cfg.num_experts > 1:
+      raise ValueError(f"export_hf: {cfg.method} with {cfg.num_experts} experts cannot be folded "
+                       "into the base weights (each token merges the experts differently); "
+                       "use save() for the adapters")
+    return peft.merge_and_export_hf(path, model.config, model.params, cfg, **options)
+  return export(path, model.config, model.params, **options)
