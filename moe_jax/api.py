@@ -174,14 +174,17 @@ def _has_inputs(task: str) -> bool:
 
 
 def _feature_lengths(task: str, lengths: Mapping[str, int] | None) -> dict[str, int]:
-  """``lengths``, or the longest train example of the task (+ EOS) rounded up to 8."""
+  """``lengths``, or the longest example of the task's train split (or its first split,
+  if it has no train split) plus one, rounded up to a multiple of 8."""
   if lengths is not None:
     return dict(lengths)
   from moe_jax.data import pipeline
 
   provider = pipeline.get_mixture_or_task(task)
   longest = {k: 1 for k in provider.output_features}
-  ds = provider.get_dataset(sequence_length=None, split="train", shuffle=False)
+  splits = list(getattr(provider, "splits", ()) or ["train"])
+  split = "train" if "train" in splits else splits[0]
+  ds = provider.get_dataset(sequence_length=None, split=split, shuffle=False)
   for i, ex in enumerate(ds.as_numpy_iterator()):
     if i >= 10_000:
       break
