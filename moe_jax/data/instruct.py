@@ -11,20 +11,22 @@ pretraining corpus (:func:`fact_texts`), which states facts about the same
 skills in plain sentences. That is T0's setting in miniature: a pretrained LM,
 instruction-tuned on some task clusters, asked to do unseen ones.
 
-=======================  =========  ===================================================  ===============
-task                     held       example input                                        choices
-=======================  =========  ===================================================  ===============
-``instruct_parity``      in         ``Is 37 even or odd?``                               even / odd
-``instruct_sentiment``   in         ``Review: the food was awful. Positive or negative?`` positive / negative
-``instruct_contains``    in         ``Does qwert contain the letter e? Yes or no?``      yes / no
-``instruct_is_larger``   in         ``Is 41 larger than 17? Yes or no?``                 yes / no
-``instruct_larger``      in         ``Which number is larger, 41 or 17?``                41 / 17
-``instruct_first``       in         ``Which letter does qwert start with: m, q or x?``   m / q / x
-``instruct_parity_yn``   out        ``Is 37 an odd number? Yes or no?``                  yes / no
-``instruct_sentiment_yn`` out       ``Review: the food was awful. Did they like it?...``  yes / no
-``instruct_smaller``     out        ``Which number is smaller, 41 or 17?``               41 / 17
-``instruct_last``        out        ``Which letter does qwert end with: m, t or x?``     m / t / x
-=======================  =========  ===================================================  ===============
+Tasks (``instruct_`` + name; held in / out; example input -> choices):
+
+=============== ==== ========================================================= ==============
+name            held example input                                             choices
+=============== ==== ========================================================= ==============
+parity          in   ``Is 37 even or odd?``                                    even / odd
+sentiment       in   ``Review: the food was awful. Positive or negative?``     positive / ...
+contains        in   ``Does qwert contain the letter e? Yes or no?``           yes / no
+is_larger       in   ``Is 41 larger than 17? Yes or no?``                      yes / no
+larger          in   ``Which number is larger, 41 or 17?``                     41 / 17
+first           in   ``Which letter does qwert start with: m, q or x?``        m / q / x
+parity_yn       out  ``Is 37 an odd number? Yes or no?``                       yes / no
+sentiment_yn    out  ``Review: the food was awful. Did they like it? Yes...``  yes / no
+smaller         out  ``Which number is smaller, 41 or 17?``                    41 / 17
+last            out  ``Which letter does qwert end with: m, t or x?``          m / t / x
+=============== ==== ========================================================= ==============
 
 Mixtures: ``instruct_held_in`` (the six, equal rates), ``instruct_held_out``
 (the four) and ``instruct_all``. Pretraining tasks over the facts corpus:

@@ -213,11 +213,9 @@ def run_sweep(config: SweepConfig, out: str | Path, *,
     nonlocal done
     done += 1
     elapsed = time.perf_counter() - start
-    eta = elapsed / done * (config.num_runs - done)
     log(f"[sweep {done}/{config.num_runs}] {backbone} {method}: held-in "
         f"{row['held_in']:.3f} held-out {row['held_out']:.3f} trainable "
-        f"{row['trainable_percent']:.3g}% ({seconds:.0f} s; elapsed {elapsed / 60:.1f} min, "
-        f"about {eta / 60:.1f} min left)")
+        f"{row['trainable_percent']:.3g}% ({seconds:.0f} s; elapsed {elapsed / 60:.1f} min)")
 
   for backbone, methods in config.methods.items():
     t0 = time.perf_counter()
