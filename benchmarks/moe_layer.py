@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
@@ -48,23 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 from moe_jax.moe import MoeConfig, MoeLayer  # noqa: E402
 from moe_jax.nn.mlp import Mlp  # noqa: E402
 
-
-def time_side_by_side(fns: dict, repeats: int) -> dict[str, float]:
-  """Median seconds per call of each ``name: (fn, args)``, round-robin.
-
-  Every function is compiled and warmed up first; the repeats then
-  interleave the functions so that background load hits all of them alike.
-  """
-  for fn, args in fns.values():
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, (fn, args) in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - t)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+from _timing import time_side_by_side  # noqa: E402
 
 
 def main() -> None:

@@ -2,6 +2,9 @@
 
 * :func:`compose` turns loaded checkpoints into a composed model with the
   frozen models' weights in place and fresh composition layers.
+* :func:`composition_config_from_checkpoints` and :func:`init_from_checkpoints`
+  do the same for the gin-configured trainer (architecture from the
+  checkpoints' configs; weights through the trainer's ``init_from`` rules).
 * :func:`trainable_mask` marks only composition parameters trainable; the
   trainer gives frozen parameters no optimizer state.
 * :func:`save_composition` / :func:`load_composition` store just the
@@ -75,6 +78,58 @@ def compose(anchor: Any, augments: Sequence[Any], *, num_composition_layers: int
   for j, a in enumerate(augments):
     params[f"augment_{j}"] = a.params
   return module, params
+
+
+def composition_config_from_checkpoints(
+    anchor: str | os.PathLike, augments: Sequence[str | os.PathLike], *,
+    num_composition_layers: int = 2, layer_pairs=None, num_heads: int | None = None,
+    zero_init_output: bool = True, query_norm: bool = True) -> CompositionConfig:
+  """The composed architecture of checkpoints on disk (reads configs, loads no weights).
+
+  ``anchor`` and each of ``augments`` is a Hugging Face directory, a moe-jax
+  ``save_model`` directory or a training ``model_dir``. Their tokenizers must
+  agree (``tokenizer.json`` where present, else equal vocabulary sizes). The
+  trainer's gin entry uses this with :func:`init_from_checkpoints`
+  (``gin_configs/runs/calm_compose.gin``).
+  """
+  from moe_jax.train.checkpointing import read_model_config
+
+  if isinstance(augments, (str, os.PathLike)):
+    augments = [augments]
+  if not augments:
+    raise ValueError("composition_config_from_checkpoints: no augmenting checkpoints given")
+  check_tokenizers_agree(anchor, list(augments))
+  configs = []
+  for path in [anchor, *augments]:
+    config = read_model_config(path)
+    if not isinstance(config, DecoderConfig):
+      raise ValueError(f"{path}: CALM composes decoder-only LMs, got {type(config).__name__}")
+    configs.append(config)
+  return CompositionConfig(anchor=configs[0], augments=tuple(configs[1:]),
+                           num_composition_layers=num_composition_layers,
+                           layer_pairs=layer_pairs, num_heads=num_heads,
+                           zero_init_output=zero_init_output, query_norm=query_norm)
+
+
+def init_from_checkpoints(anchor: str | os.PathLike, augments: Sequence[str | os.PathLike]
+                          ) -> tuple[Any, ...]:
+  """``InitFromCheckpoint`` rules that load the frozen models into a fresh composition.
+
+  One rule per checkpoint: the anchor's tensors go under ``anchor/``, the
+  j-th augmenting model's under ``augment_{j}/``; composition layers (and
+  anything else) keep their fresh initialisation. Pass the tuple as the
+  trainer's ``init_from``.
+  """
+  from moe_jax.train.checkpointing import InitFromCheckpoint
+
+  if isinstance(augments, (str, os.PathLike)):
+    augments = [augments]
+  rules = [InitFromCheckpoint(path=str(anchor), assignment_map=(("anchor/(.*)", r"\1"),
+                                                                (".*", None)))]
+  for j, path in enumerate(augments):
+    rules.append(InitFromCheckpoint(path=str(path), assignment_map=(
+        (f"augment_{j}/(.*)", r"\1"), (".*", None))))
+  return tuple(rules)
 
 
 def init_composition_params(module: ComposedModel, seed: int = 0) -> dict:

@@ -21,6 +21,7 @@ Everything is deterministic in ``seed``. The examples are plain
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
 from functools import cached_property
 
@@ -180,3 +181,31 @@ def register_kv_tasks(gen: KVArithmetic, *, prefix: str = "calm_", num_train: in
     }, overwrite=overwrite)
     names[task] = name
   return names
+
+
+def kv_task(task: str = "kv_math", *, seed: int = 0, num_keys: int = 100,
+            value_range: tuple[int, int] = (1, 100), num_operands: tuple[int, int] = (3, 6),
+            ops: tuple[str, ...] = ("+", "-", "x"), composition_key_fraction: float = 0.2,
+            num_train: int = 20000, num_eval: int = 256, prefix: str = "calm_") -> str:
+  """Registers the three KV tasks of one generator and returns the seqio name of ``task``.
+
+  The gin-facing form of :func:`register_kv_tasks` (``calm.kv_task`` in
+  ``gin_configs/experiments/calm_*.gin``): a macro bound to
+  ``@calm.kv_task()`` registers the tasks when the run's dataset is built.
+  Registering the same generator again replaces the tasks with identical ones.
+  """
+  gen = KVArithmetic(seed=seed, num_keys=num_keys, value_range=tuple(value_range),
+                     num_operands=tuple(num_operands), ops=tuple(ops),
+                     composition_key_fraction=composition_key_fraction)
+  names = _register_once(gen, prefix, num_train, num_eval)
+  if task not in names:
+    raise ValueError(f"calm.kv_task: unknown task {task!r}; expected one of {sorted(names)}")
+  return names[task]
+
+
+@functools.lru_cache(maxsize=None)
+def _register_once(gen: KVArithmetic, prefix: str, num_train: int, num_eval: int
+                   ) -> dict[str, str]:
+  # A gin macro bound to @calm.kv_task() is evaluated once per reference
+  # (train data, eval data, metric eval): generate and register only once.
+  return register_kv_tasks(gen, prefix=prefix, num_train=num_train, num_eval=num_eval)

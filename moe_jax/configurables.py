@@ -16,6 +16,8 @@ Registered (use them in ``gin_configs/``; the module prefix is optional)::
     peft.trainable_mask                               (a mask function for train.trainable)
     peft.PeftConfig  peft.adapted_model               (adapters on a model wrapper)
     train  evaluate                                   (the two entry points)
+    calm.composition_config_from_checkpoints  calm.init_from_checkpoints
+    calm.trainable_mask  calm.kv_task                 (CALM composition training)
 
 Registration wraps each class in a factory with the class's own signature,
 so gin checks parameter names when it parses (a typo is an error naming the
@@ -115,6 +117,12 @@ def register_all() -> None:
       _register(peft.adapted_model, "peft", "adapted_model")
   except ImportError:
     pass
+  from calm_jax import composition as calm_composition
+  from calm_jax import tasks as calm_tasks
+  for fn in (calm_composition.composition_config_from_checkpoints,
+             calm_composition.init_from_checkpoints, calm_composition.trainable_mask,
+             calm_tasks.kv_task):
+    _register(fn, "calm")
 
 
 def configured(fn: Callable) -> Callable:

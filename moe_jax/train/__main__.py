@@ -60,7 +60,9 @@ def train(*, model: Any, train_dataset: Any, model_dir: str, trainer: Any,
       steps and at the end.
     infer_eval: an :class:`~moe_jax.eval.InferEvalConfig` (task metric_fns).
     init_from: an :class:`~moe_jax.train.checkpointing.InitFromCheckpoint`
-      applied to a fresh start (ignored when resuming).
+      (or a sequence of them, applied in order, each keeping what earlier ones
+      loaded where its map says ``None``) applied to a fresh start (ignored
+      when resuming).
     trainable: trainable-parameter regexes, a bool pytree, or a callable
       ``params -> mask``; overrides ``optimizer.trainable_regexes``.
 
@@ -98,10 +100,12 @@ def train(*, model: Any, train_dataset: Any, model_dir: str, trainer: Any,
                          params=restored["params"], opt_state=restored["opt_state"])
       logger.info("resumed from %s at step %d", model_dir, restored["step"])
     elif init_from is not None:  # fresh parameters are initialised only if some stay fresh
-      params, report = checkpointing.restore_into(tr.create_params, init_from,
-                                                  abstract=tr.abstract_state.params)
-      tr.writer.write(0, "init", {"source": str(init_from.path),
-                                  "loaded": len(report.loaded), "fresh": len(report.fresh)})
+      params = tr.create_params
+      for init in (init_from if isinstance(init_from, (list, tuple)) else [init_from]):
+        params, report = checkpointing.restore_into(params, init,
+                                                    abstract=tr.abstract_state.params)
+        tr.writer.write(0, "init", {"source": str(init.path),
+                                    "loaded": len(report.loaded), "fresh": len(report.fresh)})
       state = tr.state_from_params(params)
     else:
       state = tr.create_state()

@@ -37,6 +37,11 @@ TINY = [
 # Experiments that need a pretrained checkpoint: which tiny one to make.
 INIT_CHECKPOINTS = {"t5_finetune_from_hf.gin": "t5",
                     "decoder_finetune_attention_only.gin": "llama"}
+# CALM composition: the two frozen checkpoints it composes (m_A, m_B differ in size).
+COMPOSE = {"calm_kv_math.gin"}
+# Generated KV tasks: a small training split keeps generation fast; cosine
+# schedules need warm-up < TRAIN_STEPS.
+KV_TASK = ["kv_task.num_train = 256", "kv_task.num_eval = 16", "WARMUP_STEPS = 0"]
 # Only this one also runs evaluation (validation loss + seqio metric_fns).
 WITH_EVAL = {"t5_tiny_mix.gin"}
 # Extra bindings: the MoE experiment runs expert-parallel on the 8 fake devices.
@@ -70,6 +75,15 @@ def test_experiment_runs_one_step(path, tmp_path, numpy_params):
     assert path.name in INIT_CHECKPOINTS, f"add {path.name} to INIT_CHECKPOINTS"
     ckpt = _hf_checkpoint(INIT_CHECKPOINTS[path.name], tmp_path, numpy_params)
     bindings.append(f"INIT_CHECKPOINT = {ckpt!r}")
+  if "ANCHOR_CHECKPOINT" in text:
+    assert path.name in COMPOSE, f"add {path.name} to COMPOSE"
+    for macro, d, layers in (("ANCHOR", 48, 4), ("AUGMENT", 32, 2)):
+      config = DecoderConfig(vocab_size=384, d_model=d, num_layers=layers, num_heads=2,
+                             d_ff=64, hf_model_type="llama")
+      ckpt = export_hf(tmp_path / macro.lower(), config, numpy_params(DecoderOnlyModel(config)))
+      bindings.append(f"{macro}_CHECKPOINT = {str(ckpt)!r}")
+  if "kv_task" in text:
+    bindings += KV_TASK
   if path.name not in WITH_EVAL:
     bindings += ["train.eval_dataset = None", "INFER_EVAL = None"]
   bindings += EXTRA.get(path.name, [])
@@ -95,6 +109,17 @@ def test_experiment_runs_one_step(path, tmp_path, numpy_params):
   if path.name in INIT_CHECKPOINTS:
     init = [r for r in rows if r["split"] == "init"]
     assert init and init[0]["loaded"] > 0
+  if path.name in COMPOSE:  # both LMs loaded, frozen: the step changed only composition layers
+    init = [r for r in rows if r["split"] == "init"]
+    assert len(init) == 2 and all(r["loaded"] > 0 for r in init)
+    from moe_jax.checkpoints import load_checkpoint
+    from moe_jax.checkpoints.native import flatten
+    composed = flatten(jax.device_get(state.params))
+    for prefix, src in (("anchor/", tmp_path / "anchor"), ("augment_0/", tmp_path / "augment")):
+      source = flatten(load_checkpoint(src).params)
+      for name, value in source.items():
+        np.testing.assert_array_equal(composed[prefix + name], value, err_msg=name)
+    assert any(k.startswith("composition_") for k in composed)
   assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
 
 
