@@ -93,18 +93,23 @@ def _batches(trainer, task: str, rc: ReproConfig):
   return make_data_iterator(ds, trainer.model)
 
 
-def exact_match(module, params, examples, vocab, batch_size: int = 64) -> float:
-  """Greedy exact-match accuracy (%) of ``targets`` given ``inputs``."""
-  from moe_jax import decoding
+def exact_match(model, examples, vocab, batch_size: int = 64, progress=None) -> float:
+  """Greedy exact-match accuracy (%) of ``targets`` given ``inputs``.
+
+  Prompts are encoded as the training pipeline presents a task's inputs
+  (seqio prefix-LM: leading 0, inputs, EOS), through :func:`moe_jax.api.predict`.
+  """
+  from moe_jax.api import predict
 
   correct = 0
   max_new = max(len(vocab.encode(ex["targets"])) for ex in examples) + 2
   for i in range(0, len(examples), batch_size):
     chunk = examples[i:i + batch_size]
-    prompts = [vocab.encode(ex["inputs"]) for ex in chunk]
-    out = decoding.generate(module, params, prompts, max_new_tokens=max_new, eos_id=1, pad_id=0)
-    for ex, row in zip(chunk, out.to_lists()):
-      correct += vocab.decode(row) == ex["targets"]
+    outputs = predict(model, [ex["inputs"] for ex in chunk], max_new_tokens=max_new,
+                      vocabulary=vocab)
+    correct += sum(out == ex["targets"] for ex, out in zip(chunk, outputs))
+    if progress is not None:
+      progress.update(len(chunk))
   return 100.0 * correct / len(examples)
 
 
@@ -156,12 +161,25 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True) -> dict[str, d
     assert same, f"frozen model {k} changed during composition training"
 
   print("\n== evaluating (greedy exact match on held-out test expressions)")
+  from tqdm.auto import tqdm
+
   results: dict[str, dict[str, float]] = {}
-  models = {"m_A": (m_a.module, m_a.params), "m_B": (m_b.module, m_b.params),
-            "CALM": (module, calm_params)}
-  for name, (mod, p) in models.items():
-    results[name] = {task: exact_match(mod, p, gen.examples(task, "test", rc.num_eval), vocab)
-                     for task in names}
+  calm = LoadedModel(config=module.config, module=module, params=calm_params, source="CALM")
+  models = {"m_A": m_a, "m_B": m_b, "CALM": calm}
+  with tqdm(total=len(models) * len(names) * rc.num_eval, desc="eval", unit="ex",
+            disable=not progress) as bar:
+    for name, model in models.items():
+      results[name] = {task: exact_match(model, gen.examples(task, "test", rc.num_eval), vocab,
+                                         progress=bar)
+                       for task in names}
+  from moe_jax.api import predict
+  samples = gen.examples("kv_math", "test", 4)
+  print("\nKV-MATH test examples (target | m_A | m_B | CALM):")
+  outs = {name: predict(model, [ex["inputs"] for ex in samples], max_new_tokens=16,
+                        vocabulary=vocab) for name, model in models.items()}
+  for i, ex in enumerate(samples):
+    print(f"  {ex['inputs']:<32} {ex['targets']:>6} | " +
+          " | ".join(f"{outs[name][i]!r}" for name in models))
   elapsed = time.perf_counter() - t_start
   table = format_table(results)
   print(table)
