@@ -45,9 +45,13 @@ from moe_jax.peft.routers import Router
 
 Array = jax.Array
 
-#: Logical axis of the expert and rank dims of adapter parameters: replicated
+#: Logical axis of the expert dim of adapter parameters: replicated
 #: (the adapters are tiny; sharding them would only add communication).
 ADAPTER_AXIS = "unmodeled"
+#: Logical axis of the LoRA rank dim R, also replicated; distinct from
+#: ``ADAPTER_AXIS`` because an array may not repeat a logical axis (MoLoRA's
+#: ``A [I..., E, R]`` has both).
+ADAPTER_RANK_AXIS = "adapter_rank"
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -201,10 +205,10 @@ class LoraAdapter(nn.Module):
         1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(in_dims)),
         out_axis=tuple(range(in_dims, in_dims + n_lead + 1)))
     a = self.param("lora_a", nn.with_logical_partitioning(
-        a_init, tuple(self.in_axes) + expert_axes + (ADAPTER_AXIS,)),
+        a_init, tuple(self.in_axes) + expert_axes + (ADAPTER_RANK_AXIS,)),
         in_shape + expert + (p.rank,), jnp.dtype(self.param_dtype))
     b = self.param("lora_b", nn.with_logical_partitioning(
-        nn.initializers.zeros, expert_axes + (ADAPTER_AXIS,) + tuple(self.out_axes)),
+        nn.initializers.zeros, expert_axes + (ADAPTER_RANK_AXIS,) + tuple(self.out_axes)),
         expert + (p.rank,) + out, jnp.dtype(self.param_dtype))
     dtype = jnp.dtype(self.dtype)
     if not p.is_mixture:

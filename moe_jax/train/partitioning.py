@@ -23,8 +23,8 @@ Default layout (see ``DEFAULT_RULES``):
 * ``expert`` (the E dim of routed-expert params) is split over ``expert``.
 * ``mlp``, ``heads``, ``kv_heads``, ``vocab`` are split over ``model``
   (Megatron-style tensor parallelism, including the expert FFN dimension F).
-* ``embed``, ``length``, ``kv`` and ``unmodeled`` (router kernels) are
-  replicated.
+* ``embed``, ``length``, ``kv``, ``unmodeled`` (router kernels, adapter
+  experts) and ``adapter_rank`` (the LoRA rank) are replicated.
 
 Rule semantics are flax's (``nn.logical_axis_rules``): rules are tried in
 order and a mesh axis is used at most once per array; a dimension whose rule's
@@ -59,6 +59,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("length", None),
     ("kv", None),
     ("unmodeled", None),
+    ("adapter_rank", None),
 )
 
 

@@ -153,3 +153,13 @@ def test_quick_sweep_writes_the_table_and_heatmap(tmp_path, capsys):
   routing = json.loads((tmp_path / "routing_t5_mov10.json").read_text())
   assert routing["tasks"] == list(instruct.TASK_NAMES)
   assert "[sweep 3/3] t5 mov10" in capsys.readouterr().out
+
+
+def test_molora_parameters_get_partition_specs():
+  """MoLoRA's ``A [D, E, R]`` has an expert and a rank dim; both must map to (replicated) rules."""
+  from moe_jax.train.partitioner import Partitioner, PartitionerConfig
+
+  model, _ = _wrapper("t5", peft.PeftConfig(method="molora", num_experts=2))
+  specs = Partitioner(PartitionerConfig()).param_specs(model.abstract_boxed_params())
+  a = specs["encoder"]["layers_0"]["attn"]["peft_q"]["lora_a"]
+  assert tuple(a) == (None, None, None)
