@@ -20,7 +20,8 @@ from moe_jax.train.models import DecoderOnlyModel, EncoderDecoderModel
 
 GIN = configurables.GIN_CONFIGS_DIR
 EXPERIMENTS = sorted((GIN / "experiments").glob("*.gin"))
-OTHERS = sorted(p for p in GIN.rglob("*.gin") if p.parent.name != "experiments")
+# experiments/<sweep>/ folders belong to their sweep's tests (tests/peft/test_peft_sweep.py).
+OTHERS = sorted(p for p in GIN.rglob("*.gin") if p.relative_to(GIN).parts[0] != "experiments")
 
 TINY = [
     "DecoderConfig.d_model = 32", "DecoderConfig.num_layers = 1", "DecoderConfig.num_heads = 2",
