@@ -86,6 +86,12 @@ class CompositionConfig:
   query_norm: bool = True
 
   def __post_init__(self):
+    # Lists (gin, JSON) become tuples: the config must stay hashable (it is a
+    # flax module attribute, and jit keys on it).
+    object.__setattr__(self, "augments", tuple(self.augments))
+    if self.layer_pairs is not None:
+      object.__setattr__(self, "layer_pairs", tuple(
+          tuple((int(a), int(b)) for a, b in ps) for ps in self.layer_pairs))
     if not self.augments:
       raise ValueError("CompositionConfig needs at least one augmenting model")
     for j, aug in enumerate(self.augments):

@@ -167,3 +167,12 @@ def test_save_and_load_composition(models, tmp_path):
                                 m2.apply({"params": p2}, tokens)[0])
   with pytest.raises(Exception, match="do not match"):
     load_composition(tmp_path / "comp", anchor=g, augments=[g])
+
+
+def test_config_from_lists_is_hashable():
+  # gin and JSON give lists; the config is a flax module attribute and must hash.
+  a = DecoderConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, d_ff=32)
+  b = DecoderConfig(vocab_size=32, d_model=24, num_layers=3, num_heads=2, d_ff=48)
+  config = CompositionConfig(anchor=b, augments=[a], layer_pairs=[[[1, 0], [1, 2]]])
+  assert config.pairs == (((1, 0), (1, 2)),)
+  assert hash(ComposedModel(config=config)) == hash(ComposedModel(config=config))
