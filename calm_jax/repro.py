@@ -27,27 +27,40 @@ PAPER_KV_MATH = {"m_A": 0.7, "m_B": 0.0, "CALM": 84.3}
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReproConfig:
-  """Sizes and budgets (defaults: ~10 minutes on 2 CPU cores)."""
+  """Sizes and budgets (defaults: about 10 minutes on 2 quiet CPU cores).
+
+  The defaults shrink the paper's setting (100 keys, values 1-100, 3-6
+  operands with + - x) to what tiny models learn in minutes on a CPU: 50 keys
+  with values 1-50, 2-3 operands with + and -. Composition still trains on
+  KV-MATH over 20% of the keys and is tested on held-out expressions over all
+  keys. ``--set`` restores any of the paper's settings (with longer budgets).
+  """
 
   seed: int = 0
-  num_keys: int = 30
-  value_range: tuple[int, int] = (1, 30)
-  num_operands: tuple[int, int] = (3, 6)
+  num_keys: int = 50
+  value_range: tuple[int, int] = (1, 50)
+  num_operands: tuple[int, int] = (2, 3)
   ops: tuple[str, ...] = ("+", "-")
   d_model_a: int = 96
   layers_a: int = 4
   d_model_b: int = 128
   layers_b: int = 4
-  composition_layers: int = 2
-  steps_a: int = 1500
-  steps_b: int = 2000
-  steps_calm: int = 1000
-  batch_size: int = 64
+  composition_layers: int = 4
+  steps_a: int = 600
+  steps_b: int = 1500
+  steps_calm: int = 1500
+  batch_size: int = 32
   lr: float = 3e-3
-  num_eval: int = 256
-  input_length: int = 64
-  target_length: int = 32
+  num_eval: int = 128
+  input_length: int = 32
+  target_length: int = 16
 
+
+_TASK_FIELDS = ("seed", "num_keys", "value_range", "num_operands", "ops", "batch_size", "lr",
+                "input_length", "target_length")
+#: ReproConfig fields a saved m_A / m_B depends on (``--reuse`` checks them).
+_RECIPE = {"m_a": _TASK_FIELDS + ("d_model_a", "layers_a", "steps_a"),
+           "m_b": _TASK_FIELDS + ("d_model_b", "layers_b", "steps_b")}
 
 QUICK = dict(num_keys=12, value_range=(1, 12), d_model_a=32, layers_a=2, d_model_b=32,
              layers_b=2, composition_layers=1, steps_a=30, steps_b=30, steps_calm=30,
@@ -113,12 +126,20 @@ def exact_match(model, examples, vocab, batch_size: int = 64, progress=None) -> 
   return 100.0 * correct / len(examples)
 
 
-def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True) -> dict[str, dict[str, float]]:
+def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = False
+        ) -> dict[str, dict[str, float]]:
+  """Trains m_A, m_B and the composition, evaluates all three; writes everything to ``out_dir``.
+
+  ``out_dir`` gets ``m_a/`` and ``m_b/`` (moe-jax checkpoints), ``calm/`` (the
+  composition layers), ``results.{md,json}`` and ``accuracy.png``. With
+  ``reuse``, m_A and m_B already in ``out_dir`` (trained with the same
+  recipe) are loaded instead of trained again.
+  """
   import jax
 
-  from calm_jax.composition import compose, trainable_mask
+  from calm_jax.composition import compose, save_composition, trainable_mask
   from calm_jax.tasks import KVArithmetic, register_kv_tasks
-  from moe_jax.checkpoints import LoadedModel
+  from moe_jax.checkpoints import LoadedModel, load_checkpoint, save_model
   from moe_jax.data.tasks import default_vocabulary
   from moe_jax.models import registry
 
@@ -135,17 +156,28 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True) -> dict[str, d
     ex = gen.examples(task, "train", 1)[0]
     print(f"  {task:9s} {ex['inputs']}  ->  {ex['targets']}")
 
-  def train_single(task: str, d: int, layers: int, steps: int) -> LoadedModel:
+  def train_single(name: str, task: str, d: int, layers: int, steps: int) -> LoadedModel:
+    directory = out_dir / name
+    recipe = {k: v for k, v in dataclasses.asdict(rc).items() if k in _RECIPE[name]}
+    if reuse and (directory / "repro.json").exists():
+      saved = json.loads((directory / "repro.json").read_text())
+      if saved != json.loads(json.dumps(recipe)):
+        raise SystemExit(f"error: --reuse: {directory} was trained with {saved}, not {recipe}; "
+                         "drop --reuse or use another --out")
+      print(f"\n== reusing {name} from {directory}")
+      return load_checkpoint(directory)
     config = _decoder_config(vocab.vocab_size, d, layers)
     module = registry.build_module(config)
     trainer = _trainer(config, module, rc, steps, progress=progress)
-    print(f"\n== training m on {task} ({steps} steps, d_model {d}, {layers} layers)")
+    print(f"\n== training {name} on {task} ({steps} steps, d_model {d}, {layers} layers)")
     state = trainer.train(trainer.create_state(), _batches(trainer, names[task], rc))
     params = jax.device_get(state.params)
-    return LoadedModel(config=config, module=module, params=params, source=task)
+    save_model(directory, config, params,
+               extra_files={"repro.json": json.dumps(recipe, indent=2).encode()})
+    return LoadedModel(config=config, module=module, params=params, source=str(directory))
 
-  m_a = train_single("kv_subs", rc.d_model_a, rc.layers_a, rc.steps_a)
-  m_b = train_single("num_math", rc.d_model_b, rc.layers_b, rc.steps_b)
+  m_a = train_single("m_a", "kv_subs", rc.d_model_a, rc.layers_a, rc.steps_a)
+  m_b = train_single("m_b", "num_math", rc.d_model_b, rc.layers_b, rc.steps_b)
 
   module, params = compose(m_b, [m_a], num_composition_layers=rc.composition_layers,
                            seed=rc.seed)
@@ -156,6 +188,8 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True) -> dict[str, d
   state = trainer.train(trainer.state_from_params(jax.device_put(params)),
                         _batches(trainer, names["kv_math"], rc))
   calm_params = jax.device_get(state.params)
+  save_composition(out_dir / "calm", module.config, calm_params,
+                   anchor_checkpoint=str(out_dir / "m_b"), augment_checkpoints=[str(out_dir / "m_a")])
   for k in ("anchor", "augment_0"):  # frozen means frozen
     same = jax.tree.all(jax.tree.map(np.array_equal, calm_params[k], params[k]))
     assert same, f"frozen model {k} changed during composition training"
@@ -166,12 +200,19 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True) -> dict[str, d
   results: dict[str, dict[str, float]] = {}
   calm = LoadedModel(config=module.config, module=module, params=calm_params, source="CALM")
   models = {"m_A": m_a, "m_B": m_b, "CALM": calm}
-  with tqdm(total=len(models) * len(names) * rc.num_eval, desc="eval", unit="ex",
+  eval_sets = {task: gen.examples(task, "test", rc.num_eval) for task in names}
+  # KV-MATH over the composition keys only: the composition's training distribution.
+  eval_sets["kv_math_comp"] = gen.examples("kv_math", "train", rc.num_eval)
+  with tqdm(total=len(models) * len(eval_sets) * rc.num_eval, desc="eval", unit="ex",
             disable=not progress) as bar:
     for name, model in models.items():
-      results[name] = {task: exact_match(model, gen.examples(task, "test", rc.num_eval), vocab,
-                                         progress=bar)
-                       for task in names}
+      results[name] = {task: exact_match(model, examples, vocab, progress=bar)
+                       for task, examples in eval_sets.items()}
+  probe = value_probe(m_a, gen, vocab)
+  print("\nLinear probe of m_A's states at the closing '>' of each key (ridge, fit on the "
+        "composition keys' values, tested on the other keys; chance ~10% / ~17%):")
+  for layer, (units, tens) in enumerate(probe):
+    print(f"  layer {layer}: units digit {100 * units:.0f}%, tens digit {100 * tens:.0f}%")
   from moe_jax.api import predict
   samples = gen.examples("kv_math", "test", 4)
   print("\nKV-MATH test examples (target | m_A | m_B | CALM):")
@@ -186,17 +227,62 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True) -> dict[str, d
   print(f"(paper, KV-MATH: m_A {PAPER_KV_MATH['m_A']}, m_B {PAPER_KV_MATH['m_B']}, "
         f"CALM {PAPER_KV_MATH['CALM']}; total time {elapsed / 60:.1f} min)")
   (out_dir / "results.json").write_text(json.dumps(
-      {"results": results, "config": dataclasses.asdict(rc), "seconds": elapsed}, indent=2))
+      {"results": results, "config": dataclasses.asdict(rc), "seconds": elapsed,
+       "value_probe_units_tens_by_layer": probe}, indent=2))
   (out_dir / "results.md").write_text(table + "\n")
   plot(results, out_dir / "accuracy.png")
   print(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'accuracy.png'}")
   return results
 
 
+def value_probe(m_a, gen, vocab, num_examples: int = 256) -> list[tuple[float, float]]:
+  """Are key values linearly readable from m_A's states at the keys (per layer)?
+
+  CALM's composition layers read m_A's hidden states at positions up to the
+  current one; to generalise beyond the composition keys, a key's *value* must
+  be present (in a shared, readable form) at the key's own positions. This fits
+  a ridge readout of the value's units and tens digit from each layer's state
+  at the closing ``>`` of every key on the composition keys and returns its
+  accuracy ``(units, tens)`` on all other keys.
+  """
+  import re
+
+  import jax.numpy as jnp
+
+  examples = gen.examples("kv_subs", "test", num_examples)
+  ids = [[0] + list(vocab.encode(ex["inputs"])) + [vocab.eos_id] for ex in examples]
+  tokens = np.zeros((len(ids), max(map(len, ids))), np.int32)
+  for i, row in enumerate(ids):
+    tokens[i, :len(row)] = row
+  valid = np.zeros(tokens.shape, bool)
+  for i, row in enumerate(ids):
+    valid[i, :len(row)] = True
+  _, state = m_a.module.apply({"params": m_a.params}, jnp.asarray(tokens),
+                              valid_BL=jnp.asarray(valid), sow_hidden=True,
+                              mutable=["intermediates"])
+  close = vocab.encode(">")[0]
+  where = [(i, j, key) for i, ex in enumerate(examples)
+           for j, key in zip([j for j, t in enumerate(ids[i]) if t == close],
+                             re.findall(r"<([a-z]+)>", ex["inputs"]))]
+  values = np.array([gen.table[key] for _, _, key in where])
+  fit = np.isin([key for _, _, key in where], list(gen.composition_keys))
+  out = []
+  for hidden in state["intermediates"]["hidden"]:
+    x = np.asarray(hidden)[[i for i, _, _ in where], [j for _, j, _ in where]]
+    x = np.c_[x, np.ones(len(x))]
+    accs = []
+    for digit in (values % 10, values // 10 % 10):
+      onehot = np.eye(10)[digit]
+      w = np.linalg.solve(x[fit].T @ x[fit] + np.eye(x.shape[1]), x[fit].T @ onehot[fit])
+      accs.append(float(((x[~fit] @ w).argmax(1) == digit[~fit]).mean()))
+    out.append(tuple(accs))
+  return out
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
-  tasks = ("kv_subs", "num_math", "kv_math")
-  head = "| model | KV-SUBS | NUM-MATH | KV-MATH |"
-  rows = [head, "|---|---|---|---|"]
+  tasks = ("kv_subs", "num_math", "kv_math", "kv_math_comp")
+  head = "| model | KV-SUBS | NUM-MATH | KV-MATH | KV-MATH, composition keys |"
+  rows = [head, "|---|---|---|---|---|"]
   for name, accs in results.items():
     rows.append(f"| {name} | " + " | ".join(f"{accs[t]:.1f}" for t in tasks) + " |")
   return "\n".join(rows)
@@ -208,9 +294,9 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  tasks = ("kv_subs", "num_math", "kv_math")
-  labels = ("KV-SUBS", "NUM-MATH", "KV-MATH")
-  fig, ax = plt.subplots(figsize=(7, 3.6))
+  tasks = ("kv_subs", "num_math", "kv_math", "kv_math_comp")
+  labels = ("KV-SUBS", "NUM-MATH", "KV-MATH\n(held-out)", "KV-MATH\n(composition keys)")
+  fig, ax = plt.subplots(figsize=(8, 3.8))
   width = 0.26
   for i, (name, accs) in enumerate(results.items()):
     xs = np.arange(len(tasks)) + (i - 1) * width
@@ -220,7 +306,7 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
   ax.set_ylabel("exact match (%)")
   ax.set_ylim(0, 105)
   ax.set_title("CALM on KV arithmetic (small-scale reproduction of Table 1)")
-  ax.legend(loc="upper left")
+  ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -231,6 +317,8 @@ def main(argv=None) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="out/calm_repro", help="results directory")
   p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, ~1 min)")
+  p.add_argument("--reuse", action="store_true",
+                 help="load m_A / m_B from --out if they were trained there with the same recipe")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="override a ReproConfig field, e.g. --set steps_b=3000")
   args = p.parse_args(argv)
@@ -243,7 +331,7 @@ def main(argv=None) -> None:
     overrides[name] = json.loads(value) if value[:1] in "[{0123456789-." else value
     if isinstance(overrides[name], list):
       overrides[name] = tuple(overrides[name])
-  run(ReproConfig(**overrides), Path(args.out))
+  run(ReproConfig(**overrides), Path(args.out), reuse=args.reuse)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,12 @@ def test_quick_reproduction_writes_table_json_and_plot(tmp_path):
   results = repro.run(repro.ReproConfig(**repro.QUICK), tmp_path, progress=False)
   assert set(results) == {"m_A", "m_B", "CALM"}
   for accs in results.values():
-    assert set(accs) == {"kv_subs", "num_math", "kv_math"}
+    assert set(accs) == {"kv_subs", "num_math", "kv_math", "kv_math_comp"}
     assert all(0.0 <= v <= 100.0 for v in accs.values())
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["results"] == results and saved["config"]["steps_calm"] == repro.QUICK["steps_calm"]
   table = (tmp_path / "results.md").read_text()
-  assert table.splitlines()[0] == "| model | KV-SUBS | NUM-MATH | KV-MATH |"
+  assert table.splitlines()[0].startswith("| model | KV-SUBS | NUM-MATH | KV-MATH |")
+  probe = saved["value_probe_units_tens_by_layer"]
+  assert len(probe) == repro.QUICK["layers_a"] and all(0 <= a <= 1 for p in probe for a in p)
   assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
