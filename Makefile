@@ -24,7 +24,7 @@ test: $(VENV_STAMP)
 	$(PY) -m pytest -n 2 tests
 
 bench: $(VENV_STAMP)
-	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script --quick || exit 1; done
+	@for script in benchmarks/[!_]*.py; do echo "== $$script"; $(PY) $$script --quick || exit 1; done
 
 clean:
 	rm -rf .venv build *.egg-info
