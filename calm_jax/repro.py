@@ -328,7 +328,10 @@ def main(argv=None) -> None:
     name, _, value = item.partition("=")
     if name not in fields:
       raise SystemExit(f"error: --set {item!r}: unknown field; known: {sorted(fields)}")
-    overrides[name] = json.loads(value) if value[:1] in "[{0123456789-." else value
+    try:  # numbers, lists, true / false; anything else is a string
+      overrides[name] = json.loads(value)
+    except json.JSONDecodeError:
+      overrides[name] = value
     if isinstance(overrides[name], list):
       overrides[name] = tuple(overrides[name])
   run(ReproConfig(**overrides), Path(args.out), reuse=args.reuse)
