@@ -9,7 +9,7 @@ permutation (unlike Meta's original checkpoints).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -191,26 +191,41 @@ class LlamaConverter:
     return params
 
   def params_to_hf(self, params: Mapping, c: DecoderConfig) -> dict[str, np.ndarray]:
-    d, h, k, dh = c.d_model, c.num_heads, c.kv_heads, c.dh
-    a = lambda x: np.asarray(x)  # noqa: E731
-    out = {"model.embed_tokens.weight": a(params["embed"]["embedding"]),
-           "model.norm.weight": a(params["final_norm"]["scale"])}
-    for i in range(c.num_layers):
-      lp, p = params[f"layers_{i}"], f"model.layers.{i}."
-      attn = lp["attn"]
-      for name, heads in (("q", h), ("k", k), ("v", k)):
-        out[p + f"self_attn.{name}_proj.weight"] = a(attn[name]["kernel"]).reshape(
-            d, heads * dh).T
-        if c.qkv_bias:
-          out[p + f"self_attn.{name}_proj.bias"] = a(attn[name]["bias"]).reshape(heads * dh)
-      out[p + "self_attn.o_proj.weight"] = a(attn["o"]["kernel"]).reshape(h * dh, d).T
-      if c.attn_out_bias:
-        out[p + "self_attn.o_proj.bias"] = a(attn["o"]["bias"])
-      out[p + "input_layernorm.weight"] = a(lp["input_norm"]["scale"])
-      out[p + "post_attention_layernorm.weight"] = a(lp["post_attn_norm"]["scale"])
-      out[p + "mlp.gate_proj.weight"] = a(lp["mlp"]["wi_0"]["kernel"]).T
-      out[p + "mlp.up_proj.weight"] = a(lp["mlp"]["wi_1"]["kernel"]).T
-      out[p + "mlp.down_proj.weight"] = a(lp["mlp"]["wo"]["kernel"]).T
-    if not c.tie_embeddings:
-      out["lm_head.weight"] = a(params["lm_head"]["kernel"]).T
-    return {name: np.ascontiguousarray(x) for name, x in out.items()}
+    return decoder_params_to_hf(params, c, _mlp_to_hf)
+
+
+def _mlp_to_hf(mlp: Mapping, c: DecoderConfig, prefix: str) -> dict[str, np.ndarray]:
+  return {prefix + "mlp.gate_proj.weight": np.asarray(mlp["wi_0"]["kernel"]).T,
+          prefix + "mlp.up_proj.weight": np.asarray(mlp["wi_1"]["kernel"]).T,
+          prefix + "mlp.down_proj.weight": np.asarray(mlp["wo"]["kernel"]).T}
+
+
+def decoder_params_to_hf(params: Mapping, c: DecoderConfig,
+                         ffn_to_hf: Callable[[Mapping, Any, str], dict[str, np.ndarray]]
+                         ) -> dict[str, np.ndarray]:
+  """HF tensors of a Llama-layout decoder; ``ffn_to_hf(layer["mlp"], c, prefix)`` maps the FFN.
+
+  Shared by the dense (Llama / Mistral / Qwen2) and the Mixtral exporters,
+  which differ only in their FFN.
+  """
+  d, h, k, dh = c.d_model, c.num_heads, c.kv_heads, c.dh
+  a = np.asarray
+  out = {"model.embed_tokens.weight": a(params["embed"]["embedding"]),
+         "model.norm.weight": a(params["final_norm"]["scale"])}
+  for i in range(c.num_layers):
+    lp, p = params[f"layers_{i}"], f"model.layers.{i}."
+    attn = lp["attn"]
+    for name, heads in (("q", h), ("k", k), ("v", k)):
+      out[p + f"self_attn.{name}_proj.weight"] = a(attn[name]["kernel"]).reshape(
+          d, heads * dh).T
+      if c.qkv_bias:
+        out[p + f"self_attn.{name}_proj.bias"] = a(attn[name]["bias"]).reshape(heads * dh)
+    out[p + "self_attn.o_proj.weight"] = a(attn["o"]["kernel"]).reshape(h * dh, d).T
+    if c.attn_out_bias:
+      out[p + "self_attn.o_proj.bias"] = a(attn["o"]["bias"])
+    out[p + "input_layernorm.weight"] = a(lp["input_norm"]["scale"])
+    out[p + "post_attention_layernorm.weight"] = a(lp["post_attn_norm"]["scale"])
+    out.update(ffn_to_hf(lp["mlp"], c, p))
+  if not c.tie_embeddings:
+    out["lm_head.weight"] = a(params["lm_head"]["kernel"]).T
+  return {name: np.ascontiguousarray(x) for name, x in out.items()}

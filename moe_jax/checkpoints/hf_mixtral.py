@@ -40,7 +40,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from moe_jax.checkpoints.hf_common import CheckpointError, TensorGetter
-from moe_jax.checkpoints.hf_llama import LlamaConverter
+from moe_jax.checkpoints.hf_llama import LlamaConverter, decoder_params_to_hf
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.models.moe_decoder import MoeDecoder, MoeDecoderConfig
 from moe_jax.moe.layer import MoeConfig
@@ -156,25 +156,15 @@ class MixtralConverter:
                         "wo": {"kernel": wo}}}
 
   def params_to_hf(self, params: Mapping, c: MoeDecoderConfig) -> dict[str, np.ndarray]:
-    d, h, k, dh = c.d_model, c.num_heads, c.kv_heads, c.dh
-    a = lambda x: np.asarray(x)  # noqa: E731
-    out = {"model.embed_tokens.weight": a(params["embed"]["embedding"]),
-           "model.norm.weight": a(params["final_norm"]["scale"])}
-    for i in range(c.num_layers):
-      lp, p = params[f"layers_{i}"], f"model.layers.{i}."
-      for name, n in (("q", h), ("k", k), ("v", k)):
-        out[p + f"self_attn.{name}_proj.weight"] = a(lp["attn"][name]["kernel"]).reshape(
-            d, n * dh).T
-      out[p + "self_attn.o_proj.weight"] = a(lp["attn"]["o"]["kernel"]).reshape(h * dh, d).T
-      out[p + "input_layernorm.weight"] = a(lp["input_norm"]["scale"])
-      out[p + "post_attention_layernorm.weight"] = a(lp["post_attn_norm"]["scale"])
-      q = p + "block_sparse_moe."
-      out[q + "gate.weight"] = a(lp["mlp"]["router"]["kernel"]).T
-      experts = lp["mlp"]["experts"]
-      for j in range(c.moe.num_experts):
-        out[q + f"experts.{j}.w1.weight"] = a(experts["wi_0"]["kernel"][j]).T
-        out[q + f"experts.{j}.w3.weight"] = a(experts["wi_1"]["kernel"][j]).T
-        out[q + f"experts.{j}.w2.weight"] = a(experts["wo"]["kernel"][j]).T
-    if not c.tie_embeddings:
-      out["lm_head.weight"] = a(params["lm_head"]["kernel"]).T
-    return {name: np.ascontiguousarray(x) for name, x in out.items()}
+    return decoder_params_to_hf(params, c, _moe_to_hf)
+
+
+def _moe_to_hf(mlp: Mapping, c: MoeDecoderConfig, prefix: str) -> dict[str, np.ndarray]:
+  q = prefix + "block_sparse_moe."
+  out = {q + "gate.weight": np.asarray(mlp["router"]["kernel"]).T}
+  experts = mlp["experts"]
+  for j in range(c.moe.num_experts):
+    out[q + f"experts.{j}.w1.weight"] = np.asarray(experts["wi_0"]["kernel"][j]).T
+    out[q + f"experts.{j}.w3.weight"] = np.asarray(experts["wi_1"]["kernel"][j]).T
+    out[q + f"experts.{j}.w2.weight"] = np.asarray(experts["wo"]["kernel"][j]).T
+  return out
