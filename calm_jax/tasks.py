@@ -21,7 +21,6 @@ Everything is deterministic in ``seed``. The examples are plain
 from __future__ import annotations
 
 import dataclasses
-import functools
 import string
 from functools import cached_property
 
@@ -203,9 +202,28 @@ def kv_task(task: str = "kv_math", *, seed: int = 0, num_keys: int = 100,
   return names[task]
 
 
-@functools.lru_cache(maxsize=None)
+#: (generator, prefix, num_train, num_eval) -> {view: task name}, {task name: its seqio Task}
+_REGISTERED: dict[tuple, tuple[dict[str, str], dict[str, object]]] = {}
+
+
 def _register_once(gen: KVArithmetic, prefix: str, num_train: int, num_eval: int
                    ) -> dict[str, str]:
   # A gin macro bound to @calm.kv_task() is evaluated once per reference
-  # (train data, eval data, metric eval): generate and register only once.
-  return register_kv_tasks(gen, prefix=prefix, num_train=num_train, num_eval=num_eval)
+  # (train data, eval data, metric eval): generate and register only once, but
+  # again if other code has since registered other tasks under these names
+  # (e.g. calm_jax.repro with its own generator and the same prefix).
+  import seqio
+
+  key = (gen, prefix, num_train, num_eval)
+  names, registered = _REGISTERED.get(key, ({}, {}))
+
+  def current(name):
+    try:
+      return seqio.TaskRegistry.get(name)
+    except ValueError:
+      return None
+
+  if not registered or any(current(n) is not t for n, t in registered.items()):
+    names = register_kv_tasks(gen, prefix=prefix, num_train=num_train, num_eval=num_eval)
+    _REGISTERED[key] = names, {n: current(n) for n in names.values()}
+  return names

@@ -56,3 +56,20 @@ def test_deterministic_and_validated():
     KVArithmetic(num_keys=50, value_range=(1, 10))
   with pytest.raises(ValueError, match="unknown KV task"):
     KVArithmetic().examples("kv_div", "train", 1)
+
+
+def test_kv_task_reregisters_when_other_code_replaced_its_tasks():
+  import seqio
+
+  from calm_jax.tasks import kv_task, register_kv_tasks
+  kw = dict(num_keys=12, value_range=(1, 12), num_train=8, num_eval=4, prefix="calm_stale_")
+  name = kv_task("kv_math", **kw)
+  first = seqio.TaskRegistry.get(name)
+  assert kv_task("kv_math", **kw) == name and seqio.TaskRegistry.get(name) is first  # cached
+  register_kv_tasks(KVArithmetic(seed=9, num_keys=12, value_range=(1, 12)),
+                    prefix="calm_stale_", num_train=8, num_eval=4)  # same names, other data
+  assert kv_task("kv_math", **kw) == name
+  source = seqio.TaskRegistry.get(name).source.get_dataset(split="validation", shuffle=False)
+  got = [ex["inputs"].decode() for ex in source.as_numpy_iterator()]
+  want = KVArithmetic(num_keys=12, value_range=(1, 12)).examples("kv_math", "validation", 4)
+  assert got == [ex["inputs"] for ex in want]  # kv_task's own data again, not seed 9's
