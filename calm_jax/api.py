@@ -37,7 +37,8 @@ def compose(anchor: LoadedModel, augments: Sequence[LoadedModel], *,
     augments: the augmenting decoders (same vocabulary).
     num_composition_layers: how many anchor layers attend to the augmenting
       models (evenly spaced, see :func:`calm_jax.model.select_layer_pairs`).
-    layer_pairs: explicit ``(anchor_layer, augment_layer)`` pairs instead.
+    layer_pairs: explicit pairs instead: per augmenting model,
+      ``((augment_layer, anchor_layer), ...)``.
     num_heads: heads of the composition cross-attention (default the anchor's).
     seed: initialisation of the composition layers.
 

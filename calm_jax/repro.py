@@ -249,14 +249,12 @@ def value_probe(m_a, gen, vocab, num_examples: int = 256) -> list[tuple[float, f
 
   import jax.numpy as jnp
 
+  from moe_jax.api import _prompt_ids
+  from moe_jax.decoding import pad_prompts
+
   examples = gen.examples("kv_subs", "test", num_examples)
-  ids = [[0] + list(vocab.encode(ex["inputs"])) + [vocab.eos_id] for ex in examples]
-  tokens = np.zeros((len(ids), max(map(len, ids))), np.int32)
-  for i, row in enumerate(ids):
-    tokens[i, :len(row)] = row
-  valid = np.zeros(tokens.shape, bool)
-  for i, row in enumerate(ids):
-    valid[i, :len(row)] = True
+  ids, _ = _prompt_ids(m_a, [ex["inputs"] for ex in examples], vocab, True)  # as in training
+  tokens, valid = pad_prompts(ids, side="right")
   _, state = m_a.module.apply({"params": m_a.params}, jnp.asarray(tokens),
                               valid_BL=jnp.asarray(valid), sow_hidden=True,
                               mutable=["intermediates"])
