@@ -27,19 +27,25 @@ PAPER_KV_MATH = {"m_A": 0.7, "m_B": 0.0, "CALM": 84.3}
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReproConfig:
-  """Sizes and budgets (defaults: about 10 minutes on 2 quiet CPU cores).
+  """Sizes and budgets (defaults: about 13 minutes on 2 quiet CPU cores).
 
-  The defaults shrink the paper's setting (100 keys, values 1-100, 3-6
-  operands with + - x) to what tiny models learn in minutes on a CPU: 50 keys
-  with values 1-50, 2-3 operands with + and -. Composition still trains on
-  KV-MATH over 20% of the keys and is tested on held-out expressions over all
-  keys. ``--set`` restores any of the paper's settings (with longer budgets).
+  The defaults shrink the paper's setting (100 keys, 3-6 operands with
+  + - x) to what tiny models learn in minutes on a CPU: 100 keys with values
+  0-99, 2 operands with + and -. Composition still trains on KV-MATH over 20%
+  of the keys and is tested on held-out expressions over all keys.
+
+  Two choices make m_A's key positions carry the values at all (measured
+  with :func:`value_probe`): ``tokens="keys"`` (each key one token, as a
+  trained tokenizer keeps frequent strings whole; ``"bytes"``/``"chars"``
+  split keys into characters) and ``m_a_hints`` (m_A also trains on
+  KV-HINTS, with the loss on its inputs, see :mod:`calm_jax.tasks`).
+  ``--set`` restores any of the paper's settings (with longer budgets).
   """
 
   seed: int = 0
-  num_keys: int = 50
-  value_range: tuple[int, int] = (1, 50)
-  num_operands: tuple[int, int] = (2, 3)
+  num_keys: int = 100
+  value_range: tuple[int, int] = (0, 99)
+  num_operands: tuple[int, int] = (2, 2)
   ops: tuple[str, ...] = ("+", "-")
   d_model_a: int = 96
   layers_a: int = 4
@@ -54,16 +60,19 @@ class ReproConfig:
   num_eval: int = 128
   input_length: int = 32
   target_length: int = 16
+  tokens: str = "keys"
+  m_a_hints: bool = True
 
 
 _TASK_FIELDS = ("seed", "num_keys", "value_range", "num_operands", "ops", "batch_size", "lr",
-                "input_length", "target_length")
+                "input_length", "target_length", "tokens")
+TOKENS = ("bytes", "chars", "keys")
 #: ReproConfig fields a saved m_A / m_B depends on (``--reuse`` checks them).
-_RECIPE = {"m_a": _TASK_FIELDS + ("d_model_a", "layers_a", "steps_a"),
+_RECIPE = {"m_a": _TASK_FIELDS + ("d_model_a", "layers_a", "steps_a", "m_a_hints"),
            "m_b": _TASK_FIELDS + ("d_model_b", "layers_b", "steps_b")}
 
-QUICK = dict(num_keys=12, value_range=(1, 12), d_model_a=32, layers_a=2, d_model_b=32,
-             layers_b=2, composition_layers=1, steps_a=30, steps_b=30, steps_calm=30,
+QUICK = dict(num_keys=12, value_range=(1, 12), num_operands=(2, 3), d_model_a=32, layers_a=2,
+             d_model_b=32, layers_b=2, composition_layers=1, steps_a=30, steps_b=30, steps_calm=30,
              batch_size=16, num_eval=16, input_length=48, target_length=24)
 
 
@@ -97,13 +106,18 @@ def _trainer(config: Any, module: Any, rc: ReproConfig, steps: int, trainable=No
                                       seed=rc.seed, progress_bar=progress))
 
 
-def _batches(trainer, task: str, rc: ReproConfig):
+def _batches(trainer, task: str, rc: ReproConfig, loss_on_inputs: bool = False):
+  """Packed prefix-LM batches of ``task``; ``loss_on_inputs`` weights every real token."""
   from moe_jax.train.trainer import DatasetConfig, make_data_iterator
   ds = DatasetConfig(mixture_or_task_name=task, batch_size=rc.batch_size,
                      task_feature_lengths={"inputs": rc.input_length,
                                            "targets": rc.target_length},
                      feature_converter="prefix_lm", pack=True, seed=rc.seed)
-  return make_data_iterator(ds, trainer.model)
+  batches = make_data_iterator(ds, trainer.model)
+  if not loss_on_inputs:
+    return batches
+  return ({**b, "decoder_loss_weights": (b["decoder_target_tokens"] > 0).astype(
+      b["decoder_loss_weights"].dtype)} for b in batches)
 
 
 def exact_match(model, examples, vocab, batch_size: int = 64, progress=None) -> float:
@@ -138,25 +152,32 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
   import jax
 
   from calm_jax.composition import compose, save_composition, trainable_mask
-  from calm_jax.tasks import KVArithmetic, register_kv_tasks
+  from calm_jax.tasks import TASKS, KVArithmetic, register_kv_tasks
+  from moe_jax.data.tasks import register_mixture
   from moe_jax.checkpoints import LoadedModel, load_checkpoint, save_model
-  from moe_jax.data.tasks import default_vocabulary
   from moe_jax.models import registry
 
   out_dir.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
   gen = KVArithmetic(seed=rc.seed, num_keys=rc.num_keys, value_range=rc.value_range,
                      num_operands=rc.num_operands, ops=rc.ops)
-  names = register_kv_tasks(gen, num_eval=rc.num_eval)
-  vocab = default_vocabulary()
+  vocab = make_vocabulary(gen, rc.tokens, out_dir)
+  names = register_kv_tasks(gen, num_eval=rc.num_eval, vocabulary=vocab,
+                            tasks=TASKS if rc.m_a_hints else TASKS[:3])
+  m_a_task = names["kv_subs"]
+  if rc.m_a_hints:  # m_A: KV-SUBS and KV-HINTS, half and half
+    m_a_task = "calm_m_a"
+    register_mixture(m_a_task, {names["kv_subs"]: 1.0, names.pop("kv_hints"): 1.0},
+                     overwrite=True)
   print(f"KV arithmetic: {rc.num_keys} keys, {rc.num_operands[0]}-{rc.num_operands[1]} operands "
         f"with {' '.join(rc.ops)}; composition keys ({len(gen.composition_keys)}): "
         f"{', '.join(gen.composition_keys)}")
-  for task in names:
+  for task in (*names, *(("kv_hints",) if rc.m_a_hints else ())):
     ex = gen.examples(task, "train", 1)[0]
     print(f"  {task:9s} {ex['inputs']}  ->  {ex['targets']}")
 
-  def train_single(name: str, task: str, d: int, layers: int, steps: int) -> LoadedModel:
+  def train_single(name: str, task: str, d: int, layers: int, steps: int,
+                   loss_on_inputs: bool = False) -> LoadedModel:
     directory = out_dir / name
     recipe = {k: v for k, v in dataclasses.asdict(rc).items() if k in _RECIPE[name]}
     if reuse and (directory / "repro.json").exists():
@@ -170,14 +191,19 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
     module = registry.build_module(config)
     trainer = _trainer(config, module, rc, steps, progress=progress)
     print(f"\n== training {name} on {task} ({steps} steps, d_model {d}, {layers} layers)")
-    state = trainer.train(trainer.create_state(), _batches(trainer, names[task], rc))
+    state = trainer.train(trainer.create_state(),
+                          _batches(trainer, task, rc, loss_on_inputs=loss_on_inputs))
     params = jax.device_get(state.params)
-    save_model(directory, config, params,
-               extra_files={"repro.json": json.dumps(recipe, indent=2).encode()})
+    extra = {"repro.json": json.dumps(recipe, indent=2).encode()}
+    if rc.tokens != "bytes":  # the vocabulary travels with the model
+      for file in ("tokenizer.json", "special_tokens_map.json"):
+        extra[file] = (out_dir / file).read_bytes()
+    save_model(directory, config, params, extra_files=extra)
     return LoadedModel(config=config, module=module, params=params, source=str(directory))
 
-  m_a = train_single("m_a", "kv_subs", rc.d_model_a, rc.layers_a, rc.steps_a)
-  m_b = train_single("m_b", "num_math", rc.d_model_b, rc.layers_b, rc.steps_b)
+  m_a = train_single("m_a", m_a_task, rc.d_model_a, rc.layers_a, rc.steps_a,
+                     loss_on_inputs=rc.m_a_hints)
+  m_b = train_single("m_b", names["num_math"], rc.d_model_b, rc.layers_b, rc.steps_b)
 
   module, params = compose(m_b, [m_a], num_composition_layers=rc.composition_layers,
                            seed=rc.seed)
@@ -209,7 +235,7 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
       results[name] = {task: exact_match(model, examples, vocab, progress=bar)
                        for task, examples in eval_sets.items()}
   probe = value_probe(m_a, gen, vocab)
-  print("\nLinear probe of m_A's states at the closing '>' of each key (ridge, fit on the "
+  print("\nLinear probe of m_A's states at the last token of each key (ridge, fit on the "
         "composition keys' values, tested on the other keys; chance ~10% / ~17%):")
   for layer, (units, tens) in enumerate(probe):
     print(f"  layer {layer}: units digit {100 * units:.0f}%, tens digit {100 * tens:.0f}%")
@@ -235,6 +261,38 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
   return results
 
 
+def make_vocabulary(gen, tokens: str, out_dir: Path | None = None):
+  """The vocabulary all three models share; ``keys`` and ``chars`` are saved to ``out_dir``.
+
+  ``bytes``: UTF-8 bytes (the library default). ``chars``: one token per
+  character. ``keys``: one token per character, and each key (``<abc>``) one
+  token, as a trained tokenizer keeps frequent strings whole.
+  """
+  from calm_jax.tasks import kv_tokenizer, kv_vocabulary
+  from moe_jax.data.tasks import default_vocabulary
+
+  if tokens not in TOKENS:
+    raise ValueError(f"tokens={tokens!r}: expected one of {', '.join(TOKENS)}")
+  if tokens == "bytes":
+    return default_vocabulary()
+  tok = kv_tokenizer(gen if tokens == "keys" else None)
+  if out_dir is not None:
+    for name, data in tokenizer_files(tok).items():
+      (out_dir / name).write_bytes(data)
+  return kv_vocabulary(tok)
+
+
+def tokenizer_files(tok) -> dict[str, bytes]:
+  """``tokenizer.json`` and ``special_tokens_map.json`` of a :func:`kv_tokenizer`.
+
+  Saved next to each trained model, so `moe_jax.api.load` gives it its
+  vocabulary (EOS and pad included).
+  """
+  special = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+  return {"tokenizer.json": tok.to_str().encode(),
+          "special_tokens_map.json": json.dumps(special).encode()}
+
+
 def value_probe(m_a, gen, vocab, num_examples: int = 256) -> list[tuple[float, float]]:
   """Are key values linearly readable from m_A's states at the keys (per layer)?
 
@@ -242,8 +300,9 @@ def value_probe(m_a, gen, vocab, num_examples: int = 256) -> list[tuple[float, f
   current one; to generalise beyond the composition keys, a key's *value* must
   be present (in a shared, readable form) at the key's own positions. This fits
   a ridge readout of the value's units and tens digit from each layer's state
-  at the closing ``>`` of every key on the composition keys and returns its
-  accuracy ``(units, tens)`` on all other keys.
+  at the last token of every key (its closing ``>``, or the key's own token)
+  on the composition keys and returns its accuracy ``(units, tens)`` on all
+  other keys.
   """
   import re
 
@@ -258,10 +317,11 @@ def value_probe(m_a, gen, vocab, num_examples: int = 256) -> list[tuple[float, f
   _, state = m_a.module.apply({"params": m_a.params}, jnp.asarray(tokens),
                               valid_BL=jnp.asarray(valid), sow_hidden=True,
                               mutable=["intermediates"])
-  close = vocab.encode(">")[0]
-  where = [(i, j, key) for i, ex in enumerate(examples)
-           for j, key in zip([j for j, t in enumerate(ids[i]) if t == close],
-                             re.findall(r"<([a-z]+)>", ex["inputs"]))]
+  where = []  # (example, token index of the key's last token, key)
+  for i, ex in enumerate(examples):
+    offset = len(ids[i]) - len(vocab.encode(ex["inputs"])) - 1  # leading 0; EOS at the end
+    for m in re.finditer(r"<([a-z]+)>", ex["inputs"]):
+      where.append((i, offset + len(vocab.encode(ex["inputs"][:m.end()])) - 1, m.group(1)))
   values = np.array([gen.table[key] for _, _, key in where])
   fit = np.isin([key for _, _, key in where], list(gen.composition_keys))
   out = []

@@ -7,6 +7,13 @@ Three views of the same expressions:
 * NUM-MATH: ``10+22-24=``        ->  ``8``          (what m_B is trained on)
 * KV-MATH:  ``<ab>+<cde>-<f>=``  ->  ``8``          (the composed skill)
 
+and an optional fourth for m_A, KV-HINTS: KV-SUBS with some keys followed
+by their value, its digits in either order (``<ab>10+<cde>-<f>42=`` ->
+``10+22-24``). Trained with the loss on its inputs too, it makes a causal
+LM look both digits of every key's value up where the key is read (whether
+a digit or an operator comes next is a coin flip); KV-SUBS alone lets it
+look values up only where they are written out.
+
 Expressions have ``num_operands`` operands joined by operators from ``ops``
 (``x`` is multiplication, with the usual precedence). Composition training
 uses KV-MATH over a fraction (20%) of the keys; evaluation uses held-out
@@ -22,9 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import string
+import zlib
 from functools import cached_property
 
 import numpy as np
+
+
+#: The views :meth:`KVArithmetic.examples` makes (the first three are the paper's).
+TASKS = ("kv_subs", "num_math", "kv_math", "kv_hints")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,24 +132,36 @@ class KVArithmetic:
     result = str(self.evaluate(operands, ops))
     return {"kv_subs": {"inputs": keyed + "=", "targets": numeric},
             "num_math": {"inputs": numeric + "=", "targets": result},
-            "kv_math": {"inputs": keyed + "=", "targets": result}}
+            "kv_math": {"inputs": keyed + "=", "targets": result},
+            "kv_hints": {"inputs": self._hinted(operands, ops) + "=", "targets": numeric}}
+
+  def _hinted(self, operands, ops) -> str:
+    rng = np.random.default_rng([self.seed, 3, zlib.crc32(self._join(operands, ops).encode())])
+    parts = []
+    for k in operands:
+      digits = str(self.table[k])
+      if rng.random() < 0.5:  # hinted: the value, forwards or backwards
+        parts.append(f"<{k}>" + (digits if rng.random() < 0.5 else digits[::-1]))
+      else:
+        parts.append(f"<{k}>")
+    return self._join(parts, ops)
 
   def examples(self, task: str, split: str, n: int) -> list[dict[str, str]]:
-    """``n`` examples of ``task`` (kv_subs | num_math | kv_math) for ``split``.
+    """``n`` examples of ``task`` (one of :data:`TASKS`) for ``split``.
 
-    ``kv_subs`` and ``num_math`` draw operands from all keys; ``kv_math``
+    All but ``kv_math`` draw operands from all keys; ``kv_math``
     training draws only from :attr:`composition_keys`, its ``validation`` /
     ``test`` splits from all keys. Validation and test expressions never occur
     in any training split.
     """
-    if task not in ("kv_subs", "num_math", "kv_math"):
-      raise ValueError(f"unknown KV task {task!r}; expected kv_subs, num_math or kv_math")
+    if task not in TASKS:
+      raise ValueError(f"unknown KV task {task!r}; expected one of {', '.join(TASKS)}")
     streams = {"train": 0, "validation": 1, "test": 2}
     if split not in streams:
       raise ValueError(f"unknown split {split!r}; expected one of {sorted(streams)}")
     keys = (self.composition_keys if task == "kv_math" and split == "train"
             else tuple(self.table))
-    stream = streams[split] * 10 + ("kv_subs", "num_math", "kv_math").index(task)
+    stream = streams[split] * 10 + TASKS.index(task)
     held_out = set()
     if split == "train":
       held_out = {ex["inputs"] for s in ("validation", "test")
@@ -165,19 +189,60 @@ class KVArithmetic:
     return self._eval_cache[split]
 
 
+#: Every character the three views use, in id order after pad, EOS and unk
+#: (``x``, the multiplication sign, is one of the letters).
+KV_ALPHABET = "0123456789+-=<>~" + string.ascii_lowercase
+
+
+def kv_tokenizer(gen: KVArithmetic | None = None):
+  """A `tokenizers.Tokenizer` for the KV tasks: one token per character.
+
+  With ``gen``, each of its keys, brackets included (``<abc>``), is also one
+  token (an added token, matched before the character model, as a trained
+  tokenizer holds frequent strings whole). Ids: pad 0, EOS 1, unk 2, the
+  characters of :data:`KV_ALPHABET`, then the keys in table order. Save it
+  with ``.save(path)``; `moe_jax.data.vocabularies.HFTokenizerVocabulary`
+  wraps it (see :func:`kv_vocabulary`).
+  """
+  import tokenizers
+  from tokenizers import Regex, decoders, models, pre_tokenizers
+
+  vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+  for c in KV_ALPHABET:
+    vocab[c] = len(vocab)
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+  if gen is not None:
+    tok.add_tokens([f"<{k}>" for k in gen.table])
+  return tok
+
+
+def kv_vocabulary(tokenizer):
+  """The seqio vocabulary of a :func:`kv_tokenizer` (or its saved file)."""
+  from moe_jax.data.vocabularies import HFTokenizerVocabulary
+  return HFTokenizerVocabulary(tokenizer, pad_id="<pad>", eos_id="</s>", unk_id="<unk>")
+
+
 def register_kv_tasks(gen: KVArithmetic, *, prefix: str = "calm_", num_train: int = 20000,
-                      num_eval: int = 256, overwrite: bool = True) -> dict[str, str]:
-  """Registers seqio tasks ``{prefix}kv_subs``, ``num_math``, ``kv_math``; returns their names."""
+                      num_eval: int = 256, overwrite: bool = True, vocabulary=None,
+                      tasks: tuple[str, ...] = TASKS[:3]) -> dict[str, str]:
+  """Registers seqio tasks ``{prefix}{task}`` for ``tasks``; returns their names.
+
+  ``vocabulary``: default bytes (`moe_jax.data.tasks.default_vocabulary`);
+  :func:`kv_vocabulary` for one token per character or per key.
+  """
   from moe_jax.data.tasks import register_in_memory_task
 
   names = {}
-  for task in ("kv_subs", "num_math", "kv_math"):
+  for task in tasks:
     name = f"{prefix}{task}"
     register_in_memory_task(name, {
         "train": gen.examples(task, "train", num_train),
         "validation": gen.examples(task, "validation", num_eval),
         "test": gen.examples(task, "test", num_eval),
-    }, overwrite=overwrite)
+    }, vocabulary=vocabulary, overwrite=overwrite)
     names[task] = name
   return names
 

@@ -50,3 +50,10 @@ def test_quick_reproduction_writes_table_json_and_plot(tmp_path):
   probe = saved["value_probe_units_tens_by_layer"]
   assert len(probe) == repro.QUICK["layers_a"] and all(0 <= a <= 1 for p in probe for a in p)
   assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # each model directory carries the shared vocabulary (keys as single tokens)
+  from moe_jax import api
+  from moe_jax.api import _vocabulary
+  key = "<" + KVArithmetic(num_keys=12, value_range=(1, 12)).composition_keys[0] + ">"
+  for name in ("m_a", "m_b"):
+    vocab = _vocabulary(api.load(tmp_path / name), None)
+    assert vocab.eos_id == 1 and vocab.pad_id == 0 and len(vocab.encode(key + "+3=")) == 4

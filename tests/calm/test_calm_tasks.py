@@ -73,3 +73,33 @@ def test_kv_task_reregisters_when_other_code_replaced_its_tasks():
   got = [ex["inputs"].decode() for ex in source.as_numpy_iterator()]
   want = KVArithmetic(num_keys=12, value_range=(1, 12)).examples("kv_math", "validation", 4)
   assert got == [ex["inputs"] for ex in want]  # kv_task's own data again, not seed 9's
+
+
+def test_kv_hints_are_kv_subs_with_true_values_after_some_keys(gen):
+  hinted = gen.examples("kv_hints", "train", 200)
+  forwards = backwards = bare = 0
+  for ex in hinted:
+    values = [int(v) for v in re.split(r"[+\-x]", ex["targets"])]
+    pieces = re.findall(r"<([a-z]+)>([0-9]*)", ex["inputs"])
+    assert [gen.table[k] for k, _ in pieces] == values  # targets: KV-SUBS of the same keys
+    for key, digits in pieces:
+      value = str(gen.table[key])
+      assert digits in ("", value, value[::-1])
+      bare += digits == ""
+      forwards += digits == value and len(value) > 1
+      backwards += digits == value[::-1] and value != value[::-1]
+  assert min(forwards, backwards, bare) > 20  # all three forms occur
+
+
+def test_kv_tokenizer_keeps_each_key_whole_and_round_trips(gen):
+  from calm_jax.tasks import kv_tokenizer, kv_vocabulary
+
+  keyed, chars = kv_vocabulary(kv_tokenizer(gen)), kv_vocabulary(kv_tokenizer())
+  assert keyed.vocab_size == chars.vocab_size + len(gen.table)
+  ex = gen.examples("kv_math", "test", 1)[0]
+  keys = re.findall(r"<[a-z]+>", ex["inputs"])
+  ids = keyed.encode(ex["inputs"])
+  assert len(ids) == len(chars.encode(ex["inputs"])) - sum(len(k) - 1 for k in keys)
+  assert keyed.decode(ids) == chars.decode(chars.encode(ex["inputs"])) == ex["inputs"]
+  assert keyed.encode("<qqqqqqq>") == chars.encode("<qqqqqqq>")  # unknown key: characters
+  assert keyed.eos_id == 1 and keyed.pad_id == 0
