@@ -398,6 +398,11 @@ def _prompt_ids(model: LoadedModel, prompts: Sequence[Any], vocabulary: Any,
   vocab = _vocabulary(model, vocabulary)
   ids = [list(vocab.encode(p)) for p in prompts]
   if task_format:  # as seqio's features present an example's inputs
+    if vocab.eos_id is None:
+      raise ValueError(
+          f"{model.source}: its vocabulary ({getattr(vocab, '_source', type(vocab).__name__)}) has "
+          "no EOS token, which task-format prompts end with; name it in the tokenizer's "
+          "special_tokens_map.json / tokenizer_config.json or pass vocabulary=")
     eos = [vocab.eos_id]
     bos = [] if model.is_encoder_decoder else [0]
     ids = [bos + p + eos for p in ids]

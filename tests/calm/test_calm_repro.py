@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from calm_jax import repro
 from calm_jax.tasks import KVArithmetic, kv_task
@@ -57,3 +58,20 @@ def test_quick_reproduction_writes_table_json_and_plot(tmp_path):
   for name in ("m_a", "m_b"):
     vocab = _vocabulary(api.load(tmp_path / name), None)
     assert vocab.eos_id == 1 and vocab.pad_id == 0 and len(vocab.encode(key + "+3=")) == 4
+
+
+def test_prompts_need_a_vocabulary_with_eos(tmp_path):
+  # A bare tokenizer.json whose EOS is not named anywhere: a clear error, not a crash
+  # inside padding.
+  from calm_jax.tasks import kv_tokenizer, kv_vocabulary
+  from moe_jax.data.vocabularies import HFTokenizerVocabulary
+
+  kv_tokenizer().save(str(tmp_path / "tokenizer.json"))
+  bare = HFTokenizerVocabulary(tmp_path)
+  config = repro._decoder_config(bare.vocab_size, 16, 1)
+  model = LoadedModel(config=config, module=registry.build_module(config), params={},
+                      source="tiny")
+  with pytest.raises(ValueError, match="tiny: .*no EOS"):
+    _prompt_ids(model, ["1+2="], bare, True)
+  (prompt,), _ = _prompt_ids(model, ["1+2="], kv_vocabulary(kv_tokenizer()), True)
+  assert prompt[0] == 0 and prompt[-1] == 1
