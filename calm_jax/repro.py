@@ -161,18 +161,20 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
   t_start = time.perf_counter()
   gen = KVArithmetic(seed=rc.seed, num_keys=rc.num_keys, value_range=rc.value_range,
                      num_operands=rc.num_operands, ops=rc.ops)
-  vocab = make_vocabulary(gen, rc.tokens, out_dir)
+  vocab, vocab_files = make_vocabulary(gen, rc.tokens)
+  for file, data in vocab_files.items():
+    (out_dir / file).write_bytes(data)
   names = register_kv_tasks(gen, num_eval=rc.num_eval, vocabulary=vocab,
                             tasks=TASKS if rc.m_a_hints else TASKS[:3])
   m_a_task = names["kv_subs"]
   if rc.m_a_hints:  # m_A: KV-SUBS and KV-HINTS, half and half
     m_a_task = "calm_m_a"
-    register_mixture(m_a_task, {names["kv_subs"]: 1.0, names.pop("kv_hints"): 1.0},
+    register_mixture(m_a_task, {names["kv_subs"]: 1.0, names["kv_hints"]: 1.0},
                      overwrite=True)
   print(f"KV arithmetic: {rc.num_keys} keys, {rc.num_operands[0]}-{rc.num_operands[1]} operands "
         f"with {' '.join(rc.ops)}; composition keys ({len(gen.composition_keys)}): "
         f"{', '.join(gen.composition_keys)}")
-  for task in (*names, *(("kv_hints",) if rc.m_a_hints else ())):
+  for task in names:
     ex = gen.examples(task, "train", 1)[0]
     print(f"  {task:9s} {ex['inputs']}  ->  {ex['targets']}")
 
@@ -194,11 +196,8 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
     state = trainer.train(trainer.create_state(),
                           _batches(trainer, task, rc, loss_on_inputs=loss_on_inputs))
     params = jax.device_get(state.params)
-    extra = {"repro.json": json.dumps(recipe, indent=2).encode()}
-    if rc.tokens != "bytes":  # the vocabulary travels with the model
-      for file in ("tokenizer.json", "special_tokens_map.json"):
-        extra[file] = (out_dir / file).read_bytes()
-    save_model(directory, config, params, extra_files=extra)
+    save_model(directory, config, params,  # the vocabulary travels with the model
+               extra_files={"repro.json": json.dumps(recipe, indent=2).encode(), **vocab_files})
     return LoadedModel(config=config, module=module, params=params, source=str(directory))
 
   m_a = train_single("m_a", m_a_task, rc.d_model_a, rc.layers_a, rc.steps_a,
@@ -226,7 +225,7 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
   results: dict[str, dict[str, float]] = {}
   calm = LoadedModel(config=module.config, module=module, params=calm_params, source="CALM")
   models = {"m_A": m_a, "m_B": m_b, "CALM": calm}
-  eval_sets = {task: gen.examples(task, "test", rc.num_eval) for task in names}
+  eval_sets = {task: gen.examples(task, "test", rc.num_eval) for task in TASKS[:3]}
   # KV-MATH over the composition keys only: the composition's training distribution.
   eval_sets["kv_math_comp"] = gen.examples("kv_math", "train", rc.num_eval)
   with tqdm(total=len(models) * len(eval_sets) * rc.num_eval, desc="eval", unit="ex",
@@ -261,36 +260,22 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
   return results
 
 
-def make_vocabulary(gen, tokens: str, out_dir: Path | None = None):
-  """The vocabulary all three models share; ``keys`` and ``chars`` are saved to ``out_dir``.
+def make_vocabulary(gen, tokens: str) -> tuple[Any, dict[str, bytes]]:
+  """The vocabulary all three models share, and the files that save it (none for bytes).
 
   ``bytes``: UTF-8 bytes (the library default). ``chars``: one token per
   character. ``keys``: one token per character, and each key (``<abc>``) one
   token, as a trained tokenizer keeps frequent strings whole.
   """
-  from calm_jax.tasks import kv_tokenizer, kv_vocabulary
+  from calm_jax.tasks import kv_tokenizer, kv_tokenizer_files, kv_vocabulary
   from moe_jax.data.tasks import default_vocabulary
 
   if tokens not in TOKENS:
     raise ValueError(f"tokens={tokens!r}: expected one of {', '.join(TOKENS)}")
   if tokens == "bytes":
-    return default_vocabulary()
+    return default_vocabulary(), {}
   tok = kv_tokenizer(gen if tokens == "keys" else None)
-  if out_dir is not None:
-    for name, data in tokenizer_files(tok).items():
-      (out_dir / name).write_bytes(data)
-  return kv_vocabulary(tok)
-
-
-def tokenizer_files(tok) -> dict[str, bytes]:
-  """``tokenizer.json`` and ``special_tokens_map.json`` of a :func:`kv_tokenizer`.
-
-  Saved next to each trained model, so `moe_jax.api.load` gives it its
-  vocabulary (EOS and pad included).
-  """
-  special = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
-  return {"tokenizer.json": tok.to_str().encode(),
-          "special_tokens_map.json": json.dumps(special).encode()}
+  return kv_vocabulary(tok), kv_tokenizer_files(tok)
 
 
 def value_probe(m_a, gen, vocab, num_examples: int = 256) -> list[tuple[float, float]]:

@@ -28,6 +28,7 @@ Everything is deterministic in ``seed``. The examples are plain
 from __future__ import annotations
 
 import dataclasses
+import json
 import string
 import zlib
 from functools import cached_property
@@ -192,6 +193,8 @@ class KVArithmetic:
 #: Every character the three views use, in id order after pad, EOS and unk
 #: (``x``, the multiplication sign, is one of the letters).
 KV_ALPHABET = "0123456789+-=<>~" + string.ascii_lowercase
+#: The special tokens of :func:`kv_tokenizer`, ids 0, 1, 2.
+KV_SPECIAL_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
 
 
 def kv_tokenizer(gen: KVArithmetic | None = None):
@@ -207,13 +210,13 @@ def kv_tokenizer(gen: KVArithmetic | None = None):
   import tokenizers
   from tokenizers import Regex, decoders, models, pre_tokenizers
 
-  vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+  vocab = {KV_SPECIAL_TOKENS[name]: i for i, name in enumerate(("pad", "eos", "unk"))}
   for c in KV_ALPHABET:
     vocab[c] = len(vocab)
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
   tok.decoder = decoders.Fuse()
-  tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+  tok.add_special_tokens(list(KV_SPECIAL_TOKENS.values()))
   if gen is not None:
     tok.add_tokens([f"<{k}>" for k in gen.table])
   return tok
@@ -222,7 +225,18 @@ def kv_tokenizer(gen: KVArithmetic | None = None):
 def kv_vocabulary(tokenizer):
   """The seqio vocabulary of a :func:`kv_tokenizer` (or its saved file)."""
   from moe_jax.data.vocabularies import HFTokenizerVocabulary
-  return HFTokenizerVocabulary(tokenizer, pad_id="<pad>", eos_id="</s>", unk_id="<unk>")
+  return HFTokenizerVocabulary(tokenizer, **{f"{k}_id": v for k, v in KV_SPECIAL_TOKENS.items()})
+
+
+def kv_tokenizer_files(tokenizer) -> dict[str, bytes]:
+  """``tokenizer.json`` and ``special_tokens_map.json`` of a :func:`kv_tokenizer`.
+
+  Saved next to a model, they give `moe_jax.api.load` its vocabulary (EOS
+  and pad included: the map names them).
+  """
+  special = {f"{k}_token": v for k, v in KV_SPECIAL_TOKENS.items()}
+  return {"tokenizer.json": tokenizer.to_str().encode(),
+          "special_tokens_map.json": json.dumps(special).encode()}
 
 
 def register_kv_tasks(gen: KVArithmetic, *, prefix: str = "calm_", num_train: int = 20000,
