@@ -8,7 +8,8 @@ Three views of the same expressions:
 * KV-MATH:  ``<ab>+<cde>-<f>=``  ->  ``8``          (the composed skill)
 
 and an optional fourth for m_A, KV-HINTS: KV-SUBS with some keys followed
-by their value, its digits in either order (``<ab>10+<cde>-<f>42=`` ->
+by their value, its digits in either order unless ``reversed_hints`` is off
+(``<ab>10+<cde>-<f>42=`` ->
 ``10+22-24``). Trained with the loss on its inputs too, it makes a causal
 LM look both digits of every key's value up where the key is read (whether
 a digit or an operator comes next is a coin flip); KV-SUBS alone lets it
@@ -52,6 +53,8 @@ class KVArithmetic:
     num_operands: inclusive range of operands per expression.
     ops: operators to draw from (``+``, ``-``, ``x``).
     composition_key_fraction: share of keys used in composition training.
+    reversed_hints: KV-HINTS writes some hints' digits backwards (for
+      character-level digits; a value that is one token has no digit order).
   """
 
   seed: int = 0
@@ -61,6 +64,7 @@ class KVArithmetic:
   num_operands: tuple[int, int] = (3, 6)
   ops: tuple[str, ...] = ("+", "-", "x")
   composition_key_fraction: float = 0.2
+  reversed_hints: bool = True
 
   def __post_init__(self):
     lo, hi = self.value_range
@@ -142,7 +146,8 @@ class KVArithmetic:
     for k in operands:
       digits = str(self.table[k])
       if rng.random() < 0.5:  # hinted: the value, forwards or backwards
-        parts.append(f"<{k}>" + (digits if rng.random() < 0.5 else digits[::-1]))
+        backwards = self.reversed_hints and rng.random() >= 0.5
+        parts.append(f"<{k}>" + (digits[::-1] if backwards else digits))
       else:
         parts.append(f"<{k}>")
     return self._join(parts, ops)
@@ -197,15 +202,19 @@ KV_ALPHABET = "0123456789+-=<>~" + string.ascii_lowercase
 KV_SPECIAL_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
 
 
-def kv_tokenizer(gen: KVArithmetic | None = None):
+def kv_tokenizer(gen: KVArithmetic | None = None, *, numbers: bool = False):
   """A `tokenizers.Tokenizer` for the KV tasks: one token per character.
 
   With ``gen``, each of its keys, brackets included (``<abc>``), is also one
   token (an added token, matched before the character model, as a trained
-  tokenizer holds frequent strings whole). Ids: pad 0, EOS 1, unk 2, the
-  characters of :data:`KV_ALPHABET`, then the keys in table order. Save it
-  with ``.save(path)``; `moe_jax.data.vocabularies.HFTokenizerVocabulary`
-  wraps it (see :func:`kv_vocabulary`).
+  tokenizer holds frequent strings whole). With ``numbers``, runs of digits
+  are split into groups of two from the right (``198`` -> ``1 98``, ``105``
+  -> ``1 05``), each group one token, as Llama 3's tokenizer groups digits in
+  threes: every value 0-99 is then a single token. Ids: pad 0, EOS 1, unk 2,
+  the characters of :data:`KV_ALPHABET`, the digit pairs ``00``-``99`` (with
+  ``numbers``), then the keys in table order. Save it with ``.save(path)``;
+  `moe_jax.data.vocabularies.HFTokenizerVocabulary` wraps it (see
+  :func:`kv_vocabulary`).
   """
   import tokenizers
   from tokenizers import Regex, decoders, models, pre_tokenizers
@@ -213,8 +222,13 @@ def kv_tokenizer(gen: KVArithmetic | None = None):
   vocab = {KV_SPECIAL_TOKENS[name]: i for i, name in enumerate(("pad", "eos", "unk"))}
   for c in KV_ALPHABET:
     vocab[c] = len(vocab)
+  pattern = "."
+  if numbers:
+    for n in range(100):
+      vocab[f"{n:02d}"] = len(vocab)
+    pattern = r"\d{1,2}(?=(?:\d\d)*(?!\d))|."  # digit pairs aligned to the number's end
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
   tok.decoder = decoders.Fuse()
   tok.add_special_tokens(list(KV_SPECIAL_TOKENS.values()))
   if gen is not None:

@@ -43,6 +43,9 @@ class DecoderConfig:
     qkv_bias: biases on q/k/v projections (Qwen2).
     attn_out_bias: bias on the attention output projection (Llama ``attention_bias``).
     tie_embeddings: output head shares the embedding table.
+    embed_init_std: standard deviation of the embedding table's normal
+      initialisation (1.0 as T5 / t5x; Hugging Face Llama's
+      ``initializer_range`` is 0.02). Only affects fresh initialisation.
     parallel_block: attention and FFN read the same normed input and their
       outputs are summed into the residual (GPT-J / PaLM / BAM style). One
       norm per layer (``input_norm``).
@@ -67,6 +70,7 @@ class DecoderConfig:
   qkv_bias: bool = False
   attn_out_bias: bool = False
   tie_embeddings: bool = False
+  embed_init_std: float = 1.0
   parallel_block: bool = False
   sliding_window: int | None = None
   activation: str = "silu"
@@ -82,6 +86,8 @@ class DecoderConfig:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
       if getattr(self, name) <= 0:
         raise ValueError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
+    if not self.embed_init_std > 0:
+      raise ValueError(f"DecoderConfig.embed_init_std must be positive, got {self.embed_init_std}")
     if self.num_heads % self.kv_heads:
       raise ValueError(f"DecoderConfig: num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.kv_heads}")
@@ -221,7 +227,8 @@ class Decoder(nn.Module):
   def setup(self):
     c = self.config
     common = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-    self.embed = Embed(c.vocab_size, c.d_model, **common)
+    self.embed = Embed(c.vocab_size, c.d_model,
+                       embedding_init=nn.initializers.normal(stddev=c.embed_init_std), **common)
     self.layers = [self.block_cls(config=c, name=f"layers_{i}") for i in range(c.num_layers)]
     self.final_norm = RMSNorm(eps=c.norm_eps, **common)
     if not c.tie_embeddings:

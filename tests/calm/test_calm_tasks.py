@@ -103,3 +103,28 @@ def test_kv_tokenizer_keeps_each_key_whole_and_round_trips(gen):
   assert keyed.decode(ids) == chars.decode(chars.encode(ex["inputs"])) == ex["inputs"]
   assert keyed.encode("<qqqqqqq>") == chars.encode("<qqqqqqq>")  # unknown key: characters
   assert keyed.eos_id == 1 and keyed.pad_id == 0
+
+
+def test_kv_tokenizer_numbers_are_digit_pairs_from_the_right(gen):
+  from calm_jax.tasks import kv_tokenizer, kv_vocabulary
+
+  tok = kv_tokenizer(gen, numbers=True)
+  key = next(iter(gen.table))
+  text = f"<{key}>+7-37=198-105+1005"
+  assert tok.encode(text).tokens == [f"<{key}>", "+", "7", "-", "37", "=", "1", "98", "-", "1",
+                                     "05", "+", "10", "05"]
+  vocab = kv_vocabulary(tok)
+  assert vocab.vocab_size == kv_vocabulary(kv_tokenizer(gen)).vocab_size + 100
+  for ex in gen.examples("num_math", "test", 20) + gen.examples("kv_subs", "test", 20):
+    for s in (ex["inputs"], ex["targets"]):
+      assert vocab.decode(vocab.encode(s)) == s
+      assert 2 not in vocab.encode(s)  # no unk
+
+
+def test_reversed_hints_off_writes_every_hint_forwards():
+  one_token_values = KVArithmetic(seed=3, num_keys=20, value_range=(10, 40),
+                                  reversed_hints=False)
+  pieces = [p for ex in one_token_values.examples("kv_hints", "train", 100)
+            for p in re.findall(r"<([a-z]+)>([0-9]*)", ex["inputs"])]
+  assert {d for _, d in pieces} - {""}, "no hints drawn"
+  assert all(d in ("", str(one_token_values.table[k])) for k, d in pieces)

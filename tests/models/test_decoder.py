@@ -1,5 +1,6 @@
 """Decoder internals: parallel block, grouped-query attention, config validation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +81,7 @@ def test_bfloat16_compute_runs_and_is_close():
     (dict(num_heads=3, num_kv_heads=2), "num_heads=3 is not a multiple of num_kv_heads=2"),
     (dict(d_model=30, num_heads=4), "d_model=30 not divisible by num_heads=4"),
     (dict(d_ff=0), "d_ff must be positive"),
+    (dict(embed_init_std=0.0), "embed_init_std must be positive"),
 ])
 def test_config_errors_name_the_field(kw, match):
   base = dict(vocab_size=10, d_model=16, num_layers=1, num_heads=2, d_ff=8)
@@ -92,8 +94,16 @@ def test_every_parameter_has_logical_axes():
                       qkv_bias=True)
   module = registry.build_module(cfg)
   boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-  import flax.linen as nn
   leaves = jax.tree.leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
   for x in leaves:
     assert len(x.names) == len(x.value.shape)
+
+
+@pytest.mark.parametrize("std", [1.0, 0.02])
+def test_embed_init_std_sets_the_embedding_scale(std):
+  cfg = DecoderConfig(vocab_size=512, d_model=64, num_layers=1, num_heads=2, d_ff=32,
+                      embed_init_std=std, tie_embeddings=True)
+  params = registry.build_module(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  table = np.asarray(nn.meta.unbox(params)["params"]["embed"]["embedding"])
+  assert table.std() == pytest.approx(std, rel=0.05)
