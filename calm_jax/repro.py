@@ -62,13 +62,19 @@ class ReproConfig:
   target_length: int = 16
   tokens: str = "keys"
   m_a_hints: bool = True
+  shared_base: bool = False
+  freeze_m_a_embeddings: bool = False
+  embed_init_std: float = 1.0
+  tie_embeddings: bool = False
+  layer_pairs: tuple[tuple[int, int], ...] | None = None
 
 
 _TASK_FIELDS = ("seed", "num_keys", "value_range", "num_operands", "ops", "batch_size", "lr",
-                "input_length", "target_length", "tokens")
-TOKENS = ("bytes", "chars", "keys")
+                "input_length", "target_length", "tokens", "embed_init_std", "tie_embeddings")
+TOKENS = ("bytes", "chars", "keys", "numbers")
 #: ReproConfig fields a saved m_A / m_B depends on (``--reuse`` checks them).
-_RECIPE = {"m_a": _TASK_FIELDS + ("d_model_a", "layers_a", "steps_a", "m_a_hints"),
+_RECIPE = {"m_a": _TASK_FIELDS + ("d_model_a", "layers_a", "steps_a", "m_a_hints", "shared_base",
+                                  "freeze_m_a_embeddings"),
            "m_b": _TASK_FIELDS + ("d_model_b", "layers_b", "steps_b")}
 
 QUICK = dict(num_keys=12, value_range=(1, 12), num_operands=(2, 3), d_model_a=32, layers_a=2,
@@ -76,10 +82,12 @@ QUICK = dict(num_keys=12, value_range=(1, 12), num_operands=(2, 3), d_model_a=32
              batch_size=16, num_eval=16, input_length=48, target_length=24)
 
 
-def _decoder_config(vocab_size: int, d: int, layers: int):
+def _decoder_config(vocab_size: int, d: int, layers: int, rc: ReproConfig | None = None):
   from moe_jax.models.decoder import DecoderConfig
+  rc = rc or ReproConfig()
   return DecoderConfig(vocab_size=vocab_size, d_model=d, num_layers=layers, num_heads=4,
-                       d_ff=4 * d, max_seq_len=128, pad_token_id=0, eos_token_id=1)
+                       d_ff=4 * d, max_seq_len=128, pad_token_id=0, eos_token_id=1,
+                       embed_init_std=rc.embed_init_std, tie_embeddings=rc.tie_embeddings)
 
 
 def _trainer(config: Any, module: Any, rc: ReproConfig, steps: int, trainable=None,
@@ -159,8 +167,13 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
 
   out_dir.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
+  if rc.shared_base and (rc.d_model_a, rc.layers_a) != (rc.d_model_b, rc.layers_b):
+    raise ValueError(f"shared_base: m_A is fine-tuned from m_B, so d_model_a/layers_a "
+                     f"({rc.d_model_a}, {rc.layers_a}) must equal d_model_b/layers_b "
+                     f"({rc.d_model_b}, {rc.layers_b})")
   gen = KVArithmetic(seed=rc.seed, num_keys=rc.num_keys, value_range=rc.value_range,
-                     num_operands=rc.num_operands, ops=rc.ops)
+                     num_operands=rc.num_operands, ops=rc.ops,
+                     reversed_hints=rc.tokens != "numbers")
   vocab, vocab_files = make_vocabulary(gen, rc.tokens)
   for file, data in vocab_files.items():
     (out_dir / file).write_bytes(data)
@@ -179,9 +192,12 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
     print(f"  {task:9s} {ex['inputs']}  ->  {ex['targets']}")
 
   def train_single(name: str, task: str, d: int, layers: int, steps: int,
-                   loss_on_inputs: bool = False) -> LoadedModel:
+                   loss_on_inputs: bool = False, init: LoadedModel | None = None,
+                   frozen: tuple[str, ...] = ()) -> LoadedModel:
     directory = out_dir / name
     recipe = {k: v for k, v in dataclasses.asdict(rc).items() if k in _RECIPE[name]}
+    if init is not None:  # fine-tuned from m_B: m_B's recipe is part of this one
+      recipe["init"] = {k: v for k, v in dataclasses.asdict(rc).items() if k in _RECIPE["m_b"]}
     if reuse and (directory / "repro.json").exists():
       saved = json.loads((directory / "repro.json").read_text())
       if saved != json.loads(json.dumps(recipe)):
@@ -189,22 +205,30 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
                          "drop --reuse or use another --out")
       print(f"\n== reusing {name} from {directory}")
       return load_checkpoint(directory)
-    config = _decoder_config(vocab.vocab_size, d, layers)
+    config = _decoder_config(vocab.vocab_size, d, layers, rc)
     module = registry.build_module(config)
-    trainer = _trainer(config, module, rc, steps, progress=progress)
-    print(f"\n== training {name} on {task} ({steps} steps, d_model {d}, {layers} layers)")
-    state = trainer.train(trainer.create_state(),
-                          _batches(trainer, task, rc, loss_on_inputs=loss_on_inputs))
+    trainable = None
+    if frozen:
+      trainable = lambda p: {k: jax.tree.map(lambda _: k not in frozen, v) for k, v in p.items()}
+    trainer = _trainer(config, module, rc, steps, trainable=trainable, progress=progress)
+    start = "" if init is None else f", from {init.source}"
+    print(f"\n== training {name} on {task} ({steps} steps, d_model {d}, {layers} layers{start})")
+    state = (trainer.create_state() if init is None
+             else trainer.state_from_params(jax.device_put(init.params)))
+    state = trainer.train(state, _batches(trainer, task, rc, loss_on_inputs=loss_on_inputs))
     params = jax.device_get(state.params)
     save_model(directory, config, params,  # the vocabulary travels with the model
                extra_files={"repro.json": json.dumps(recipe, indent=2).encode(), **vocab_files})
     return LoadedModel(config=config, module=module, params=params, source=str(directory))
 
-  m_a = train_single("m_a", m_a_task, rc.d_model_a, rc.layers_a, rc.steps_a,
-                     loss_on_inputs=rc.m_a_hints)
+  # m_B first: with shared_base it is also the pretrained LM m_A starts from.
   m_b = train_single("m_b", names["num_math"], rc.d_model_b, rc.layers_b, rc.steps_b)
+  m_a = train_single("m_a", m_a_task, rc.d_model_a, rc.layers_a, rc.steps_a,
+                     loss_on_inputs=rc.m_a_hints, init=m_b if rc.shared_base else None,
+                     frozen=("embed",) if rc.freeze_m_a_embeddings else ())
 
   module, params = compose(m_b, [m_a], num_composition_layers=rc.composition_layers,
+                           layer_pairs=None if rc.layer_pairs is None else (rc.layer_pairs,),
                            seed=rc.seed)
   trainer = _trainer(module.config, module, rc, rc.steps_calm, trainable=trainable_mask,
                      progress=progress)
@@ -265,7 +289,8 @@ def make_vocabulary(gen, tokens: str) -> tuple[Any, dict[str, bytes]]:
 
   ``bytes``: UTF-8 bytes (the library default). ``chars``: one token per
   character. ``keys``: one token per character, and each key (``<abc>``) one
-  token, as a trained tokenizer keeps frequent strings whole.
+  token, as a trained tokenizer keeps frequent strings whole. ``numbers``: as
+  ``keys``, and digits in pairs from the right (each value 0-99 one token).
   """
   from calm_jax.tasks import kv_tokenizer, kv_tokenizer_files, kv_vocabulary
   from moe_jax.data.tasks import default_vocabulary
@@ -274,7 +299,7 @@ def make_vocabulary(gen, tokens: str) -> tuple[Any, dict[str, bytes]]:
     raise ValueError(f"tokens={tokens!r}: expected one of {', '.join(TOKENS)}")
   if tokens == "bytes":
     return default_vocabulary(), {}
-  tok = kv_tokenizer(gen if tokens == "keys" else None)
+  tok = kv_tokenizer(gen if tokens in ("keys", "numbers") else None, numbers=tokens == "numbers")
   return kv_vocabulary(tok), kv_tokenizer_files(tok)
 
 
@@ -355,6 +380,11 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
   plt.close(fig)
 
 
+def _tuples(value):
+  """JSON lists (of lists) as tuples, so --set values hash like the defaults."""
+  return tuple(map(_tuples, value)) if isinstance(value, list) else value
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(prog="python -m calm_jax.repro", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -375,8 +405,7 @@ def main(argv=None) -> None:
       overrides[name] = json.loads(value)
     except json.JSONDecodeError:
       overrides[name] = value
-    if isinstance(overrides[name], list):
-      overrides[name] = tuple(overrides[name])
+    overrides[name] = _tuples(overrides[name])
   run(ReproConfig(**overrides), Path(args.out), reuse=args.reuse)
 
 

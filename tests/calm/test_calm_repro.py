@@ -60,6 +60,27 @@ def test_quick_reproduction_writes_table_json_and_plot(tmp_path):
     assert vocab.eos_id == 1 and vocab.pad_id == 0 and len(vocab.encode(key + "+3=")) == 4
 
 
+def test_shared_base_m_a_is_fine_tuned_from_m_b_with_its_embeddings_frozen(tmp_path):
+  from moe_jax.checkpoints import load_checkpoint
+
+  rc = repro.ReproConfig(**{**repro.QUICK, "steps_calm": 2, "num_eval": 2}, tokens="numbers",
+                         shared_base=True, freeze_m_a_embeddings=True, embed_init_std=0.02,
+                         tie_embeddings=True, layer_pairs=((1, 0),))
+  repro.run(rc, tmp_path, progress=False)
+  m_a, m_b = load_checkpoint(tmp_path / "m_a"), load_checkpoint(tmp_path / "m_b")
+  assert m_a.config == m_b.config and m_b.config.tie_embeddings
+  np.testing.assert_array_equal(m_a.params["embed"]["embedding"], m_b.params["embed"]["embedding"])
+  assert not np.array_equal(m_a.params["layers_0"]["mlp"]["wi_0"]["kernel"],
+                            m_b.params["layers_0"]["mlp"]["wi_0"]["kernel"])
+  assert np.asarray(m_b.params["embed"]["embedding"]).std() < 0.1  # embed_init_std took
+  saved = json.loads((tmp_path / "results.json").read_text())["config"]
+  assert saved["layer_pairs"] == [[1, 0]]
+  recipe = json.loads((tmp_path / "m_a" / "repro.json").read_text())
+  assert recipe["shared_base"] and recipe["init"]["steps_b"] == rc.steps_b
+  with pytest.raises(ValueError, match="d_model_a/layers_a"):
+    repro.run(repro.ReproConfig(**{**repro.QUICK, "d_model_a": 48}, shared_base=True), tmp_path)
+
+
 def test_prompts_need_a_vocabulary_with_eos(tmp_path):
   # A bare tokenizer.json whose EOS is not named anywhere: a clear error, not a crash
   # inside padding.
