@@ -40,6 +40,13 @@ class ReproConfig:
   split keys into characters) and ``m_a_hints`` (m_A also trains on
   KV-HINTS, with the loss on its inputs, see :mod:`calm_jax.tasks`).
   ``--set`` restores any of the paper's settings (with longer budgets).
+
+  Off by default (none raised held-out KV-MATH, see the README):
+  ``tokens="numbers"`` (each value one token), ``shared_base`` (m_A is
+  fine-tuned from m_B, so both share its number embeddings; needs equal
+  sizes), ``freeze_m_a_embeddings``, ``embed_init_std``, ``tie_embeddings``
+  and explicit composition ``layer_pairs`` (``(a, b)``: m_A layer ``a`` into
+  m_B after layer ``b``).
   """
 
   seed: int = 0
