@@ -89,9 +89,8 @@ QUICK = dict(num_keys=12, value_range=(1, 12), num_operands=(2, 3), d_model_a=32
              batch_size=16, num_eval=16, input_length=48, target_length=24)
 
 
-def _decoder_config(vocab_size: int, d: int, layers: int, rc: ReproConfig | None = None):
+def _decoder_config(vocab_size: int, d: int, layers: int, rc: ReproConfig):
   from moe_jax.models.decoder import DecoderConfig
-  rc = rc or ReproConfig()
   return DecoderConfig(vocab_size=vocab_size, d_model=d, num_layers=layers, num_heads=4,
                        d_ff=4 * d, max_seq_len=128, pad_token_id=0, eos_token_id=1,
                        embed_init_std=rc.embed_init_std, tie_embeddings=rc.tie_embeddings)
@@ -200,11 +199,12 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
 
   def train_single(name: str, task: str, d: int, layers: int, steps: int,
                    loss_on_inputs: bool = False, init: LoadedModel | None = None,
-                   frozen: tuple[str, ...] = ()) -> LoadedModel:
+                   trainable=None) -> LoadedModel:
     directory = out_dir / name
-    recipe = {k: v for k, v in dataclasses.asdict(rc).items() if k in _RECIPE[name]}
+    fields = dataclasses.asdict(rc)
+    recipe = {k: fields[k] for k in _RECIPE[name]}
     if init is not None:  # fine-tuned from m_B: m_B's recipe is part of this one
-      recipe["init"] = {k: v for k, v in dataclasses.asdict(rc).items() if k in _RECIPE["m_b"]}
+      recipe["init"] = {k: fields[k] for k in _RECIPE["m_b"]}
     if reuse and (directory / "repro.json").exists():
       saved = json.loads((directory / "repro.json").read_text())
       if saved != json.loads(json.dumps(recipe)):
@@ -214,9 +214,6 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
       return load_checkpoint(directory)
     config = _decoder_config(vocab.vocab_size, d, layers, rc)
     module = registry.build_module(config)
-    trainable = None
-    if frozen:
-      trainable = lambda p: {k: jax.tree.map(lambda _: k not in frozen, v) for k, v in p.items()}
     trainer = _trainer(config, module, rc, steps, trainable=trainable, progress=progress)
     start = "" if init is None else f", from {init.source}"
     print(f"\n== training {name} on {task} ({steps} steps, d_model {d}, {layers} layers{start})")
@@ -232,7 +229,7 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
   m_b = train_single("m_b", names["num_math"], rc.d_model_b, rc.layers_b, rc.steps_b)
   m_a = train_single("m_a", m_a_task, rc.d_model_a, rc.layers_a, rc.steps_a,
                      loss_on_inputs=rc.m_a_hints, init=m_b if rc.shared_base else None,
-                     frozen=("embed",) if rc.freeze_m_a_embeddings else ())
+                     trainable=(r"(?!embed/).*",) if rc.freeze_m_a_embeddings else None)
 
   module, params = compose(m_b, [m_a], num_composition_layers=rc.composition_layers,
                            layer_pairs=None if rc.layer_pairs is None else (rc.layer_pairs,),

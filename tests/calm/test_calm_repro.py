@@ -26,7 +26,7 @@ def test_eval_prompts_are_encoded_as_training_presents_inputs():
   gen = KVArithmetic(num_keys=12, value_range=(1, 12))
   example = gen.examples("num_math", "validation", 8)[0]
   vocab = default_vocabulary()
-  config = repro._decoder_config(vocab.vocab_size, 16, 1)
+  config = repro._decoder_config(vocab.vocab_size, 16, 1, repro.ReproConfig())
   model = LoadedModel(config=config, module=registry.build_module(config), params={},
                       source="test")
   (prompt,), _ = _prompt_ids(model, [example["inputs"]], vocab, True)
@@ -89,7 +89,7 @@ def test_prompts_need_a_vocabulary_with_eos(tmp_path):
 
   kv_tokenizer().save(str(tmp_path / "tokenizer.json"))
   bare = HFTokenizerVocabulary(tmp_path)
-  config = repro._decoder_config(bare.vocab_size, 16, 1)
+  config = repro._decoder_config(bare.vocab_size, 16, 1, repro.ReproConfig())
   model = LoadedModel(config=config, module=registry.build_module(config), params={},
                       source="tiny")
   with pytest.raises(ValueError, match="tiny: .*no EOS"):
