@@ -38,7 +38,10 @@ class ReproConfig:
   with :func:`value_probe`): ``tokens="keys"`` (each key one token, as a
   trained tokenizer keeps frequent strings whole; ``"bytes"``/``"chars"``
   split keys into characters) and ``m_a_hints`` (m_A also trains on
-  KV-HINTS, with the loss on its inputs, see :mod:`calm_jax.tasks`).
+  KV-HINTS, with the loss on its inputs, see :mod:`calm_jax.tasks`), its
+  hints written as ``hint_style`` says (default ``"lettered"``; ``"forward"``
+  with ``tokens="numbers"``). ``cover_digits`` draws composition keys whose
+  values show every digit in every place.
   ``--set`` restores any of the paper's settings (with longer budgets).
 
   Off by default (none raised held-out KV-MATH, see the README):
@@ -69,6 +72,8 @@ class ReproConfig:
   target_length: int = 16
   tokens: str = "keys"
   m_a_hints: bool = True
+  hint_style: str | None = None
+  cover_digits: bool = True
   shared_base: bool = False
   freeze_m_a_embeddings: bool = False
   embed_init_std: float = 1.0
@@ -80,8 +85,8 @@ _TASK_FIELDS = ("seed", "num_keys", "value_range", "num_operands", "ops", "batch
                 "input_length", "target_length", "tokens", "embed_init_std", "tie_embeddings")
 TOKENS = ("bytes", "chars", "keys", "numbers")
 #: ReproConfig fields a saved m_A / m_B depends on (``--reuse`` checks them).
-_RECIPE = {"m_a": _TASK_FIELDS + ("d_model_a", "layers_a", "steps_a", "m_a_hints", "shared_base",
-                                  "freeze_m_a_embeddings"),
+_RECIPE = {"m_a": _TASK_FIELDS + ("d_model_a", "layers_a", "steps_a", "m_a_hints", "hint_style",
+                                  "shared_base", "freeze_m_a_embeddings"),
            "m_b": _TASK_FIELDS + ("d_model_b", "layers_b", "steps_b")}
 
 QUICK = dict(num_keys=12, value_range=(1, 12), num_operands=(2, 3), d_model_a=32, layers_a=2,
@@ -178,8 +183,9 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
                      f"({rc.d_model_a}, {rc.layers_a}) must equal d_model_b/layers_b "
                      f"({rc.d_model_b}, {rc.layers_b})")
   gen = KVArithmetic(seed=rc.seed, num_keys=rc.num_keys, value_range=rc.value_range,
-                     num_operands=rc.num_operands, ops=rc.ops,
-                     reversed_hints=rc.tokens != "numbers")
+                     num_operands=rc.num_operands, ops=rc.ops, cover_digits=rc.cover_digits,
+                     hint_style=rc.hint_style or ("forward" if rc.tokens == "numbers"
+                                                  else "lettered"))
   vocab, vocab_files = make_vocabulary(gen, rc.tokens)
   for file, data in vocab_files.items():
     (out_dir / file).write_bytes(data)
@@ -202,9 +208,9 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
                    trainable=None) -> LoadedModel:
     directory = out_dir / name
     fields = dataclasses.asdict(rc)
-    recipe = {k: fields[k] for k in _RECIPE[name]}
+    recipe = {k: fields[k] for k in _RECIPE[name]} | {"vocab_size": vocab.vocab_size}
     if init is not None:  # fine-tuned from m_B: m_B's recipe is part of this one
-      recipe["init"] = {k: fields[k] for k in _RECIPE["m_b"]}
+      recipe["init"] = {k: fields[k] for k in _RECIPE["m_b"]} | {"vocab_size": vocab.vocab_size}
     if reuse and (directory / "repro.json").exists():
       saved = json.loads((directory / "repro.json").read_text())
       if saved != json.loads(json.dumps(recipe)):

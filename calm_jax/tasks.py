@@ -8,18 +8,25 @@ Three views of the same expressions:
 * KV-MATH:  ``<ab>+<cde>-<f>=``  ->  ``8``          (the composed skill)
 
 and an optional fourth for m_A, KV-HINTS: KV-SUBS with some keys followed
-by their value, its digits in either order unless ``reversed_hints`` is off
-(``<ab>10+<cde>-<f>42=`` ->
-``10+22-24``). Trained with the loss on its inputs too, it makes a causal
-LM look both digits of every key's value up where the key is read (whether
-a digit or an operator comes next is a coin flip); KV-SUBS alone lets it
-look values up only where they are written out.
+by their value (``<ab>10+<cde>-<f>42=`` -> ``10+22-24``), written as
+``hint_style`` says. Trained with the loss on its inputs too, it makes a
+causal LM look every key's value up where the key is read; KV-SUBS alone
+lets it look values up only where they are written out. To make it hold
+*both* digits there, the token after a key must name either one: with
+``"lettered"`` (the default) a hint is the value as written (``37``) or its
+units digit first in letters ``A``-``J`` for 0-9 (``HD``), so the next token
+is the tens digit, the units digit (as a letter) or an operator, never
+ambiguous; ``"either"`` writes the digits forwards or backwards (``37`` or
+``73``: the first token no longer says which place it is), ``"forward"``
+only forwards (the only choice when a value is one token).
 
 Expressions have ``num_operands`` operands joined by operators from ``ops``
 (``x`` is multiplication, with the usual precedence). Composition training
 uses KV-MATH over a fraction (20%) of the keys; evaluation uses held-out
 KV-MATH expressions over all keys, so most of them contain keys that only
-m_A knows.
+m_A knows. The composition keys are drawn so that their values show every
+digit in every place (``cover_digits``): a random 20 of 100 values often
+lack a units digit or two, and nothing trained on them can then write it.
 
 Everything is deterministic in ``seed``. The examples are plain
 ``{"inputs", "targets"}`` dicts, registered as seqio tasks by
@@ -39,6 +46,20 @@ import numpy as np
 
 #: The views :meth:`KVArithmetic.examples` makes (the first three are the paper's).
 TASKS = ("kv_subs", "num_math", "kv_math", "kv_hints")
+#: How KV-HINTS writes a value after its key (see the module docstring).
+HINT_STYLES = ("lettered", "either", "forward")
+#: The digits of a ``"lettered"`` hint written units first: 0-9 as A-J.
+LETTER_DIGITS = "ABCDEFGHIJ"
+_LETTER_DIGITS = str.maketrans("0123456789", LETTER_DIGITS)
+
+
+def _digits_by_place(values) -> dict[int, set[str]]:
+  """{place (0 = units): the digits values show there}."""
+  out: dict[int, set[str]] = {}
+  for v in values:
+    for place, d in enumerate(reversed(str(v))):
+      out.setdefault(place, set()).add(d)
+  return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,8 +74,11 @@ class KVArithmetic:
     num_operands: inclusive range of operands per expression.
     ops: operators to draw from (``+``, ``-``, ``x``).
     composition_key_fraction: share of keys used in composition training.
-    reversed_hints: KV-HINTS writes some hints' digits backwards (for
-      character-level digits; a value that is one token has no digit order).
+    hint_style: how KV-HINTS writes a value after its key: ``"lettered"``,
+      ``"either"`` or ``"forward"`` (see the module docstring).
+    cover_digits: draw the composition keys again (up to 1000 times) until
+      their values hold every digit each place has among all values; if no
+      draw does, the one that covers most.
   """
 
   seed: int = 0
@@ -64,7 +88,8 @@ class KVArithmetic:
   num_operands: tuple[int, int] = (3, 6)
   ops: tuple[str, ...] = ("+", "-", "x")
   composition_key_fraction: float = 0.2
-  reversed_hints: bool = True
+  hint_style: str = "lettered"
+  cover_digits: bool = True
 
   def __post_init__(self):
     lo, hi = self.value_range
@@ -77,6 +102,10 @@ class KVArithmetic:
       raise ValueError("composition_key_fraction must be in (0, 1]")
     if self.num_operands[0] < 2 or self.num_operands[0] > self.num_operands[1]:
       raise ValueError(f"bad num_operands range {self.num_operands}")
+    if self.hint_style not in HINT_STYLES:
+      raise ValueError(f"hint_style={self.hint_style!r}: expected one of {', '.join(HINT_STYLES)}")
+    if lo < 0:
+      raise ValueError(f"value_range {self.value_range}: values must be >= 0")
 
   @cached_property
   def table(self) -> dict[str, int]:
@@ -99,7 +128,17 @@ class KVArithmetic:
     keys = list(self.table)
     n = max(1, round(self.composition_key_fraction * len(keys)))
     rng = np.random.default_rng([self.seed, 1])
-    return tuple(sorted(str(k) for k in rng.choice(keys, n, replace=False)))
+    want = _digits_by_place(self.table.values())
+    best, best_score = None, -1
+    for _ in range(1000 if self.cover_digits else 1):
+      draw = [str(k) for k in rng.choice(keys, n, replace=False)]
+      have = _digits_by_place(self.table[k] for k in draw)
+      score = sum(len(have.get(place, set()) & digits) for place, digits in want.items())
+      if score > best_score:
+        best, best_score = draw, score
+      if have == want:
+        break
+    return tuple(sorted(best))
 
   def _expressions(self, n: int, keys: tuple[str, ...], stream: int
                    ) -> list[tuple[list[str], list[str]]]:
@@ -145,8 +184,10 @@ class KVArithmetic:
     parts = []
     for k in operands:
       digits = str(self.table[k])
-      if rng.random() < 0.5:  # hinted: the value, forwards or backwards
-        backwards = self.reversed_hints and rng.random() >= 0.5
+      if rng.random() < 0.5:  # hinted: the value, forwards or (units first) backwards
+        backwards = self.hint_style != "forward" and rng.random() >= 0.5
+        if backwards and self.hint_style == "lettered":
+          digits = digits.translate(_LETTER_DIGITS)
         parts.append(f"<{k}>" + (digits[::-1] if backwards else digits))
       else:
         parts.append(f"<{k}>")
@@ -173,7 +214,7 @@ class KVArithmetic:
       held_out = {ex["inputs"] for s in ("validation", "test")
                   for ex in self._eval_pool(s)}
     out = []
-    for operands, ops in self._expressions(n * 2 + 16, keys, stream):
+    for operands, ops in self._expressions(n * 4 + 64, keys, stream):  # a prefix of one stream
       view = self._views(operands, ops)
       if view["kv_math"]["inputs"] in held_out:
         continue
@@ -195,9 +236,10 @@ class KVArithmetic:
     return self._eval_cache[split]
 
 
-#: Every character the three views use, in id order after pad, EOS and unk
-#: (``x``, the multiplication sign, is one of the letters).
-KV_ALPHABET = "0123456789+-=<>~" + string.ascii_lowercase
+#: Every character the four views use, in id order after pad, EOS and unk
+#: (``x``, the multiplication sign, is one of the letters; ``A``-``J`` are the
+#: digits of lettered hints).
+KV_ALPHABET = "0123456789+-=<>~" + string.ascii_lowercase + LETTER_DIGITS
 #: The special tokens of :func:`kv_tokenizer`, ids 0, 1, 2.
 KV_SPECIAL_TOKENS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
 

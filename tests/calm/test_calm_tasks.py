@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from calm_jax.tasks import KVArithmetic
+from calm_jax.tasks import HINT_STYLES, LETTER_DIGITS, KVArithmetic
 
 
 @pytest.fixture(scope="module")
@@ -75,20 +75,57 @@ def test_kv_task_reregisters_when_other_code_replaced_its_tasks():
   assert got == [ex["inputs"] for ex in want]  # kv_task's own data again, not seed 9's
 
 
-def test_kv_hints_are_kv_subs_with_true_values_after_some_keys(gen):
-  hinted = gen.examples("kv_hints", "train", 200)
+@pytest.mark.parametrize("style", HINT_STYLES)
+def test_kv_hints_are_kv_subs_with_true_values_after_some_keys(style):
+  gen = KVArithmetic(seed=3, num_keys=20, value_range=(1, 40), hint_style=style)
+  to_letters = str.maketrans("0123456789", LETTER_DIGITS)
   forwards = backwards = bare = 0
-  for ex in hinted:
+  for ex in gen.examples("kv_hints", "train", 200):
     values = [int(v) for v in re.split(r"[+\-x]", ex["targets"])]
-    pieces = re.findall(r"<([a-z]+)>([0-9]*)", ex["inputs"])
+    pieces = re.findall(r"<([a-z]+)>([0-9A-J]*)", ex["inputs"])
     assert [gen.table[k] for k, _ in pieces] == values  # targets: KV-SUBS of the same keys
-    for key, digits in pieces:
+    for key, hint in pieces:
       value = str(gen.table[key])
-      assert digits in ("", value, value[::-1])
-      bare += digits == ""
-      forwards += digits == value and len(value) > 1
-      backwards += digits == value[::-1] and value != value[::-1]
-  assert min(forwards, backwards, bare) > 20  # all three forms occur
+      units_first = {"forward": value, "either": value[::-1],
+                     "lettered": value[::-1].translate(to_letters)}[style]
+      assert hint in ("", value, units_first), (style, key, value, hint)
+      bare += hint == ""
+      forwards += hint == value and len(value) > 1
+      backwards += hint == units_first != value
+  assert min(forwards, bare) > 20
+  assert backwards > 20 if style != "forward" else backwards == 0
+
+
+def test_lettered_hints_name_the_place_of_the_first_digit():
+  """After a key comes its tens digit (a digit) or its units digit (a letter)."""
+  gen = KVArithmetic(seed=3, num_keys=20, value_range=(10, 99))
+  assert gen.hint_style == "lettered"
+  for ex in gen.examples("kv_hints", "train", 100):
+    for key, hint in re.findall(r"<([a-z]+)>([0-9A-J]*)", ex["inputs"]):
+      value = gen.table[key]
+      if hint:
+        first = hint[0]
+        assert (int(first) == value // 10) if first.isdigit() else (
+            LETTER_DIGITS.index(first) == value % 10)
+
+
+def test_bad_hint_style_is_named():
+  with pytest.raises(ValueError, match="hint_style='sideways'"):
+    KVArithmetic(hint_style="sideways")
+
+
+def test_composition_keys_show_every_digit_in_every_place():
+  covered = KVArithmetic(num_keys=100, value_range=(0, 99))
+  values = [covered.table[k] for k in covered.composition_keys]
+  assert len(values) == 20
+  assert {v % 10 for v in values} == {v // 10 for v in values} == set(range(10))
+  plain = KVArithmetic(num_keys=100, value_range=(0, 99), cover_digits=False)
+  plain_values = [plain.table[k] for k in plain.composition_keys]
+  assert len(plain_values) == 20 and {v % 10 for v in plain_values} != set(range(10))
+  # too few keys to cover every digit: the best draw, deterministically
+  few = KVArithmetic(num_keys=12, value_range=(1, 12))
+  assert len(few.composition_keys) == 2
+  assert few.composition_keys == KVArithmetic(num_keys=12, value_range=(1, 12)).composition_keys
 
 
 def test_kv_tokenizer_keeps_each_key_whole_and_round_trips(gen):
@@ -115,16 +152,8 @@ def test_kv_tokenizer_numbers_are_digit_pairs_from_the_right(gen):
                                      "05", "+", "10", "05"]
   vocab = kv_vocabulary(tok)
   assert vocab.vocab_size == kv_vocabulary(kv_tokenizer(gen)).vocab_size + 100
-  for ex in gen.examples("num_math", "test", 20) + gen.examples("kv_subs", "test", 20):
+  for ex in (gen.examples("num_math", "test", 20) + gen.examples("kv_subs", "test", 20)
+             + gen.examples("kv_hints", "test", 20)):
     for s in (ex["inputs"], ex["targets"]):
       assert vocab.decode(vocab.encode(s)) == s
       assert 2 not in vocab.encode(s)  # no unk
-
-
-def test_reversed_hints_off_writes_every_hint_forwards():
-  one_token_values = KVArithmetic(seed=3, num_keys=20, value_range=(10, 40),
-                                  reversed_hints=False)
-  pieces = [p for ex in one_token_values.examples("kv_hints", "train", 100)
-            for p in re.findall(r"<([a-z]+)>([0-9]*)", ex["inputs"])]
-  assert {d for _, d in pieces} - {""}, "no hints drawn"
-  assert all(d in ("", str(one_token_values.table[k])) for k, d in pieces)
