@@ -34,14 +34,14 @@ class ReproConfig:
   0-99, 2 operands with + and -. Composition still trains on KV-MATH over 20%
   of the keys and is tested on held-out expressions over all keys.
 
-  Two choices make m_A's key positions carry the values at all (measured
+  Three choices make m_A's key positions carry the values at all (measured
   with :func:`value_probe`): ``tokens="keys"`` (each key one token, as a
   trained tokenizer keeps frequent strings whole; ``"bytes"``/``"chars"``
-  split keys into characters) and ``m_a_hints`` (m_A also trains on
-  KV-HINTS, with the loss on its inputs, see :mod:`calm_jax.tasks`), its
-  hints written as ``hint_style`` says (default ``"lettered"``; ``"forward"``
-  with ``tokens="numbers"``). ``cover_digits`` draws composition keys whose
-  values show every digit in every place.
+  split keys into characters), ``m_a_hints`` (m_A also trains on KV-HINTS,
+  with the loss on its inputs, see :mod:`calm_jax.tasks`) with
+  ``hint_style`` (``None``: ``"lettered"``, or ``"forward"`` with
+  ``tokens="numbers"``), and ``cover_digits`` (the composition keys' values
+  show every digit in every place).
   ``--set`` restores any of the paper's settings (with longer budgets).
 
   Off by default (none raised held-out KV-MATH, see the README):
