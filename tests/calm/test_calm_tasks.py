@@ -109,9 +109,11 @@ def test_lettered_hints_name_the_place_of_the_first_digit():
             LETTER_DIGITS.index(first) == value % 10)
 
 
-def test_bad_hint_style_is_named():
+def test_bad_hint_style_and_negative_values_are_named():
   with pytest.raises(ValueError, match="hint_style='sideways'"):
     KVArithmetic(hint_style="sideways")
+  with pytest.raises(ValueError, match=r"value_range \(-5, 100\)"):
+    KVArithmetic(value_range=(-5, 100))
 
 
 def test_composition_keys_show_every_digit_in_every_place():
