@@ -15,7 +15,7 @@ $(VENV_STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(VENV_STAMP)
 
-# The CALM KV-arithmetic reproduction (about 13 minutes on 2 CPU cores):
+# The CALM KV-arithmetic reproduction (about 14 minutes on 2 CPU cores):
 # progress bars, the accuracy table, out/calm_repro/accuracy.png.
 demo: $(VENV_STAMP)
 	$(PY) -m calm_jax.repro --out out/calm_repro
