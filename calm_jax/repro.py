@@ -328,11 +328,11 @@ def value_probe(m_a, gen, vocab, num_examples: int = 256) -> list[tuple[float, f
 
   import jax.numpy as jnp
 
-  from moe_jax.api import _prompt_ids
+  from moe_jax.api import encode_prompts
   from moe_jax.decoding import pad_prompts
 
   examples = gen.examples("kv_subs", "test", num_examples)
-  ids, _ = _prompt_ids(m_a, [ex["inputs"] for ex in examples], vocab, True)  # as in training
+  ids = encode_prompts(m_a, [ex["inputs"] for ex in examples], vocabulary=vocab)  # as trained
   tokens, valid = pad_prompts(ids, side="right")
   _, state = m_a.module.apply({"params": m_a.params}, jnp.asarray(tokens),
                               valid_BL=jnp.asarray(valid), sow_hidden=True,

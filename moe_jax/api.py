@@ -43,8 +43,8 @@ Examples = Union[Sequence[Mapping[str, str]], Mapping[str, Sequence[Mapping[str,
 #: (or ``{"train": [...], "validation": [...]}``).
 Data = Union[str, Examples]
 
-__all__ = ["Data", "LoadedModel", "TrainResult", "add_adapters", "evaluate", "export_hf",
-           "finetune", "load", "predict", "router_probabilities", "save", "upcycle_model"]
+__all__ = ["Data", "LoadedModel", "TrainResult", "add_adapters", "encode_prompts", "evaluate",
+           "export_hf", "finetune", "load", "predict", "router_probabilities", "save", "upcycle_model"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -389,10 +389,23 @@ def evaluate(model: LoadedModel, data: Data, *, feature_lengths: Mapping[str, in
 # ----------------------------------------------------------------------------- inference
 
 
+def encode_prompts(model: LoadedModel, prompts: Sequence[str], *, vocabulary: Any = None,
+                   task_format: bool = True) -> list[list[int]]:
+  """The token ids :func:`predict` feeds the model for string ``prompts``.
+
+  ``vocabulary``: default the model's tokenizer (or bytes). ``task_format``:
+  as the training pipeline presents a task's ``inputs`` (EOS appended; for
+  decoder-only models after a leading 0, as seqio's prefix-LM features);
+  ``False``: the plain encoding. For probing hidden states at the positions
+  the model was trained on (pad with :func:`moe_jax.decoding.pad_prompts`).
+  """
+  return _prompt_ids(model, prompts, vocabulary, task_format)[0]
+
+
 def _prompt_ids(model: LoadedModel, prompts: Sequence[Any], vocabulary: Any,
                 task_format: bool) -> tuple[list[list[int]], Any]:
   if not prompts:
-    raise ValueError("generate: no prompts")
+    raise ValueError("no prompts")
   if not isinstance(prompts[0], str):
     return [list(map(int, p)) for p in prompts], None
   vocab = _vocabulary(model, vocabulary)

@@ -7,7 +7,7 @@ import pytest
 
 from calm_jax import repro
 from calm_jax.tasks import KVArithmetic, kv_task
-from moe_jax.api import _prompt_ids
+from moe_jax.api import encode_prompts
 from moe_jax.checkpoints import LoadedModel
 from moe_jax.data import pipeline
 from moe_jax.data.tasks import default_vocabulary
@@ -29,7 +29,7 @@ def test_eval_prompts_are_encoded_as_training_presents_inputs():
   config = repro._decoder_config(vocab.vocab_size, 16, 1, repro.ReproConfig())
   model = LoadedModel(config=config, module=registry.build_module(config), params={},
                       source="test")
-  (prompt,), _ = _prompt_ids(model, [example["inputs"]], vocab, True)
+  (prompt,) = encode_prompts(model, [example["inputs"]], vocabulary=vocab)
   feats = next(ds.as_numpy_iterator())
   inputs = feats["decoder_input_tokens"][0]
   np.testing.assert_array_equal(inputs[:len(prompt)], prompt)
@@ -93,6 +93,10 @@ def test_prompts_need_a_vocabulary_with_eos(tmp_path):
   model = LoadedModel(config=config, module=registry.build_module(config), params={},
                       source="tiny")
   with pytest.raises(ValueError, match="tiny: .*no EOS"):
-    _prompt_ids(model, ["1+2="], bare, True)
-  (prompt,), _ = _prompt_ids(model, ["1+2="], kv_vocabulary(kv_tokenizer()), True)
+    encode_prompts(model, ["1+2="], vocabulary=bare)
+  kv = kv_vocabulary(kv_tokenizer())
+  (prompt,) = encode_prompts(model, ["1+2="], vocabulary=kv)
   assert prompt[0] == 0 and prompt[-1] == 1
+  assert encode_prompts(model, ["1+2="], vocabulary=kv, task_format=False) == [prompt[1:-1]]
+  with pytest.raises(ValueError, match="no prompts"):
+    encode_prompts(model, [], vocabulary=kv)
