@@ -203,14 +203,18 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
     ex = gen.examples(task, "train", 1)[0]
     print(f"  {task:9s} {ex['inputs']}  ->  {ex['targets']}")
 
+  fields = dataclasses.asdict(rc)
+
+  def recipe_of(name: str) -> dict[str, Any]:  # what a saved m_A / m_B was trained with
+    return {k: fields[k] for k in _RECIPE[name]} | {"vocab_size": vocab.vocab_size}
+
   def train_single(name: str, task: str, d: int, layers: int, steps: int,
                    loss_on_inputs: bool = False, init: LoadedModel | None = None,
                    trainable=None) -> LoadedModel:
     directory = out_dir / name
-    fields = dataclasses.asdict(rc)
-    recipe = {k: fields[k] for k in _RECIPE[name]} | {"vocab_size": vocab.vocab_size}
+    recipe = recipe_of(name)
     if init is not None:  # fine-tuned from m_B: m_B's recipe is part of this one
-      recipe["init"] = {k: fields[k] for k in _RECIPE["m_b"]} | {"vocab_size": vocab.vocab_size}
+      recipe["init"] = recipe_of("m_b")
     if reuse and (directory / "repro.json").exists():
       saved = json.loads((directory / "repro.json").read_text())
       if saved != json.loads(json.dumps(recipe)):
