@@ -50,6 +50,11 @@ class ReproConfig:
   sizes), ``freeze_m_a_embeddings``, ``embed_init_std``, ``tie_embeddings``
   and explicit composition ``layer_pairs`` (``(a, b)``: m_A layer ``a`` into
   m_B after layer ``b``).
+
+  ``oracle_m_a`` (a diagnostic) composes m_B with
+  :func:`oracle_augmenting_model` instead of a trained m_A: a perfect,
+  key-independent code of every key's value, so held-out KV-MATH then shows
+  what the composition and m_B can make of the best possible m_A.
   """
 
   seed: int = 0
@@ -79,6 +84,7 @@ class ReproConfig:
   embed_init_std: float = 1.0
   tie_embeddings: bool = False
   layer_pairs: tuple[tuple[int, int], ...] | None = None
+  oracle_m_a: bool = False
 
 
 _TASK_FIELDS = ("seed", "num_keys", "value_range", "num_operands", "ops", "batch_size", "lr",
@@ -237,9 +243,16 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
 
   # m_B first: with shared_base it is also the pretrained LM m_A starts from.
   m_b = train_single("m_b", names["num_math"], rc.d_model_b, rc.layers_b, rc.steps_b)
-  m_a = train_single("m_a", m_a_task, rc.d_model_a, rc.layers_a, rc.steps_a,
-                     loss_on_inputs=rc.m_a_hints, init=m_b if rc.shared_base else None,
-                     trainable=(r"(?!embed/).*",) if rc.freeze_m_a_embeddings else None)
+  if rc.oracle_m_a:
+    m_a = oracle_augmenting_model(gen, vocab, rc.d_model_a, rc.layers_a, rc)
+    m_a = dataclasses.replace(m_a, source=str(save_model(
+        out_dir / "m_a_oracle", m_a.config, m_a.params, extra_files=vocab_files)))
+    print(f"\n== m_A is the oracle (each key's value digits one-hot at its token), "
+          f"saved to {m_a.source}")
+  else:
+    m_a = train_single("m_a", m_a_task, rc.d_model_a, rc.layers_a, rc.steps_a,
+                       loss_on_inputs=rc.m_a_hints, init=m_b if rc.shared_base else None,
+                       trainable=(r"(?!embed/).*",) if rc.freeze_m_a_embeddings else None)
 
   module, params = compose(m_b, [m_a], num_composition_layers=rc.composition_layers,
                            layer_pairs=None if rc.layer_pairs is None else (rc.layer_pairs,),
@@ -252,7 +265,7 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
                         _batches(trainer, names["kv_math"], rc))
   calm_params = jax.device_get(state.params)
   save_composition(out_dir / "calm", module.config, calm_params,
-                   anchor_checkpoint=str(out_dir / "m_b"), augment_checkpoints=[str(out_dir / "m_a")])
+                   anchor_checkpoint=str(out_dir / "m_b"), augment_checkpoints=[m_a.source])
   for k in ("anchor", "augment_0"):  # frozen means frozen
     same = jax.tree.all(jax.tree.map(np.array_equal, calm_params[k], params[k]))
     assert same, f"frozen model {k} changed during composition training"
@@ -315,6 +328,52 @@ def make_vocabulary(gen, tokens: str) -> tuple[Any, dict[str, bytes]]:
     return default_vocabulary(), {}
   tok = kv_tokenizer(gen if tokens in ("keys", "numbers") else None, numbers=tokens == "numbers")
   return kv_vocabulary(tok), kv_tokenizer_files(tok)
+
+
+def oracle_augmenting_model(gen, vocab, d_model: int, num_layers: int, rc: ReproConfig):
+  """An m_A that holds every key's value perfectly: the upper bound of the m_A side.
+
+  Its hidden state at a key's token is, after every layer, the value's digits
+  one-hot (place ``p``, digit ``d`` -> dimension ``10 p + d``; norm that of an
+  embedding drawn with ``embed_init_std``); zero at every other token. Attention and MLP
+  output projections are zero, so each layer passes its input on unchanged.
+  Composing m_B with it measures what the composition and m_B make of a clean,
+  key-independent value code; anything short of 100% on held-out KV-MATH is
+  not m_A's fault. Needs one token per key (``tokens="keys"`` or ``"numbers"``).
+  """
+  import jax
+
+  from moe_jax.checkpoints import LoadedModel
+  from moe_jax.models import registry
+
+  places = len(str(max(gen.table.values())))
+  if d_model < 10 * places:
+    raise ValueError(f"oracle m_A: d_model {d_model} < {10 * places} (10 dims per digit place)")
+  config = _decoder_config(vocab.vocab_size, d_model, num_layers, rc)
+  module = registry.build_module(config)
+  params = jax.tree.map(np.array, registry.init_params(module, "decoder", seed=rc.seed))
+  table = np.zeros_like(params["embed"]["embedding"])
+  for key, value in gen.table.items():
+    ids = vocab.encode(f"<{key}>")
+    if len(ids) != 1:
+      raise ValueError(f"oracle m_A: key <{key}> is {len(ids)} tokens; it needs one token per "
+                       f"key (tokens='keys' or 'numbers')")
+    for place, digit in enumerate(reversed(str(value))):
+      table[ids[0], 10 * place + int(digit)] = rc.embed_init_std * np.sqrt(d_model / places)
+  params["embed"]["embedding"] = table
+
+  silenced = []
+
+  def silence(path, x):  # attention / MLP outputs: the residual stream stays the embedding
+    names = [getattr(k, "key", None) for k in path]
+    if names[-2] in ("o", "wo"):
+      silenced.append(names)
+      return np.zeros_like(x)
+    return x
+
+  params = jax.tree_util.tree_map_with_path(silence, params)
+  assert len(silenced) >= 2 * num_layers, silenced  # every layer's two output projections
+  return LoadedModel(config=config, module=module, params=params, source="oracle m_A")
 
 
 def value_probe(m_a, gen, vocab, num_examples: int = 256) -> list[tuple[float, float]]:

@@ -26,7 +26,8 @@ uses KV-MATH over a fraction (20%) of the keys; evaluation uses held-out
 KV-MATH expressions over all keys, so most of them contain keys that only
 m_A knows. The composition keys are drawn so that their values show every
 digit in every place (``cover_digits``): a random 20 of 100 values often
-lack a units digit or two, and nothing trained on them can then write it.
+lack a units digit or two, and nothing trained on them can then write it
+(nor a value with fewer digits than others: one shorter value is drawn too).
 
 Everything is deterministic in ``seed``. The examples are plain
 ``{"inputs", "targets"}`` dicts, registered as seqio tasks by
@@ -53,12 +54,13 @@ LETTER_DIGITS = "ABCDEFGHIJ"
 _LETTER_DIGITS = str.maketrans("0123456789", LETTER_DIGITS)
 
 
-def _digits_by_place(values) -> dict[int, set[str]]:
-  """{place (0 = units): the digits values show there}."""
+def _digits_by_place(values, places: int) -> dict[int, set[str]]:
+  """{place (0 = units): the digits values show there, "" where a value is shorter}."""
   out: dict[int, set[str]] = {}
   for v in values:
-    for place, d in enumerate(reversed(str(v))):
-      out.setdefault(place, set()).add(d)
+    digits = str(v)[::-1]
+    for place in range(places):
+      out.setdefault(place, set()).add(digits[place] if place < len(digits) else "")
   return out
 
 
@@ -128,11 +130,12 @@ class KVArithmetic:
     keys = list(self.table)
     n = max(1, round(self.composition_key_fraction * len(keys)))
     rng = np.random.default_rng([self.seed, 1])
-    want = _digits_by_place(self.table.values())
+    places = len(str(max(self.table.values())))
+    want = _digits_by_place(self.table.values(), places)
     best, best_score = None, -1
     for _ in range(1000 if self.cover_digits else 1):
       draw = [str(k) for k in rng.choice(keys, n, replace=False)]
-      have = _digits_by_place(self.table[k] for k in draw)
+      have = _digits_by_place((self.table[k] for k in draw), places)
       score = sum(len(have.get(place, set()) & digits) for place, digits in want.items())
       if score > best_score:
         best, best_score = draw, score

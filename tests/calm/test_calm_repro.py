@@ -100,3 +100,51 @@ def test_prompts_need_a_vocabulary_with_eos(tmp_path):
   assert encode_prompts(model, ["1+2="], vocabulary=kv, task_format=False) == [prompt[1:-1]]
   with pytest.raises(ValueError, match="no prompts"):
     encode_prompts(model, [], vocabulary=kv)
+
+
+def test_oracle_m_a_holds_each_keys_value_digits_at_its_token():
+  import jax.numpy as jnp
+
+  from calm_jax.tasks import kv_tokenizer, kv_vocabulary
+  from moe_jax.decoding import pad_prompts
+
+  gen = KVArithmetic(num_keys=100, value_range=(0, 99), num_operands=(2, 2), ops=("+", "-"))
+  vocab = kv_vocabulary(kv_tokenizer(gen))
+  rc = repro.ReproConfig()
+  oracle = repro.oracle_augmenting_model(gen, vocab, 32, 3, rc)
+  ex = gen.examples("kv_subs", "test", 1)[0]
+  ids = encode_prompts(oracle, [ex["inputs"]], vocabulary=vocab)
+  tokens, valid = pad_prompts(ids, side="right")
+  _, state = oracle.module.apply({"params": oracle.params}, jnp.asarray(tokens),
+                                 valid_BL=jnp.asarray(valid), sow_hidden=True,
+                                 mutable=["intermediates"])
+  hidden = state["intermediates"]["hidden"]
+  assert len(hidden) == 3
+  key_ids = {vocab.encode(f"<{k}>")[0]: v for k, v in gen.table.items()}
+  for layer in hidden:  # every layer passes the code on unchanged
+    h = np.asarray(layer)[0]
+    for pos, tok in enumerate(tokens[0]):
+      want = np.zeros(32)
+      if tok in key_ids:  # the digits as written: place p, digit d -> 10 p + d
+        digits = str(key_ids[tok])[::-1]
+        want[[10 * p + int(d) for p, d in enumerate(digits)]] = np.sqrt(32 / 2)
+      np.testing.assert_allclose(h[pos], want, atol=1e-6, err_msg=f"token {tok} at {pos}")
+  # the ridge probe (fit on 20 keys) reads the units digit exactly; tens mostly
+  assert all(units == 1.0 and tens > 0.8 for units, tens in repro.value_probe(oracle, gen, vocab))
+  with pytest.raises(ValueError, match="d_model 16 < 20"):
+    repro.oracle_augmenting_model(gen, vocab, 16, 1, rc)
+  chars = kv_vocabulary(kv_tokenizer())
+  with pytest.raises(ValueError, match=r"key <\w+> is \d+ tokens"):
+    repro.oracle_augmenting_model(gen, chars, 32, 1, rc)
+
+
+def test_quick_reproduction_with_the_oracle_m_a(tmp_path):
+  from calm_jax import load_composition
+
+  rc = repro.ReproConfig(**{**repro.QUICK, "steps_calm": 2, "num_eval": 2}, oracle_m_a=True)
+  repro.run(rc, tmp_path, progress=False)
+  assert not (tmp_path / "m_a").exists() and (tmp_path / "m_a_oracle" / "model_config.json").exists()
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert len(saved["value_probe_units_tens_by_layer"]) == rc.layers_a
+  meta = json.loads((tmp_path / "calm" / "composition.json").read_text())
+  assert str(tmp_path / "m_a_oracle") in json.dumps(meta)

@@ -121,6 +121,7 @@ def test_composition_keys_show_every_digit_in_every_place():
   values = [covered.table[k] for k in covered.composition_keys]
   assert len(values) == 20
   assert {v % 10 for v in values} == {v // 10 for v in values} == set(range(10))
+  assert min(values) < 10  # a one-digit value too: the composition sees values of each length
   plain = KVArithmetic(num_keys=100, value_range=(0, 99), cover_digits=False)
   plain_values = [plain.table[k] for k in plain.composition_keys]
   assert len(plain_values) == 20 and {v % 10 for v in plain_values} != set(range(10))
