@@ -42,7 +42,7 @@ def test_quick_reproduction_writes_table_json_and_plot(tmp_path):
   results = repro.run(repro.ReproConfig(**repro.QUICK), tmp_path, progress=False)
   assert set(results) == {"m_A", "m_B", "CALM"}
   for accs in results.values():
-    assert set(accs) == {"kv_subs", "num_math", "kv_math", "kv_math_comp"}
+    assert set(accs) == {"kv_subs", "num_math", "kv_math", "kv_math_comp", "kv_math_new"}
     assert all(0.0 <= v <= 100.0 for v in accs.values())
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["results"] == results and saved["config"]["steps_calm"] == repro.QUICK["steps_calm"]
