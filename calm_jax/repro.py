@@ -91,6 +91,9 @@ class ReproConfig:
   composition_key_fraction: float = 0.2
 
 
+#: Columns of the results table and plot: the paper's three views on held-out test
+#: expressions, then KV-MATH over the composition keys and over no composition key.
+_COLUMNS = ("kv_subs", "num_math", "kv_math", "kv_math_comp", "kv_math_new")
 _TASK_FIELDS = ("seed", "num_keys", "value_range", "num_operands", "ops", "batch_size", "lr",
                 "input_length", "target_length", "tokens", "embed_init_std", "tie_embeddings")
 TOKENS = ("bytes", "chars", "keys", "numbers")
@@ -359,7 +362,7 @@ def oracle_augmenting_model(gen, vocab, d_model: int, num_layers: int, rc: Repro
   from moe_jax.checkpoints import LoadedModel
   from moe_jax.models import registry
 
-  places = len(str(max(gen.table.values())))
+  places = gen.places
   if d_model < 10 * places:
     raise ValueError(f"oracle m_A: d_model {d_model} < {10 * places} (10 dims per digit place)")
   config = _decoder_config(vocab.vocab_size, d_model, num_layers, rc)
@@ -432,12 +435,11 @@ def value_probe(m_a, gen, vocab, num_examples: int = 256) -> list[tuple[float, f
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-  tasks = ("kv_subs", "num_math", "kv_math", "kv_math_comp", "kv_math_new")
   head = ("| model | KV-SUBS | NUM-MATH | KV-MATH | KV-MATH, composition keys "
           "| KV-MATH, no composition key |")
   rows = [head, "|---|---|---|---|---|---|"]
   for name, accs in results.items():
-    rows.append(f"| {name} | " + " | ".join(f"{accs[t]:.1f}" for t in tasks) + " |")
+    rows.append(f"| {name} | " + " | ".join(f"{accs[t]:.1f}" for t in _COLUMNS) + " |")
   return "\n".join(rows)
 
 
@@ -447,16 +449,15 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  tasks = ("kv_subs", "num_math", "kv_math", "kv_math_comp", "kv_math_new")
   labels = ("KV-SUBS", "NUM-MATH", "KV-MATH\n(held-out)", "KV-MATH\n(composition keys)",
             "KV-MATH\n(no comp. key)")
   fig, ax = plt.subplots(figsize=(9.5, 3.8))
   width = 0.26
   for i, (name, accs) in enumerate(results.items()):
-    xs = np.arange(len(tasks)) + (i - 1) * width
-    bars = ax.bar(xs, [accs[t] for t in tasks], width, label=name)
+    xs = np.arange(len(_COLUMNS)) + (i - 1) * width
+    bars = ax.bar(xs, [accs[t] for t in _COLUMNS], width, label=name)
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
-  ax.set_xticks(np.arange(len(tasks)), labels)
+  ax.set_xticks(np.arange(len(_COLUMNS)), labels)
   ax.set_ylabel("exact match (%)")
   ax.set_ylim(0, 105)
   ax.set_title("CALM on KV arithmetic (small-scale reproduction of Table 1)")

@@ -126,16 +126,20 @@ class KVArithmetic:
     return dict(zip(keys, map(int, values)))
 
   @cached_property
+  def places(self) -> int:
+    """Digit places of the longest value."""
+    return len(str(max(self.table.values())))
+
+  @cached_property
   def composition_keys(self) -> tuple[str, ...]:
     keys = list(self.table)
     n = max(1, round(self.composition_key_fraction * len(keys)))
     rng = np.random.default_rng([self.seed, 1])
-    places = len(str(max(self.table.values())))
-    want = _digits_by_place(self.table.values(), places)
+    want = _digits_by_place(self.table.values(), self.places)
     best, best_score = None, -1
     for _ in range(1000 if self.cover_digits else 1):
       draw = [str(k) for k in rng.choice(keys, n, replace=False)]
-      have = _digits_by_place((self.table[k] for k in draw), places)
+      have = _digits_by_place((self.table[k] for k in draw), self.places)
       score = sum(len(have.get(place, set()) & digits) for place, digits in want.items())
       if score > best_score:
         best, best_score = draw, score
