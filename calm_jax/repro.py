@@ -30,10 +30,12 @@ PAPER_KV_MATH = {"m_A": 0.7, "m_B": 0.0, "CALM": 84.3}
 class ReproConfig:
   """Sizes and budgets (defaults: about 14 minutes on 2 quiet CPU cores).
 
-  The defaults shrink the paper's setting (100 keys, 3-6 operands with
-  + - x) to what tiny models learn in minutes on a CPU: 100 keys with values
-  0-99, 2 operands with + and -. Composition still trains on KV-MATH over 20%
-  of the keys and is tested on held-out expressions over all keys.
+  The defaults shrink the paper's setting (25K keys with unique values 1-25K,
+  3-6 operands with + - x) to what tiny models learn in minutes on a CPU:
+  100 keys with values 0-99, 2 operands with + and -. Composition still trains
+  on KV-MATH over 20% of the keys and is tested on held-out expressions over
+  all keys; 20% of 100 keys is 20 distinct values, where the paper's 20% is
+  5000 (``num_keys`` and ``value_range`` move towards it).
 
   Three choices make m_A's key positions carry the values at all (measured
   with :func:`value_probe`): ``tokens="keys"`` (each key one token, as a
