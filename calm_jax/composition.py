@@ -57,7 +57,6 @@ def check_tokenizers_agree(anchor_dir: str | os.PathLike | None,
 
 def compose(anchor: Any, augments: Sequence[Any], *, num_composition_layers: int = 2,
             layer_pairs=None, num_heads: int | None = None, zero_init_output: bool = True,
-            cross_attention_rope_theta: float | None = None,
             seed: int = 0) -> tuple[ComposedModel, dict]:
   """Composes loaded models (``LoadedModel`` from ``moe_jax.checkpoints.load_checkpoint``).
 
@@ -72,8 +71,7 @@ def compose(anchor: Any, augments: Sequence[Any], *, num_composition_layers: int
   config = CompositionConfig(anchor=anchor.config, augments=tuple(a.config for a in augments),
                              num_composition_layers=num_composition_layers,
                              layer_pairs=layer_pairs, num_heads=num_heads,
-                             zero_init_output=zero_init_output,
-                             cross_attention_rope_theta=cross_attention_rope_theta)
+                             zero_init_output=zero_init_output)
   module = ComposedModel(config=config)
   params = init_composition_params(module, seed)
   params["anchor"] = anchor.params
@@ -85,8 +83,7 @@ def compose(anchor: Any, augments: Sequence[Any], *, num_composition_layers: int
 def composition_config_from_checkpoints(
     anchor: str | os.PathLike, augments: Sequence[str | os.PathLike], *,
     num_composition_layers: int = 2, layer_pairs=None, num_heads: int | None = None,
-    zero_init_output: bool = True, query_norm: bool = True,
-    cross_attention_rope_theta: float | None = None) -> CompositionConfig:
+    zero_init_output: bool = True, query_norm: bool = True) -> CompositionConfig:
   """The composed architecture of checkpoints on disk (reads configs, loads no weights).
 
   ``anchor`` and each of ``augments`` is a Hugging Face directory, a moe-jax
@@ -111,8 +108,7 @@ def composition_config_from_checkpoints(
   return CompositionConfig(anchor=configs[0], augments=tuple(configs[1:]),
                            num_composition_layers=num_composition_layers,
                            layer_pairs=layer_pairs, num_heads=num_heads,
-                           zero_init_output=zero_init_output, query_norm=query_norm,
-                           cross_attention_rope_theta=cross_attention_rope_theta)
+                           zero_init_output=zero_init_output, query_norm=query_norm)
 
 
 def init_from_checkpoints(anchor: str | os.PathLike, augments: Sequence[str | os.PathLike]

@@ -35,8 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.models.decoder import (Decoder, DecoderConfig, DecodeCache, attention_mask,
-                                    init_cache as init_decoder_cache, positions_from_segments,
-                                    positions_from_valid)
+                                    init_cache as init_decoder_cache)
 from moe_jax.nn.attention import Attention, KVCache
 from moe_jax.nn.linear import Linear
 from moe_jax.nn.norms import RMSNorm
@@ -76,11 +75,6 @@ class CompositionConfig:
       composed model starts exactly as m_B.
     query_norm: RMS-normalise the anchor stream before it forms queries
       (pre-norm, as every other sublayer of the anchor).
-    cross_attention_rope_theta: RoPE base for the cross-attention (queries at
-      the anchor's positions, keys at the augmenting model's, which are the
-      same token slots), so a composition layer can look at relative offsets
-      (e.g. "this token's own m_A state"); ``None`` (the paper's) leaves the
-      cross-attention position-blind.
   """
 
   anchor: DecoderConfig
@@ -90,7 +84,6 @@ class CompositionConfig:
   num_heads: int | None = None
   zero_init_output: bool = True
   query_norm: bool = True
-  cross_attention_rope_theta: float | None = None
 
   def __post_init__(self):
     # Lists (gin, JSON) become tuples: the config must stay hashable (it is a
@@ -157,7 +150,6 @@ class CompositionLayer(nn.Module):
   num_heads: int
   zero_init_output: bool = True
   query_norm: bool = True
-  rope_theta: float | None = None
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -170,16 +162,15 @@ class CompositionLayer(nn.Module):
     head_dim = self.d_model // self.num_heads
     self.cross_attn = Attention(
         num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=head_dim,
-        out_features=self.d_model, rope_theta=self.rope_theta,
+        out_features=self.d_model, rope_theta=None,
         o_kernel_init=nn.initializers.zeros if self.zero_init_output else None, **common)
 
   def __call__(self, x_BLD: Array, h_aug_BLA: Array, *, mask_BLS: Array,
-               positions_BL: Array | None = None, cache: KVCache | None = None,
-               cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+               cache: KVCache | None = None, cache_index: Array | None = None
+               ) -> tuple[Array, KVCache | None]:
     q_in = self.norm(x_BLD) if self.query_norm else x_BLD
-    out, new_cache = self.cross_attn(q_in, mask_BLS=mask_BLS, positions_BL=positions_BL,
-                                     kv_source_BSD=self.proj(h_aug_BLA), cache=cache,
-                                     cache_index=cache_index)
+    out, new_cache = self.cross_attn(q_in, mask_BLS=mask_BLS, kv_source_BSD=self.proj(h_aug_BLA),
+                                     cache=cache, cache_index=cache_index)
     return x_BLD + out, new_cache
 
 
@@ -210,8 +201,7 @@ class ComposedModel(nn.Module):
     self.composition = {
         layer_name(j, a, b): CompositionLayer(
             d_model=c.anchor.d_model, num_heads=c.heads, zero_init_output=c.zero_init_output,
-            query_norm=c.query_norm, rope_theta=c.cross_attention_rope_theta,
-            norm_eps=c.anchor.norm_eps, dtype=c.anchor.dtype,
+            query_norm=c.query_norm, norm_eps=c.anchor.norm_eps, dtype=c.anchor.dtype,
             param_dtype=c.anchor.param_dtype)
         for j, ps in enumerate(c.pairs) for a, b in ps}
 
@@ -255,15 +245,11 @@ class ComposedModel(nn.Module):
 
     # 2. The composition layers' mask is the anchor's: causal over slots, padding-aware.
     if cache is None:
-      valid_BS, index, prior = valid_BL, jnp.zeros((), jnp.int32), None
+      valid_BS, index = valid_BL, jnp.zeros((), jnp.int32)
     else:
       index = cache.anchor.index
-      prior = cache.anchor.valid_BS.sum(axis=1).astype(jnp.int32)
       valid_BS = jax.lax.dynamic_update_slice(cache.anchor.valid_BS, valid_BL, (0, index))
     mask_BLS = attention_mask(valid_BS, index + jnp.arange(l), None)
-    if positions_BL is None and c.cross_attention_rope_theta is not None:  # as the decoders'
-      positions_BL = (positions_from_valid(valid_BL, prior) if segment_ids_BL is None
-                      else positions_from_segments(segment_ids_BL))
     if segment_ids_BL is not None:
       mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
 
@@ -277,7 +263,7 @@ class ComposedModel(nn.Module):
     def compose(i, x):
       for j, k, a in by_anchor_layer.get(i, ()):
         layer = self.composition[layer_name(j, a, i)]
-        x, new = layer(x, hidden[(j, a)], mask_BLS=mask_BLS, positions_BL=positions_BL,
+        x, new = layer(x, hidden[(j, a)], mask_BLS=mask_BLS,
                        cache=None if cache is None else cache.composition[j][k],
                        cache_index=index)
         new_comp[j][k] = new

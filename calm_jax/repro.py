@@ -77,7 +77,6 @@ class ReproConfig:
   steps_calm: int = 1500
   batch_size: int = 32
   lr: float = 3e-3
-  lr_calm: float | None = None
   num_eval: int = 128
   input_length: int = 32
   target_length: int = 16
@@ -91,7 +90,6 @@ class ReproConfig:
   tie_embeddings: bool = False
   layer_pairs: tuple[tuple[int, int], ...] | None = None
   oracle_m_a: bool = False
-  cross_attention_rope: bool = False
   composition_key_fraction: float = 0.2
 
 
@@ -119,7 +117,7 @@ def _decoder_config(vocab_size: int, d: int, layers: int, rc: ReproConfig):
 
 
 def _trainer(config: Any, module: Any, rc: ReproConfig, steps: int, trainable=None,
-             progress: bool = True, lr: float | None = None):
+             progress: bool = True):
   from moe_jax.train.models import DecoderOnlyModel
   from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig, make_optimizer
   from moe_jax.train.partitioner import Partitioner, PartitionerConfig
@@ -132,9 +130,8 @@ def _trainer(config: Any, module: Any, rc: ReproConfig, steps: int, trainable=No
   partitioner = Partitioner(PartitionerConfig(data=1), devices=jax.devices()[:1])
   with partitioner.activate():
     abstract = model.abstract_boxed_params()
-  lr = rc.lr if lr is None else lr
-  schedule = ScheduleConfig(kind="cosine", lr=lr, warmup_steps=min(100, steps // 10),
-                            decay_steps=steps, end_lr=lr * 0.05)
+  schedule = ScheduleConfig(kind="cosine", lr=rc.lr, warmup_steps=min(100, steps // 10),
+                            decay_steps=steps, end_lr=rc.lr * 0.05)
   opt = make_optimizer(OptimizerConfig(name="adamw", schedule=schedule, weight_decay=0.01,
                                        clip_grad_norm=1.0),
                        nn.meta.unbox(abstract), trainable=trainable)
@@ -269,10 +266,9 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
 
   module, params = compose(m_b, [m_a], num_composition_layers=rc.composition_layers,
                            layer_pairs=None if rc.layer_pairs is None else (rc.layer_pairs,),
-                           cross_attention_rope_theta=10000.0 if rc.cross_attention_rope else None,
                            seed=rc.seed)
   trainer = _trainer(module.config, module, rc, rc.steps_calm, trainable=trainable_mask,
-                     progress=progress, lr=rc.lr_calm)
+                     progress=progress)
   print(f"\n== training CALM composition on KV-MATH over {len(gen.composition_keys)} keys "
         f"({rc.steps_calm} steps; pairs {module.config.pairs[0]})")
   state = trainer.train(trainer.state_from_params(jax.device_put(params)),
