@@ -92,7 +92,7 @@ def composition_config_from_checkpoints(
   trainer's gin entry uses this with :func:`init_from_checkpoints`
   (``gin_configs/runs/calm_compose.gin``).
   """
-  from moe_jax.train.checkpointing import read_model_config
+  from moe_jax.checkpoints.orbax import read_model_config
 
   if isinstance(augments, (str, os.PathLike)):
     augments = [augments]
@@ -120,7 +120,7 @@ def init_from_checkpoints(anchor: str | os.PathLike, augments: Sequence[str | os
   anything else) keep their fresh initialisation. Pass the tuple as the
   trainer's ``init_from``.
   """
-  from moe_jax.train.checkpointing import InitFromCheckpoint
+  from moe_jax.checkpoints.assignment import InitFromCheckpoint
 
   if isinstance(augments, (str, os.PathLike)):
     augments = [augments]

@@ -309,7 +309,7 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
   """
   import flax.linen as nn
 
-  from moe_jax.train import checkpointing
+  from moe_jax.checkpoints import orbax
   from moe_jax.train import __main__ as train_main
   from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig, make_optimizer
   from moe_jax.train.trainer import DatasetConfig, Trainer, TrainerConfig, make_data_iterator
@@ -333,8 +333,8 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
   state = trainer.state_from_params(params)
   ckpt = None
   if model_dir is not None:
-    checkpointing.write_model_config(model_dir, model.config)
-    ckpt = checkpointing.Checkpointer(model_dir, checkpointing.CheckpointConfig(restore=False))
+    orbax.write_model_config(model_dir, model.config)
+    ckpt = orbax.Checkpointer(model_dir, orbax.CheckpointConfig(restore=False))
   try:
     state = trainer.train(state, make_data_iterator(dataset, wrapper), checkpointer=ckpt)
   finally:

@@ -83,7 +83,8 @@ def register_all() -> None:
   from moe_jax.models.t5 import T5Config
   from moe_jax.nn.embeddings import RopeScaling
   from moe_jax.train import __main__ as train_main
-  from moe_jax.train import checkpointing, losses, models, optimizers, partitioner, trainer
+  from moe_jax.checkpoints import assignment, orbax
+  from moe_jax.train import losses, models, optimizers, partitioner, trainer
 
   for cls in (DecoderConfig, T5Config, RopeScaling):
     _register(cls, "models")
@@ -102,7 +103,7 @@ def register_all() -> None:
              models.model_from_checkpoint, losses.LossConfig, optimizers.OptimizerConfig,
              optimizers.ScheduleConfig, partitioner.PartitionerConfig,
              partitioner.DistributedConfig, trainer.TrainerConfig, trainer.DatasetConfig,
-             checkpointing.CheckpointConfig, checkpointing.InitFromCheckpoint,
+             orbax.CheckpointConfig, assignment.InitFromCheckpoint,
              eval_lib.InferEvalConfig):
     _register(fn, "train")
   _register(train_main.train, "train", "train")

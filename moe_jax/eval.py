@@ -200,7 +200,7 @@ def evaluate(*, checkpoint_path: str, model: Any = None, model_dir: str | None =
     eval_steps: validation-loss batches (``None``: the whole split).
     step: checkpoint step of a training directory.
   """
-  from moe_jax.train import checkpointing
+  from moe_jax.checkpoints import CheckpointError, assignment, orbax
   from moe_jax.train.models import model_from_checkpoint
   from moe_jax.train.partitioner import Partitioner, PartitionerConfig
   from moe_jax.train.trainer import MetricsWriter, Trainer, TrainerConfig, TrainState
@@ -210,7 +210,7 @@ def evaluate(*, checkpoint_path: str, model: Any = None, model_dir: str | None =
   if model is None:
     model = model_from_checkpoint(checkpoint_path)
   part = Partitioner(partitioner or PartitionerConfig())
-  training_dir = checkpointing.is_training_dir(checkpoint_path)
+  training_dir = orbax.is_training_dir(checkpoint_path)
   if model_dir is None and training_dir:
     model_dir = checkpoint_path
   trainer = Trainer(model=model, optimizer=None, partitioner=part,
@@ -218,7 +218,7 @@ def evaluate(*, checkpoint_path: str, model: Any = None, model_dir: str | None =
                     metrics_writer=MetricsWriter(model_dir))
   abstract = trainer.abstract_state.params
   if training_dir:
-    ckpt = checkpointing.Checkpointer(checkpoint_path, checkpointing.CheckpointConfig())
+    ckpt = orbax.Checkpointer(checkpoint_path, orbax.CheckpointConfig())
     try:
       restored = ckpt.restore(abstract_params=abstract, step=step)
     finally:
@@ -226,10 +226,10 @@ def evaluate(*, checkpoint_path: str, model: Any = None, model_dir: str | None =
     params, at = restored["params"], restored["step"]
   else:  # every parameter must come from the checkpoint: nothing is initialised
     def missing():
-      raise checkpointing.CheckpointError(f"{checkpoint_path}: lacks parameters of "
+      raise CheckpointError(f"{checkpoint_path}: lacks parameters of "
                                           f"{type(model.config).__name__}")
-    params, _ = checkpointing.restore_into(
-        missing, checkpointing.InitFromCheckpoint(path=str(checkpoint_path)), abstract=abstract)
+    params, _ = assignment.restore_into(
+        missing, assignment.InitFromCheckpoint(path=str(checkpoint_path)), abstract=abstract)
     at = 0
   state = TrainState(step=np.int32(at), params=params, opt_state=None)
   fn = make_eval_fn(trainer, eval_dataset=eval_dataset, infer_eval=infer_eval,

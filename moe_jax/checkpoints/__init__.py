@@ -1,7 +1,10 @@
 """Checkpoints: Hugging Face import/export and our own self-describing format.
 
-:func:`load_checkpoint` accepts either kind of directory and returns a
-:class:`LoadedModel` (config, flax module, parameters).
+:func:`load_checkpoint` accepts either kind of directory (or a training
+``model_dir``) and returns a :class:`LoadedModel` (config, flax module,
+parameters). Training checkpoints (orbax save / restore, exact resumption,
+``load_latest``) are :mod:`moe_jax.checkpoints.orbax`; partial restore by
+assignment map (``InitFromCheckpoint``) is :mod:`moe_jax.checkpoints.assignment`.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None) -> Loa
   directory = Path(path)
   if not directory.is_dir():
     raise CheckpointError(f"{directory}: no such checkpoint directory")
-  from moe_jax.train import checkpointing  # training dirs: orbax steps + model_config.json
+  from moe_jax.checkpoints import orbax  # training dirs: orbax steps + model_config.json
 
-  if checkpointing.is_training_dir(directory) and not (directory / "params.safetensors").exists():
-    return checkpointing.load_latest(directory, dtype=dtype)
+  if orbax.is_training_dir(directory) and not (directory / "params.safetensors").exists():
+    return orbax.load_latest(directory, dtype=dtype)
   if is_native_checkpoint(directory):
     return _load_native(directory, dtype)
   if (directory / "config.json").exists():

@@ -200,7 +200,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *,
   """Pretrains, fine-tunes and evaluates (module docstring); returns the result rows."""
   from moe_jax.data import instruct
   from moe_jax.peft.training import adapted_model
-  from moe_jax.train.checkpointing import load_latest
+  from moe_jax.checkpoints.orbax import load_latest
   from moe_jax.train.models import model_from_checkpoint
 
   out = Path(out).resolve()

@@ -25,8 +25,5 @@ Modules (plain Python; gin names are registered in :mod:`moe_jax.configurables`)
   ``predict_batch``), ``model_from_checkpoint``.
 * :mod:`trainer` -- ``Trainer`` (sharded train step, loop, metrics, NaN stop),
   ``TrainerConfig``, ``DatasetConfig``.
-* :mod:`checkpointing` -- orbax ``Checkpointer`` (exact resume including the
-  data position), ``load_latest``, partial restore by assignment map
-  (``InitFromCheckpoint``).
 * ``__main__`` -- ``train()``, the gin-configured entry of ``python -m moe_jax.train``.
 """

@@ -55,11 +55,11 @@ def train(*, model: Any, train_dataset: Any, model_dir: str, trainer: Any,
     trainer: a :class:`~moe_jax.train.trainer.TrainerConfig`.
     optimizer: an :class:`~moe_jax.train.optimizers.OptimizerConfig` (default Adafactor).
     partitioner: a :class:`~moe_jax.train.partitioner.PartitionerConfig`.
-    checkpoint: a :class:`~moe_jax.train.checkpointing.CheckpointConfig`.
+    checkpoint: a :class:`~moe_jax.checkpoints.orbax.CheckpointConfig`.
     eval_dataset: validation-loss data, evaluated every ``trainer.eval_every``
       steps and at the end.
     infer_eval: an :class:`~moe_jax.eval.InferEvalConfig` (task metric_fns).
-    init_from: an :class:`~moe_jax.train.checkpointing.InitFromCheckpoint`
+    init_from: an :class:`~moe_jax.checkpoints.assignment.InitFromCheckpoint`
       (or a sequence of them, applied in order, each keeping what earlier ones
       loaded where its map says ``None``) applied to a fresh start (ignored
       when resuming).
@@ -71,7 +71,7 @@ def train(*, model: Any, train_dataset: Any, model_dir: str, trainer: Any,
   """
   from moe_jax import configurables
   from moe_jax.eval import make_eval_fn
-  from moe_jax.train import checkpointing
+  from moe_jax.checkpoints import assignment, orbax
   from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
   from moe_jax.train.partitioner import Partitioner, PartitionerConfig
   from moe_jax.train.trainer import (MetricsWriter, Trainer, TrainState, make_data_iterator)
@@ -79,7 +79,7 @@ def train(*, model: Any, train_dataset: Any, model_dir: str, trainer: Any,
   model_dir = Path(model_dir)
   model_dir.mkdir(parents=True, exist_ok=True)
   configurables.write_operative_config(model_dir)
-  checkpointing.write_model_config(model_dir, model.config)
+  orbax.write_model_config(model_dir, model.config)
   _check_vocabulary(model, train_dataset)
 
   part = Partitioner(partitioner or PartitionerConfig())
@@ -89,7 +89,7 @@ def train(*, model: Any, train_dataset: Any, model_dir: str, trainer: Any,
   tr = Trainer(model=model, optimizer=opt, partitioner=part, config=trainer,
                metrics_writer=MetricsWriter(model_dir))
   data = make_data_iterator(train_dataset, model)
-  ckpt = checkpointing.Checkpointer(model_dir, checkpoint or checkpointing.CheckpointConfig())
+  ckpt = orbax.Checkpointer(model_dir, checkpoint or orbax.CheckpointConfig())
   try:
     if ckpt.config.restore and ckpt.latest_step() is not None:
       restored = ckpt.restore(abstract_params=tr.abstract_state.params,
@@ -102,8 +102,7 @@ def train(*, model: Any, train_dataset: Any, model_dir: str, trainer: Any,
     elif init_from is not None:  # fresh parameters are initialised only if some stay fresh
       params = tr.create_params
       for init in (init_from if isinstance(init_from, (list, tuple)) else [init_from]):
-        params, report = checkpointing.restore_into(params, init,
-                                                    abstract=tr.abstract_state.params)
+        params, report = assignment.restore_into(params, init, abstract=tr.abstract_state.params)
         tr.writer.write(0, "init", {"source": str(init.path),
                                     "loaded": len(report.loaded), "fresh": len(report.fresh)})
       state = tr.state_from_params(params)

@@ -273,7 +273,7 @@ def model_from_checkpoint(path: str, *, loss: losses_lib.LossConfig | None = Non
   """
   import dataclasses
 
-  from moe_jax.train.checkpointing import read_model_config
+  from moe_jax.checkpoints.orbax import read_model_config
 
   config = read_model_config(path)
   if config_overrides:

@@ -322,7 +322,7 @@ class Trainer:
     Args:
       state: the starting state (its ``step`` says where the loop starts).
       batches: per-process numpy batches (e.g. a ``DataIterator``).
-      checkpointer: a :class:`~moe_jax.train.checkpointing.Checkpointer`;
+      checkpointer: a :class:`~moe_jax.checkpoints.orbax.Checkpointer`;
         saves every ``save_every`` steps and at the end.
       data_iterator: saved with each checkpoint (default ``batches`` if it
         has ``save``).

@@ -1,7 +1,7 @@
 """Reading dense inputs and writing upcycled models: orbax step 0, safetensors, gin.
 
 An upcycled model directory ``OUT`` is a training ``model_dir`` at step 0
-(:mod:`moe_jax.train.checkpointing`) plus a copy of the weights in our
+(:mod:`moe_jax.checkpoints.orbax`) plus a copy of the weights in our
 native format and the gin file that continues training it::
 
     OUT/
@@ -92,7 +92,7 @@ def write_upcycled(out: str | os.PathLike, config: Any, params: Mapping, *,
   from moe_jax.checkpoints.hf import unbox
   from moe_jax.checkpoints.io import atomic_directory
   from moe_jax.checkpoints.native import PARAMS_STEM, flatten
-  from moe_jax.train import checkpointing
+  from moe_jax.checkpoints import orbax as checkpointing
 
   out = Path(out).absolute()
   params = unbox(params)

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_jax.checkpoints import CheckpointError, assignment, orbax
 from moe_jax.checkpoints.native import flatten
 from moe_jax.models.decoder import DecoderConfig
-from moe_jax.train import checkpointing
 from moe_jax.train import trainer as trainer_lib
 from moe_jax.train.__main__ import train
 from moe_jax.train.models import DecoderOnlyModel
@@ -29,7 +29,7 @@ def _run(model_dir, steps, seen):
       trainer=trainer_lib.TrainerConfig(num_train_steps=steps, log_every=1, progress_bar=False),
       optimizer=OptimizerConfig(name="adamw", schedule=ScheduleConfig(lr=1e-2, warmup_steps=2)),
       partitioner=PartitionerConfig(data=2),
-      checkpoint=checkpointing.CheckpointConfig(save_every=2, keep=2))
+      checkpoint=orbax.CheckpointConfig(save_every=2, keep=2))
 
 
 def _losses(model_dir):
@@ -61,17 +61,17 @@ def test_resume_is_exact(tmp_path, monkeypatch):
   assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["2", "4"]
 
   # The training directory is a model directory: config + newest params.
-  loaded = checkpointing.load_latest(tmp_path / "a")
+  loaded = orbax.load_latest(tmp_path / "a")
   assert loaded.config == CONFIG
   jax.tree.map(np.testing.assert_array_equal, loaded.params, straight.params)
-  older = checkpointing.load_latest(tmp_path / "a", step=2, dtype="bfloat16")
+  older = orbax.load_latest(tmp_path / "a", step=2, dtype="bfloat16")
   assert older.config.param_dtype == "bfloat16"
   assert older.params["embed"]["embedding"].dtype == jnp.bfloat16
   assert (tmp_path / "a" / "model_config.json").exists()
   assert flatten(straight.params).keys() == \
-      checkpointing.load_source_params(tmp_path / "a").keys()
-  with pytest.raises(checkpointing.CheckpointError, match="no step 3"):
-    checkpointing.load_latest(tmp_path / "a", step=3)
+      assignment.load_source_params(tmp_path / "a").keys()
+  with pytest.raises(CheckpointError, match="no step 3"):
+    orbax.load_latest(tmp_path / "a", step=3)
 
   # python -m moe_jax.eval on the training directory: validation loss at step 4.
   from moe_jax import eval as eval_lib
@@ -111,8 +111,7 @@ def test_nan_loss_stops_before_checkpointing(tmp_path, numpy_params, place):
     t[0, 0] = 7 if i == 2 else 8
     batches.append({"decoder_input_tokens": t, "decoder_target_tokens": t,
                     "decoder_loss_weights": np.ones_like(t)})
-  ckpt = checkpointing.Checkpointer(tmp_path, checkpointing.CheckpointConfig(save_every=2,
-                                                                              async_save=False))
+  ckpt = orbax.Checkpointer(tmp_path, orbax.CheckpointConfig(save_every=2, async_save=False))
   with pytest.raises(trainer_lib.NonFiniteError, match=r"step 3: non-finite .*loss"):
     tr.train(place(tr, params), iter(batches), checkpointer=ckpt)
   ckpt.close()

@@ -5,10 +5,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from moe_jax.checkpoints import save_model
+from moe_jax.checkpoints import CheckpointError, assignment, save_model
 from moe_jax.checkpoints.native import flatten
 from moe_jax.models.decoder import DecoderConfig
-from moe_jax.train import checkpointing
 from moe_jax.train.models import DecoderOnlyModel
 from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
 from moe_jax.train.partitioner import Partitioner, PartitionerConfig
@@ -33,7 +32,7 @@ MAP = ((r"layers_1/(.*)", r"layers_0/\1"), (r"lm_head/.*", None))
 def test_assignment_map(source_dir):
   path, source = source_dir
   target = jax.eval_shape(lambda: DecoderOnlyModel(LARGE).init_params(jax.random.key(0)))
-  values, report = checkpointing.apply_assignment_map(target, source, MAP)
+  values, report = assignment.apply_assignment_map(target, source, MAP)
   q0 = values["layers_0"]["attn"]["q"]["kernel"]
   assert q0.dtype == np.float32  # cast from bfloat16 to the target's dtype
   np.testing.assert_array_equal(q0, source["layers_0/attn/q/kernel"].astype(np.float32))
@@ -43,19 +42,18 @@ def test_assignment_map(source_dir):
   assert report.loaded["layers_1/mlp/wo/kernel"] == "layers_0/mlp/wo/kernel"
   assert report.unused_source == []
 
-  with pytest.raises(checkpointing.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r"'lm_head/kernel' <- 'lm_head/kernel'.*\(target_regex, None\)"):
-    checkpointing.apply_assignment_map(target, source, MAP[:1])
-  _, report = checkpointing.apply_assignment_map(target, source, MAP[:1],
-                                                 fallback_to_init=True)
+    assignment.apply_assignment_map(target, source, MAP[:1])
+  _, report = assignment.apply_assignment_map(target, source, MAP[:1], fallback_to_init=True)
   assert report.fresh == ["lm_head/kernel"]
-  with pytest.raises(checkpointing.CheckpointError,
+  with pytest.raises(CheckpointError,
                      match=r"'layers_0/mlp/wo/kernel' has shape \(16, 8\), but target parameter "
                            r"'layers_1/mlp/wi_0/kernel' has shape \(8, 16\)"):
-    checkpointing.apply_assignment_map(
+    assignment.apply_assignment_map(
         target, source, ((r"layers_1/mlp/wi_0/kernel", "layers_0/mlp/wo/kernel"),) + MAP)
   with pytest.raises(ValueError, match="assignment_map entry"):
-    checkpointing.InitFromCheckpoint(path=str(path), assignment_map=[("a", 1)])
+    assignment.InitFromCheckpoint(path=str(path), assignment_map=[("a", 1)])
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake) devices")
@@ -68,8 +66,8 @@ def test_restore_into_sharded_state(source_dir, numpy_params, place):
                                        devices=jax.devices()[:4]),
                config=TrainerConfig(num_train_steps=1))
   state = place(tr, fresh)
-  params, report = checkpointing.restore_into(
-      state.params, checkpointing.InitFromCheckpoint(path=str(path), assignment_map=MAP),
+  params, report = assignment.restore_into(
+      state.params, assignment.InitFromCheckpoint(path=str(path), assignment_map=MAP),
       tr.state_shardings.params)
   assert len(report.loaded) == len(flatten(fresh)) - 1
   head = params["lm_head"]["kernel"]
@@ -94,8 +92,8 @@ def test_restore_into_initialises_only_when_needed(source_dir, numpy_params, pla
       calls.append(1)
       return jax.tree.map(jax.device_put, fresh, tr.state_shardings.params)
 
-    params, report = checkpointing.restore_into(
-        fresh_fn, checkpointing.InitFromCheckpoint(path=str(path), assignment_map=MAP),
+    params, report = assignment.restore_into(
+        fresh_fn, assignment.InitFromCheckpoint(path=str(path), assignment_map=MAP),
         abstract=tr.abstract_state.params)
     assert len(calls) == expect_calls
     assert params["embed"]["embedding"].dtype == np.float32

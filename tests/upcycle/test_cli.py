@@ -59,7 +59,7 @@ def test_sparse_from_hf_writes_orbax_gin_and_generates(tmp_path, capsys, hf_bran
   np.testing.assert_allclose(logits_of(moe.module, moe.params, tokens),
                              logits_of(dense.module, dense.params, tokens), atol=2e-5)
   # the orbax step-0 checkpoint holds the same weights
-  from moe_jax.train.checkpointing import load_latest
+  from moe_jax.checkpoints.orbax import load_latest
   jax.tree.map(np.testing.assert_array_equal, load_latest(out).params, moe.params)
   # generate runs on the directory as it is
   assert generate.main(["--checkpoint", str(out), "--prompt_ids", "1 2 3",
