@@ -31,6 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moe_jax.runtime import tune_cpu_allocator  # noqa: E402
+
+tune_cpu_allocator()  # before jax starts its threads (see moe_jax/runtime.py)
+
 
 def main() -> None:
   p = argparse.ArgumentParser()
@@ -49,7 +53,7 @@ def main() -> None:
   import optax
 
   from moe_jax.models.decoder import DecoderConfig
-  from moe_jax.train.models import DecoderOnlyModel
+  from moe_jax.train.wrappers import DecoderOnlyModel
   from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig, make_optimizer
   from moe_jax.train.partitioner import Partitioner, PartitionerConfig
   from moe_jax.train.trainer import Trainer, TrainerConfig

@@ -118,7 +118,7 @@ def _decoder_config(vocab_size: int, d: int, layers: int, rc: ReproConfig):
 
 def _trainer(config: Any, module: Any, rc: ReproConfig, steps: int, trainable=None,
              progress: bool = True):
-  from moe_jax.train.models import DecoderOnlyModel
+  from moe_jax.train.wrappers import DecoderOnlyModel
   from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig, make_optimizer
   from moe_jax.train.partitioner import Partitioner, PartitionerConfig
   from moe_jax.train.trainer import Trainer, TrainerConfig

@@ -200,7 +200,7 @@ def _wrapper(model: LoadedModel, task: str | None = None) -> tuple[Any, str | No
   Decoder-only models train seq2seq tasks through seqio's prefix-LM features
   (the loss on the targets only), as ``calm_jax.repro`` does.
   """
-  from moe_jax.train.models import DecoderOnlyModel, EncoderDecoderModel
+  from moe_jax.train.wrappers import DecoderOnlyModel, EncoderDecoderModel
 
   if model.is_encoder_decoder:
     return EncoderDecoderModel(model.config, module=model.module), None
@@ -485,18 +485,17 @@ def router_probabilities(model: LoadedModel, prompts: Sequence[str] | Sequence[S
   _, state = jax.jit(lambda p, *a: model.module.apply({"params": p}, *a,
                                                       mutable=[METRICS_COLLECTION]))(
                                                           model.params, *args)
-  out: dict[str, np.ndarray] = {}
+  usage: dict[str, list[np.ndarray]] = {}  # every report of a site (calls, sown entries)
   for path, leaf in jax.tree_util.tree_leaves_with_path(state.get(METRICS_COLLECTION, {})):
     names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
     if "expert_usage" not in names:
       continue
     site = "/".join(n for n in names[:names.index("expert_usage")] if n != "router")
-    usage = np.asarray(leaf, np.float32)
-    out[site] = (out[site] + usage) / 2 if site in out else usage
-  if not out:
+    usage.setdefault(site, []).append(np.asarray(leaf, np.float32))
+  if not usage:
     raise ValueError(f"router_probabilities: {type(model.module).__name__} has no routers "
                      "(add MoV / MoLoRA adapters or upcycle it)")
-  return out
+  return {site: np.mean(leaves, axis=0) for site, leaves in usage.items()}
 
 
 # ----------------------------------------------------------------------------- saving

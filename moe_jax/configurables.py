@@ -84,7 +84,7 @@ def register_all() -> None:
   from moe_jax.nn.embeddings import RopeScaling
   from moe_jax.train import __main__ as train_main
   from moe_jax.checkpoints import assignment, orbax
-  from moe_jax.train import losses, models, optimizers, partitioner, trainer
+  from moe_jax.train import losses, optimizers, partitioner, trainer, wrappers
 
   for cls in (DecoderConfig, T5Config, RopeScaling):
     _register(cls, "models")
@@ -99,8 +99,8 @@ def register_all() -> None:
     for name in names:
       if hasattr(mod, name):
         _register(getattr(mod, name), "models")
-  for fn in (models.DecoderOnlyModel, models.EncoderDecoderModel, models.model_for_config,
-             models.model_from_checkpoint, losses.LossConfig, optimizers.OptimizerConfig,
+  for fn in (wrappers.DecoderOnlyModel, wrappers.EncoderDecoderModel, wrappers.model_for_config,
+             wrappers.model_from_checkpoint, losses.LossConfig, optimizers.OptimizerConfig,
              optimizers.ScheduleConfig, partitioner.PartitionerConfig,
              partitioner.DistributedConfig, trainer.TrainerConfig, trainer.DatasetConfig,
              orbax.CheckpointConfig, assignment.InitFromCheckpoint,

@@ -201,7 +201,7 @@ def evaluate(*, checkpoint_path: str, model: Any = None, model_dir: str | None =
     step: checkpoint step of a training directory.
   """
   from moe_jax.checkpoints import CheckpointError, assignment, orbax
-  from moe_jax.train.models import model_from_checkpoint
+  from moe_jax.train.wrappers import model_from_checkpoint
   from moe_jax.train.partitioner import Partitioner, PartitionerConfig
   from moe_jax.train.trainer import MetricsWriter, Trainer, TrainerConfig, TrainState
 

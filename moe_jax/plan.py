@@ -231,7 +231,7 @@ def parameter_counts(model: Any, trainable_mask: Any = None, *, boxed: Any = Non
   """Total, active, trainable and routed-expert parameter counts of a model wrapper.
 
   Args:
-    model: a :class:`~moe_jax.train.models.BaseModel` (nothing is initialised).
+    model: a :class:`~moe_jax.train.wrappers.BaseModel` (nothing is initialised).
     trainable_mask: bool pytree with the parameters' structure (``None``: all).
     boxed: ``model.abstract_boxed_params()`` if already computed.
   """

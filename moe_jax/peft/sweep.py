@@ -201,7 +201,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *,
   from moe_jax.data import instruct
   from moe_jax.peft.training import adapted_model
   from moe_jax.checkpoints.orbax import load_latest
-  from moe_jax.train.models import model_from_checkpoint
+  from moe_jax.train.wrappers import model_from_checkpoint
 
   out = Path(out).resolve()
   out.mkdir(parents=True, exist_ok=True)

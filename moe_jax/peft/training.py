@@ -1,6 +1,6 @@
 """Adapters in a gin-configured training run: :func:`adapted_model`.
 
-The trainer takes a model wrapper (:class:`~moe_jax.train.models.BaseModel`);
+The trainer takes a model wrapper (:class:`~moe_jax.train.wrappers.BaseModel`);
 :func:`adapted_model` returns the backbone's wrapper with its module adapted by
 :func:`moe_jax.peft.adapt`. Everything else a PEFT run needs is already in the
 run gin files::
@@ -33,7 +33,7 @@ def adapted_model(base: Any, peft: PeftConfig | None = None, *,
   """``base`` (a model wrapper) with its module adapted per ``peft``.
 
   Args:
-    base: a :class:`~moe_jax.train.models.BaseModel` (e.g. from
+    base: a :class:`~moe_jax.train.wrappers.BaseModel` (e.g. from
       ``model_from_checkpoint``); it is not modified.
     peft: the adapters; ``None`` keeps the module as is (full fine-tuning).
     allow_causal_prefix_lm: set ``DecoderOnlyModel.allow_causal_prefix_lm``

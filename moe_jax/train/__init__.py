@@ -20,7 +20,7 @@ Modules (plain Python; gin names are registered in :mod:`moe_jax.configurables`)
   cosine schedules, clipping, trainable masks (frozen parameters get no state).
 * :mod:`losses` -- cross-entropy with z-loss, loss normalisation, and the
   convention for auxiliary losses and metrics sown by models.
-* :mod:`models` -- ``DecoderOnlyModel``, ``EncoderDecoderModel``
+* :mod:`wrappers` -- ``DecoderOnlyModel``, ``EncoderDecoderModel``
   (seqio features -> module calls; ``loss_fn``, ``score_batch``,
   ``predict_batch``), ``model_from_checkpoint``.
 * :mod:`trainer` -- ``Trainer`` (sharded train step, loop, metrics, NaN stop),

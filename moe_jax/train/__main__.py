@@ -49,7 +49,7 @@ def train(*, model: Any, train_dataset: Any, model_dir: str, trainer: Any,
   """Trains ``model`` on ``train_dataset``; resumes from ``model_dir`` if it has checkpoints.
 
   Args:
-    model: a :class:`~moe_jax.train.models.BaseModel` wrapper.
+    model: a :class:`~moe_jax.train.wrappers.BaseModel` wrapper.
     train_dataset: a :class:`~moe_jax.train.trainer.DatasetConfig`.
     model_dir: checkpoints, ``model_config.json``, ``config.gin``, ``metrics.jsonl``.
     trainer: a :class:`~moe_jax.train.trainer.TrainerConfig`.

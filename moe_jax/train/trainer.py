@@ -1,6 +1,6 @@
 """The train loop: sharded, jitted train step, metrics, periodic eval and checkpoints.
 
-:class:`Trainer` ties a model wrapper (:mod:`models`), an optimizer
+:class:`Trainer` ties a model wrapper (:mod:`wrappers`), an optimizer
 (:mod:`optimizers`) and a partitioner (:mod:`partitioner`) together:
 
 * ``create_state(seed)`` initialises parameters and optimizer state directly
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moe_jax.train.models import BaseModel
+from moe_jax.train.wrappers import BaseModel
 from moe_jax.train.optimizers import Optimizer, masked_global_norm
 from moe_jax.train.partitioner import Partitioner
 

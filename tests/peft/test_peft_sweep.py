@@ -15,7 +15,7 @@ from moe_jax.data.tasks import default_vocabulary
 from moe_jax.models.decoder import Decoder, DecoderConfig
 from moe_jax.models.t5 import T5, T5Config
 from moe_jax.peft import analysis, sweep
-from moe_jax.train.models import DecoderOnlyModel, EncoderDecoderModel
+from moe_jax.train.wrappers import DecoderOnlyModel, EncoderDecoderModel
 
 from peft_util import random_params, randomize_adapters, rng_key
 

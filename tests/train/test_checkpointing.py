@@ -12,7 +12,7 @@ from moe_jax.checkpoints.native import flatten
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.train import trainer as trainer_lib
 from moe_jax.train.__main__ import train
-from moe_jax.train.models import DecoderOnlyModel
+from moe_jax.train.wrappers import DecoderOnlyModel
 from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig, make_optimizer
 from moe_jax.train.partitioner import Partitioner, PartitionerConfig
 

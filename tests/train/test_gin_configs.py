@@ -16,7 +16,7 @@ from moe_jax.checkpoints import export_hf
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.models.t5 import T5Config
 from moe_jax.train import __main__ as train_main
-from moe_jax.train.models import DecoderOnlyModel, EncoderDecoderModel
+from moe_jax.train.wrappers import DecoderOnlyModel, EncoderDecoderModel
 
 GIN = configurables.GIN_CONFIGS_DIR
 EXPERIMENTS = sorted((GIN / "experiments").glob("*.gin"))

@@ -80,7 +80,7 @@ def test_aux_losses_are_summed_and_metrics_averaged():
 
 def test_model_loss_adds_aux_losses(numpy_params):
   from moe_jax.models.decoder import Decoder, DecoderBlock, DecoderConfig
-  from moe_jax.train.models import DecoderOnlyModel
+  from moe_jax.train.wrappers import DecoderOnlyModel
 
   class AuxBlock(DecoderBlock):
     def __call__(self, x, **kw):

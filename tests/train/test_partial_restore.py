@@ -8,7 +8,7 @@ import pytest
 from moe_jax.checkpoints import CheckpointError, assignment, save_model
 from moe_jax.checkpoints.native import flatten
 from moe_jax.models.decoder import DecoderConfig
-from moe_jax.train.models import DecoderOnlyModel
+from moe_jax.train.wrappers import DecoderOnlyModel
 from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
 from moe_jax.train.partitioner import Partitioner, PartitionerConfig
 from moe_jax.train.trainer import Trainer, TrainerConfig

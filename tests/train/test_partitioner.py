@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.models.t5 import T5Config
-from moe_jax.train.models import DecoderOnlyModel, EncoderDecoderModel
+from moe_jax.train.wrappers import DecoderOnlyModel, EncoderDecoderModel
 from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig, make_optimizer
 from moe_jax.train.partitioner import (DistributedConfig, Partitioner, PartitionerConfig,
                                        initialize_distributed)

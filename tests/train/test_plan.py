@@ -10,7 +10,7 @@ from moe_jax import plan
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.models.moe_decoder import MoeDecoderConfig
 from moe_jax.moe.layer import MoeConfig
-from moe_jax.train.models import DecoderOnlyModel
+from moe_jax.train.wrappers import DecoderOnlyModel
 from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
 from moe_jax.train.partitioner import Partitioner, PartitionerConfig
 from moe_jax.train.trainer import DatasetConfig, Trainer, TrainerConfig

@@ -9,7 +9,7 @@ from moe_jax.checkpoints import save_model
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.models.t5 import T5Config
 from moe_jax.train import losses
-from moe_jax.train.models import (DecoderOnlyModel, EncoderDecoderModel, model_for_config,
+from moe_jax.train.wrappers import (DecoderOnlyModel, EncoderDecoderModel, model_for_config,
                                   model_from_checkpoint)
 
 DEC = DecoderConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, d_ff=32)
