@@ -35,6 +35,10 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from moe_jax.runtime import tune_cpu_allocator  # noqa: E402
+
+tune_cpu_allocator()  # before jax starts its threads (see moe_jax/runtime.py)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 

@@ -22,6 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moe_jax.runtime import tune_cpu_allocator  # noqa: E402
+
+tune_cpu_allocator()  # before jax starts its threads (see moe_jax/runtime.py)
+
 
 def median_time(fn, repeats: int) -> float:
   fn()  # warm-up (compilation, allocator, thread pools)

@@ -18,6 +18,12 @@ machine hits all of them alike), after a warm-up that includes compilation.
 Prints a table, then one JSON line: ``mov10_over_ia3`` (goal <= 1.15),
 ``molora10_over_lora`` (goal <= 1.5), ``ours_lora_over_hf_peft`` (goal <= 0.7)
 are time ratios, lower is better.
+
+Page faults per step (``getrusage`` minor faults over the timed steps) are in
+the table: the script tunes glibc's allocator first (:mod:`moe_jax.runtime`),
+and unless ``--no-baseline`` it reruns itself with the tuning off
+(``MOE_JAX_MALLOC_TUNING=0``) and reports that run's step times and faults
+beside ours (``untuned_*`` keys).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +44,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
+
+from moe_jax.runtime import tune_cpu_allocator  # noqa: E402
 
 
 def jax_step(model, params, peft_mod, optax, jax, jnp, lr: float):
@@ -71,9 +81,12 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--length", type=int, default=128)
+  p.add_argument("--no-baseline", action="store_true",
+                 help="skip the rerun with glibc's allocator untuned")
   args = p.parse_args()
   if args.quick:
     args.rounds = 3
+  tuned = tune_cpu_allocator()
 
   import jax
   import jax.numpy as jnp
@@ -140,21 +153,32 @@ def main() -> None:
   for fn in runs.values():  # warm-up: compilation, allocators, thread pools
     fn(tokens)
   times: dict[str, list[float]] = {name: [] for name in runs}
+  faults = {name: 0 for name in runs}
   for _ in range(args.rounds):
     for name, fn in runs.items():
+      f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       t0 = time.perf_counter()
       fn(tokens)
       times[name].append(time.perf_counter() - t0)
+      faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
   med = {name: statistics.median(t) for name, t in times.items()}
+  faults = {name: f / args.rounds for name, f in faults.items()}
+  base = None if args.no_baseline or not tuned else _untuned_baseline(args)
 
   print(f"train step, batch {args.batch} x {args.length} tokens, decoder d_model="
         f"{config.d_model} x {config.num_layers} layers, {len(jax.devices())} jax device(s), "
-        f"{torch.get_num_threads()} torch threads; median of {args.rounds} rounds")
-  print(f"{'method':<14} {'trainable':>10} {'share %':>8} {'step ms':>9}")
+        f"{torch.get_num_threads()} torch threads; median of {args.rounds} rounds; "
+        f"glibc allocator {'tuned' if tuned else 'untuned'}")
+  print(f"{'method':<14} {'trainable':>10} {'share %':>8} {'step ms':>9} {'faults/step':>12}"
+        + (f" {'untuned ms':>11} {'untuned faults':>15}" if base else ""))
   for name in runs:
     c = counts[name]
     share = f"{c['share_percent']:.3f}" if "share_percent" in c else "-"
-    print(f"{name:<14} {c['trainable']:>10} {share:>8} {1e3 * med[name]:>9.1f}")
+    row = (f"{name:<14} {c['trainable']:>10} {share:>8} {1e3 * med[name]:>9.1f} "
+           f"{faults[name]:>12.0f}")
+    if base:
+      row += f" {base['step_ms'][name]:>11.1f} {base['faults_per_step'][name]:>15.0f}"
+    print(row)
   if counts.get("hf_peft_lora") and counts["hf_peft_lora"]["trainable"] != counts["lora"][
       "trainable"]:
     print(f"note: trainable counts differ (ours {counts['lora']['trainable']}, peft "
@@ -165,11 +189,29 @@ def main() -> None:
       "ours_lora_over_hf_peft": (round(med["lora"] / med["hf_peft_lora"], 4)
                                  if "hf_peft_lora" in med else None),
       "step_ms": {k: round(1e3 * v, 2) for k, v in med.items()},
+      "faults_per_step": {k: round(v) for k, v in faults.items()},
+      "allocator_tuned": tuned,
   }
+  if base:
+    result["untuned_step_ms"] = base["step_ms"]
+    result["untuned_faults_per_step"] = base["faults_per_step"]
+    result["untuned_ours_lora_over_hf_peft"] = base["ours_lora_over_hf_peft"]
   if hf_peft is None:
     print("note: `peft` is not installed; ours_lora_over_hf_peft is null "
           "(pip install peft)")
   print(json.dumps(result))
+
+
+def _untuned_baseline(args) -> dict | None:
+  """This benchmark rerun in a child process with glibc's allocator left as it is."""
+  argv = [sys.executable, str(Path(__file__).resolve()), "--no-baseline", "--rounds",
+          str(args.rounds), "--batch", str(args.batch), "--length", str(args.length)]
+  env = dict(os.environ, MOE_JAX_MALLOC_TUNING="0")
+  out = subprocess.run(argv, env=env, capture_output=True, text=True)
+  if out.returncode != 0:
+    print(f"note: the untuned baseline failed:\n{out.stderr[-2000:]}")
+    return None
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

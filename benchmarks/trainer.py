@@ -31,6 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moe_jax.runtime import tune_cpu_allocator  # noqa: E402
+
+tune_cpu_allocator()  # before jax starts its threads (see moe_jax/runtime.py)
+
 
 def main() -> None:
   p = argparse.ArgumentParser()

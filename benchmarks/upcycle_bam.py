@@ -54,6 +54,10 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moe_jax.runtime import tune_cpu_allocator  # noqa: E402
+
+tune_cpu_allocator()  # before jax starts its threads (see moe_jax/runtime.py)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
