@@ -58,7 +58,12 @@ def jax_step(model, params, peft_mod, optax, jax, jnp, lr: float):
   def loss_fn(adapters, backbone, tokens):
     (logits, _), aux = model.apply({"params": peft_mod.merge_params(backbone, adapters)},
                                    tokens, mutable=collections)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+    # Next-token targets without slicing the logits (``logits[:, :-1]`` copies all of
+    # them): the last position predicts a dummy target and gets weight 0.
+    targets = jnp.roll(tokens, -1, axis=1)
+    weights = (jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1).astype(jnp.float32)
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    ce = jnp.sum(ce_BL * weights) / (tokens.shape[0] * (tokens.shape[1] - 1))
     return ce + peft_mod.total_aux_loss(aux)
 
   @jax.jit
