@@ -70,11 +70,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.moe.layer import AUX_LOSS_COLLECTION, METRICS_COLLECTION, RouterKernel
-from moe_jax.moe.routing import load_balancing_loss, router_logits, router_z_loss
+from moe_jax.moe.layer import RouterKernel
 from moe_jax.nn.attention import KVCache, dot_product_attention
 from moe_jax.nn.embeddings import RopeScaling, apply_rope, rope_inverse_frequencies
 from moe_jax.nn.linear import Linear
+from moe_jax.nn.router import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, load_balancing_loss,
+                               router_confidence, router_logits, router_z_loss, top_k_weights)
 
 Array = jax.Array
 
@@ -131,11 +132,7 @@ def mixture_weights(logits_BLE: Array, num_selected: int | None = None,
   probs_BLE = jax.nn.softmax(logits_BLE.astype(jnp.float32), axis=-1)
   if num_selected is None:
     return probs_BLE, probs_BLE, None
-  gate_BLK, chosen_BLK = jax.lax.top_k(probs_BLE, num_selected)
-  if renormalize:
-    gate_BLK = gate_BLK / jnp.sum(gate_BLK, axis=-1, keepdims=True)
-  onehot_BLKE = jax.nn.one_hot(chosen_BLK, probs_BLE.shape[-1], dtype=jnp.float32)
-  weights_BLE = jnp.einsum("blk,blke->ble", gate_BLK, onehot_BLKE)
+  weights_BLE, chosen_BLK = top_k_weights(probs_BLE, num_selected, renormalize=renormalize)
   return weights_BLE, probs_BLE, chosen_BLK
 
 
@@ -355,7 +352,7 @@ class AttentionMixture(nn.Module):
     self.sow(AUX_LOSS_COLLECTION, "attention_router_z_loss", c.z_loss_coef * z)
     metrics = {"attention_router_z_loss": z,
                "attention_expert_weight": weights_BLE.reshape(-1, c.num_experts).mean(axis=0),
-               "attention_router_confidence": jnp.mean(probs_BLE.max(axis=-1))}
+               "attention_router_confidence": router_confidence(probs_BLE)}
     if chosen_BLK is not None:
       lb = load_balancing_loss(probs_BLE, chosen_BLK)
       self.sow(AUX_LOSS_COLLECTION, "attention_load_balancing_loss",

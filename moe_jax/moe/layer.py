@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -61,14 +61,18 @@ import jax.numpy as jnp
 from moe_jax.moe.dispatch import DISPATCH_METHODS, moe_apply
 from moe_jax.moe.experts import RoutedExperts
 from moe_jax.moe.parallel import expert_parallel_apply, plan_from_context, route_local
-from moe_jax.moe.routing import (compute_capacity, experts_choose_route, router_logits,
-                                 router_stats, tokens_choose_route)
+from moe_jax.moe.routing import (compute_capacity, experts_choose_route, router_stats,
+                                 tokens_choose_route)
 from moe_jax.nn.mlp import Mlp
+# The collections and their total are shared by every router (nn.router); re-exported here.
+from moe_jax.nn.router import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, router_logits,
+                               total_aux_loss)
 
 Array = jax.Array
 
-AUX_LOSS_COLLECTION = "aux_loss"
-METRICS_COLLECTION = "moe_metrics"
+__all__ = ["AUX_LOSS_COLLECTION", "METRICS_COLLECTION", "ROUTERS", "MoeConfig", "MoeLayer",
+           "RouterKernel", "total_aux_loss"]
+
 ROUTERS = ("tokens_choose", "experts_choose")
 
 
@@ -150,12 +154,6 @@ class MoeConfig:
 
   def replace(self, **kw) -> "MoeConfig":
     return dataclasses.replace(self, **kw)
-
-
-def total_aux_loss(state: Mapping[str, Any]) -> Array:
-  """Sum of every sown auxiliary loss in a ``mutable`` state (0 if none)."""
-  leaves = jax.tree.leaves(state.get(AUX_LOSS_COLLECTION, {}))
-  return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
 
 
 class MoeLayer(nn.Module):

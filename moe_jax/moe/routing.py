@@ -44,7 +44,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+# Shared router math (one copy for MoE, attention mixture and PEFT routers); the
+# losses and logits are re-exported here as part of this module's API.
+from moe_jax.nn.router import (load_balancing_loss, router_confidence, router_logits,
+                               router_z_loss, top_k_gates)
+
 Array = jax.Array
+
+__all__ = [
+    "ExpertsChooseRouting", "RouterStats", "Routing", "TokensChooseRouting", "assign_slots",
+    "compute_capacity", "experts_choose_route", "load_balancing_loss", "router_logits",
+    "router_stats", "router_z_loss", "token_priority", "tokens_choose_route",
+]
 
 
 @flax.struct.dataclass
@@ -147,20 +158,6 @@ def compute_capacity(tokens_per_group: int, num_experts: int, *, num_selected: i
   return int(min(max(c, min_capacity, 1), tokens_per_group))
 
 
-def router_logits(x_GSD: Array, kernel_DE: Array, *, jitter_noise: float = 0.0,
-                  rng: Array | None = None) -> Array:
-  """float32 ``x · W``; with ``rng``, Switch multiplicative jitter on ``x``.
-
-  Jitter multiplies the router *input* by ``U(1 - eps, 1 + eps)``: it
-  explores routing without perturbing the experts' inputs.
-  """
-  x = x_GSD.astype(jnp.float32)
-  if rng is not None and jitter_noise > 0:
-    x = x * jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - jitter_noise, 1.0 + jitter_noise)
-  return jnp.einsum("GSD,DE->GSE", x, kernel_DE.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
-
-
 def token_priority(probs_GSE: Array, batch_prioritized: bool) -> Array:
   """``[G, S]`` permutation: tokens in the order they claim slots."""
   g, s, _ = probs_GSE.shape
@@ -233,13 +230,11 @@ def tokens_choose_route(logits_GSE: Array, *, num_selected: int, capacity: int,
   if not 1 <= num_selected <= e:
     raise ValueError(f"tokens_choose_route: num_selected={num_selected} must be in [1, E={e}]")
   probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-  gate_GSK, expert_GSK = jax.lax.top_k(probs_GSE, num_selected)
-  if renormalize:
-    gate_GSK = gate_GSK / jnp.sum(gate_GSK, axis=-1, keepdims=True)
+  gate_GSK, expert_GSK = top_k_gates(probs_GSE, num_selected, renormalize=renormalize)
   order_GS = token_priority(probs_GSE, batch_prioritized)
   position_GSK, token_GEC = assign_slots(expert_GSK, e, capacity, order_GS)
   weight_GSK = jnp.where(position_GSK < capacity, gate_GSK, 0.0)
-  return TokensChooseRouting(expert_GSK=expert_GSK.astype(jnp.int32), weight_GSK=weight_GSK,
+  return TokensChooseRouting(expert_GSK=expert_GSK, weight_GSK=weight_GSK,
                              position_GSK=position_GSK, token_GEC=token_GEC,
                              probs_GSE=probs_GSE, capacity=capacity)
 
@@ -254,27 +249,6 @@ def experts_choose_route(logits_GSE: Array, *, capacity: int) -> ExpertsChooseRo
   weight_GEC, token_GEC = jax.lax.top_k(probs_GSE.transpose(0, 2, 1), capacity)
   return ExpertsChooseRouting(token_GEC=token_GEC.astype(jnp.int32), weight_GEC=weight_GEC,
                               probs_GSE=probs_GSE, capacity=capacity)
-
-
-def load_balancing_loss(probs_GSE: Array, expert_GSK: Array) -> Array:
-  """Switch auxiliary loss ``E · Σ_i f_i · P_i``, averaged over groups.
-
-  ``f_i``: fraction of the S·K choices (before capacity) that picked expert
-  i; ``P_i``: mean router probability of expert i. Both sum to 1 over experts,
-  so the loss is 1 under uniform routing for any k, and ``f`` carries no
-  gradient (only ``P`` does). The ``[S, K, E]`` one-hot here is O(S·K·E),
-  never O(S·E·C).
-  """
-  e = probs_GSE.shape[-1]
-  f_GE = jax.nn.one_hot(expert_GSK, e, dtype=jnp.float32).mean(axis=(1, 2))
-  p_GE = probs_GSE.astype(jnp.float32).mean(axis=1)
-  return jnp.mean(e * jnp.sum(f_GE * p_GE, axis=-1))
-
-
-def router_z_loss(logits_GSE: Array) -> Array:
-  """ST-MoE z-loss ``mean(logsumexp(logits)^2)``: keeps router logits small."""
-  z = jax.nn.logsumexp(logits_GSE.astype(jnp.float32), axis=-1)
-  return jnp.mean(z * z)
 
 
 def router_stats(logits_GSE: Array, routing: Routing) -> RouterStats:
@@ -303,4 +277,4 @@ def router_stats(logits_GSE: Array, routing: Routing) -> RouterStats:
   return RouterStats(load_balancing_loss=lb, z_loss=router_z_loss(logits_GSE),
                      expert_usage_E=usage_GE.mean(axis=0), dropped_fraction=dropped,
                      dropped_token_fraction=token_dropped,
-                     router_confidence=jnp.mean(probs_GSE.max(axis=-1)))
+                     router_confidence=router_confidence(probs_GSE))

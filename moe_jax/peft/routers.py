@@ -41,9 +41,9 @@ each leaf is a tuple with one entry per call):
   weights, ``log E`` when balanced) and ``router_confidence`` (mean top
   probability). :func:`summarize_metrics` averages them over sites.
 
-The collection names are the routed-MoE layer's (``moe_jax.moe.layer``), so
-one trainer collects both. Padding tokens are excluded when the block knows
-them.
+The collection names and the losses are the shared router math of
+:mod:`moe_jax.nn.router`, the routed-MoE layer's too, so one trainer collects
+both. Padding tokens are excluded when the block knows them.
 """
 
 from __future__ import annotations
@@ -56,10 +56,20 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+# The collections, the losses and their total are the shared router math (nn.router), the
+# same the routed-expert layer and the attention mixture use; re-exported here.
+from moe_jax.nn import router as router_math
+from moe_jax.nn.router import AUX_LOSS_COLLECTION, METRICS_COLLECTION, total_aux_loss
+
 Array = jax.Array
 
-AUX_LOSS_COLLECTION = "aux_loss"
-METRICS_COLLECTION = "moe_metrics"
+__all__ = [
+    "AUX_LOSS_COLLECTION", "METRICS_COLLECTION", "RouteContext", "Router", "Routing",
+    "cross_attention_context", "expert_usage", "load_balancing_loss", "masked_mean",
+    "query_valid", "route", "router_confidence", "router_logits", "router_z_loss",
+    "self_attention_context", "summarize_metrics", "top_k_mask", "total_aux_loss",
+    "usage_entropy", "with_query",
+]
 
 
 # ----------------------------------------------------------------------------- routing math
@@ -84,13 +94,12 @@ class Routing:
 
 def router_logits(x: Array, kernel_DE: Array) -> Array:
   """``x · W`` in float32 (no bias)."""
-  return jnp.einsum("...d,de->...e", x.astype(jnp.float32), kernel_DE.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
+  return router_math.router_logits(x, kernel_DE)
 
 
 def top_k_mask(probs: Array, k: int) -> Array:
   """Boolean ``[..., E]``: the ``k`` largest entries of each row (ties: lower index)."""
-  _, idx = jax.lax.top_k(probs, k)
+  _, idx = router_math.top_k_gates(probs, k)
   return jnp.any(jax.nn.one_hot(idx, probs.shape[-1], dtype=bool), axis=-2)
 
 
@@ -100,45 +109,39 @@ def route(logits: Array, *, top_k: int | None = None, renormalize: bool = True) 
   probs = jax.nn.softmax(logits, axis=-1)
   if top_k is None or top_k >= probs.shape[-1]:
     return Routing(logits=logits, probs=probs, weights=probs)
-  weights = jnp.where(top_k_mask(probs, top_k), probs, 0.0)
-  if renormalize:
-    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  weights, _ = router_math.top_k_weights(probs, top_k, renormalize=renormalize)
   return Routing(logits=logits, probs=probs, weights=weights, top_k=top_k)
+
+
+def _valid(shape: tuple[int, ...], valid: Array | None) -> Array:
+  """Real tokens as floats (all ones without a mask): every statistic here is a weighted mean."""
+  return jnp.ones(shape, jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
 
 
 def _token_weights(shape: tuple[int, ...], valid: Array | None) -> Array:
   """Per-token float weights (1 for real tokens, 0 for padding), normalised to sum 1."""
-  w = jnp.ones(shape, jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
-  w = jnp.broadcast_to(w, shape)
+  w = jnp.broadcast_to(_valid(shape, valid), shape)
   return w / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def load_balancing_loss(routing: Routing, valid: Array | None = None) -> Array:
-  """Switch loss ``E · Σ_e f_e · P_e`` over real tokens.
+  """Switch loss ``E · Σ_e f_e · P_e`` over real tokens (``nn.router.load_balancing_loss``).
 
   ``f_e`` is the share of token choices that picked expert e (top-k
   selection, or the top-1 expert under soft merging, where "everyone picks
   everything" would make the loss constant); ``P_e`` the mean probability.
-  It is 1 under uniform routing and only ``P`` carries gradient.
+  All tokens of the call form one group. It is 1 under uniform routing and
+  only ``P`` carries gradient.
   """
   probs = routing.probs
-  e = probs.shape[-1]
-  tw = _token_weights(probs.shape[:-1], valid)[..., None]
-  if routing.top_k is None:
-    selected = jax.nn.one_hot(jnp.argmax(probs, axis=-1), e, dtype=bool)
-  else:
-    selected = top_k_mask(probs, routing.top_k)
-  picked = selected.astype(jnp.float32)
-  picked = picked / jnp.maximum(jnp.sum(picked, axis=-1, keepdims=True), 1.0)
-  f_e = jnp.sum(jax.lax.stop_gradient(picked) * tw, axis=tuple(range(probs.ndim - 1)))
-  p_e = jnp.sum(probs * tw, axis=tuple(range(probs.ndim - 1)))
-  return e * jnp.sum(f_e * p_e)
+  _, expert = router_math.top_k_gates(probs, routing.top_k or 1)
+  return router_math.load_balancing_loss(probs[None], expert[None],
+                                         _valid(probs.shape[:-1], valid)[None])
 
 
 def router_z_loss(logits: Array, valid: Array | None = None) -> Array:
   """ST-MoE z-loss: mean over real tokens of ``logsumexp(logits)^2``."""
-  z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-  return jnp.sum(z * z * _token_weights(z.shape, valid))
+  return router_math.router_z_loss(logits, _valid(logits.shape[:-1], valid))
 
 
 def expert_usage(routing: Routing, valid: Array | None = None) -> Array:
@@ -156,8 +159,7 @@ def usage_entropy(usage_E: Array) -> Array:
 
 def router_confidence(routing: Routing, valid: Array | None = None) -> Array:
   """Mean over real tokens of the top router probability (1/E uniform .. 1 one-hot)."""
-  top = jnp.max(routing.probs, axis=-1)
-  return jnp.sum(top * _token_weights(top.shape, valid))
+  return router_math.router_confidence(routing.probs, _valid(routing.probs.shape[:-1], valid))
 
 
 # ----------------------------------------------------------------------------- routing context
@@ -302,12 +304,6 @@ class Router(nn.Module):
                         ("expert_usage", usage), ("usage_entropy", usage_entropy(usage)),
                         ("router_confidence", router_confidence(routing, valid))):
       self.sow(METRICS_COLLECTION, name, jax.lax.stop_gradient(value))
-
-
-def total_aux_loss(state: Mapping[str, Any]) -> Array:
-  """Sum of every sown auxiliary loss in an ``apply(..., mutable=...)`` state (0 if none)."""
-  leaves = jax.tree.leaves(state.get(AUX_LOSS_COLLECTION, {}))
-  return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
 
 
 def summarize_metrics(state: Mapping[str, Any]) -> dict[str, Array]:

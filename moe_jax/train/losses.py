@@ -44,11 +44,13 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from moe_jax.nn.router import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, aux_loss_terms,
+                               total_aux_loss)
+
 Array = jax.Array
 
-AUX_LOSS_COLLECTION = "aux_loss"
 #: Collections the model wrappers ask for as mutable when computing a loss.
-MUTABLE_COLLECTIONS: tuple[str, ...] = ("aux_loss", "intermediates", "moe_metrics")
+MUTABLE_COLLECTIONS: tuple[str, ...] = (AUX_LOSS_COLLECTION, "intermediates", METRICS_COLLECTION)
 NUM_TARGET_TOKENS = "num_target_tokens"
 
 
@@ -151,18 +153,12 @@ def collect_aux_losses(state: Mapping[str, Any]) -> tuple[Array, dict[str, Array
   """``(total, {name: sum over layers})`` of the ``"aux_loss"`` collection.
 
   ``state`` is the mutable-collection dict returned by ``module.apply``. The
-  total is 0 when nothing was sown.
+  total (:func:`moe_jax.nn.router.total_aux_loss`) is 0 when nothing was sown.
   """
-  total = jnp.zeros((), jnp.float32)
   by_name: dict[str, Array] = {}
-  leaves = jax.tree_util.tree_flatten_with_path(state.get(AUX_LOSS_COLLECTION, {}))[0]
-  for path, leaf in leaves:
-    names = _path_names(path)
-    value = jnp.sum(jnp.asarray(leaf, jnp.float32))
-    total = total + value
-    name = names[-1] if names else "aux_loss"
+  for name, value in aux_loss_terms(state):
     by_name[name] = by_name.get(name, 0.0) + value
-  return total, by_name
+  return total_aux_loss(state), by_name
 
 
 def collect_metrics(state: Mapping[str, Any]) -> dict[str, Array]:
