@@ -120,3 +120,25 @@ def test_ia3_folds_into_an_hf_export(tmp_path):
     mj.upcycle_model(base, method="dense")
   with pytest.raises(ValueError, match="has no routers"):
     mj.router_probabilities(base, [[1, 2]])
+
+
+def test_router_probabilities_is_the_mean_of_every_report_of_a_site():
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  class Site(nn.Module):  # one routed site reporting three times (e.g. called thrice)
+    @nn.compact
+    def __call__(self, tokens):
+      for usage in ([1.0, 0.0], [0.0, 1.0], [0.0, 1.0]):
+        self.sow("moe_metrics", "expert_usage", jnp.asarray(usage))
+      return tokens
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      return Site(name="mix")(tokens)
+
+  model = mj.LoadedModel(config=None, module=Model(), params={}, source="test")
+  got = mj.router_probabilities(model, [[1, 2, 3]])
+  assert list(got) == ["mix"]
+  np.testing.assert_allclose(got["mix"], [1 / 3, 2 / 3], rtol=1e-6)  # not pairwise (1/4, 3/4)
