@@ -172,6 +172,13 @@ def _check_shard_info(shard_info: Optional[seqio.ShardInfo]) -> None:
                      f"[0, {num}).")
 
 
+def _check_split(provider: Any, name: str, split: str) -> None:
+  if split not in provider.splits:
+    raise ValueError(
+        f"{type(provider).__name__} {name!r} has no split "
+        f"{split!r}; it has {', '.join(map(repr, sorted(provider.splits)))}.")
+
+
 def get_dataset(
     *,
     mixture_or_task_name: str,
@@ -213,7 +220,7 @@ def get_dataset(
       (evaluation, where examples must stay whole and in order) and drops the
       segment-id and position features. The last partial batch is dropped
       either way, so a finite eval split loses up to ``batch_size - 1``
-      examples; `seqio.Evaluator` (see `moe_jax.eval`) keeps them all.
+      examples; `seqio.Evaluator` (see `moe_jax.train.evaluation`) keeps them all.
     shuffle: shuffle examples (seqio's task shuffle buffer) before packing.
     seed: shuffle and mixture-sampling seed; the same on every host.
     num_epochs: passes over the data; None repeats forever (training).
@@ -235,10 +242,7 @@ def get_dataset(
     _check_positive_int(num_epochs, "num_epochs")
   _check_shard_info(shard_info)
   provider = get_mixture_or_task(mixture_or_task_name)
-  if split not in provider.splits:
-    raise ValueError(
-        f"{type(provider).__name__} {mixture_or_task_name!r} has no split "
-        f"{split!r}; it has {', '.join(map(repr, sorted(provider.splits)))}.")
+  _check_split(provider, mixture_or_task_name, split)
   lengths = _check_feature_lengths(mixture_or_task_name, provider,
                                    feature_converter, task_feature_lengths)
   ds = provider.get_dataset(

@@ -41,6 +41,10 @@ mixtures built on it when they are registered again, so re-running a notebook
 cell that calls `register_in_memory_task` just works. A name registered by
 other code is left alone and raises unless ``overwrite=True``.
 
+The examples themselves come from `moe_jax.data.synthetic` (plain NumPy); the
+in-memory sources and the preprocessors live in `moe_jax.data.sources` and
+`moe_jax.data.preprocessors`.
+
 Other vocabularies: `register_synthetic_tasks` (``tokenizer_path=`` for a
 Hugging Face tokenizer, see `moe_jax.data.vocabularies`) registers the same
 tasks under another prefix; `register_text_task` and
@@ -52,16 +56,18 @@ import difflib
 import functools
 import logging
 import os
-import zlib
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
                     Sequence, Tuple, Union)
 
-import numpy as np
 import seqio
-import tensorflow as tf
 
 from moe_jax.data import metrics as metrics_lib
 from moe_jax.data import vocabularies
+from moe_jax.data.preprocessors import seq2seq_preprocessors, split_tokens_to_length
+from moe_jax.data.sources import as_split_mapping, examples_source
+from moe_jax.data.synthetic import (SYNTHETIC_KINDS, SYNTHETIC_MIX_RATES, SYNTHETIC_SEED,
+                                    SYNTHETIC_SIZES, corpus_files, corpus_texts,  # noqa: F401
+                                    synthetic_examples)
 
 logger = logging.getLogger(__name__)
 
@@ -69,24 +75,9 @@ PathLike = Union[str, os.PathLike]
 Example = Mapping[str, str]
 MetricFn = Callable[..., Mapping[str, Any]]
 
-CORPUS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
 DEFAULT_SPLITS = ("train", "validation")
 # seqio's default shuffle buffer (examples); part of every iterator checkpoint.
 SHUFFLE_BUFFER_SIZE = 1000
-
-SYNTHETIC_SEED = 0
-SYNTHETIC_SIZES = {"train": 20_000, "validation": 1_000}
-SYNTHETIC_KINDS = ("copy", "reverse", "arithmetic", "sort")
-# Arithmetic is the hardest of the four (carries), so it is sampled twice as
-# often; the rates are relative (seqio normalises them).
-SYNTHETIC_MIX_RATES = {"copy": 1.0, "reverse": 1.0, "arithmetic": 2.0,
-                       "sort": 1.0}
-# Letters per example for copy / reverse / sort.
-SYNTHETIC_MIN_LETTERS = 3
-SYNTHETIC_MAX_LETTERS = 20
-# Digits per arithmetic operand.
-SYNTHETIC_MAX_DIGITS = 3
-TEXT_VALIDATION_MODULUS = 10
 
 # Marks the seqio Tasks / Mixtures this module created (so they may be
 # replaced on re-registration). An attribute on the provider, not a module
@@ -217,222 +208,6 @@ def _close_matches_hint(name: str, names: Iterable[str]) -> str:
   return "."
 
 
-# ----------------------------------------------------------------------------
-# Sources over in-memory examples.
-# ----------------------------------------------------------------------------
-
-
-def _columns(examples: Sequence[Example],
-             keys: Sequence[str]) -> Dict[str, List[str]]:
-  return {k: [ex[k] for ex in examples] for k in keys}
-
-
-class _FixedOrderSource(seqio.FunctionDataSource):
-  """A `seqio.FunctionDataSource` whose splits have one fixed order.
-
-  The only change: the function is always called with
-  ``shuffle_files=False``, which also silences seqio's warning that an
-  uncached FunctionDataSource reshuffles poorly on restarts. That warning does
-  not apply here: the data is in memory (nothing to cache), seqio's
-  task-level shuffle does the shuffling, and restarts resume from a
-  checkpointed iterator instead of reshuffling.
-  """
-
-  def get_dataset(self, split: str = "train", shuffle: bool = True,
-                  seed: Optional[int] = None,
-                  shard_info: Optional[seqio.ShardInfo] = None,
-                  **kwargs) -> tf.data.Dataset:
-    del shuffle  # One fixed order per split.
-    return super().get_dataset(split, shuffle=False, seed=seed,
-                               shard_info=shard_info, **kwargs)
-
-
-def _examples_source(
-    name: str,
-    get_examples: Callable[[str], Sequence[Example]],
-    splits: Sequence[str],
-    keys: Sequence[str],
-) -> seqio.FunctionDataSource:
-  """A FunctionDataSource over ``get_examples(split)``, in a fixed order.
-
-  ``shuffle_files`` and ``seed`` are ignored (one fixed order per split), so
-  per-host shards taken by seqio are disjoint whatever the seed; seqio
-  shuffles after sharding.
-
-  The source declares no ``num_input_examples``: seqio would then wrap small
-  splits in an in-memory ``Dataset.cache()``, which copies data that is
-  already in memory and, worse, is written into every iterator checkpoint
-  (about 0.4 MB per 1000 synthetic examples). The price is that
-  ``task.num_input_examples(split)`` is None, so mixtures over these tasks
-  take explicit rates.
-  """
-
-  def dataset_fn(split: str, shuffle_files: bool,
-                 seed: Optional[int] = None) -> tf.data.Dataset:
-    del shuffle_files, seed  # See the docstring.
-    if split not in splits:
-      raise ValueError(f"Task {name!r} has no split {split!r}; it has "
-                       f"{', '.join(map(repr, splits))}.")
-    examples = get_examples(split)
-    if not examples:  # from_tensor_slices cannot type an empty list.
-      return tf.data.Dataset.from_tensor_slices(
-          {k: tf.constant([], tf.string) for k in keys})
-    return tf.data.Dataset.from_tensor_slices(_columns(examples, keys))
-
-  return _FixedOrderSource(dataset_fn, splits=tuple(splits))
-
-
-def _as_split_mapping(value: Any, what: str) -> Dict[str, Any]:
-  """A list -> {"train": list}; a mapping of split -> list is kept."""
-  if isinstance(value, Mapping):
-    if not value:
-      raise ValueError(f"{what} is an empty mapping; give split -> data.")
-    for split in value:
-      if not isinstance(split, str):
-        raise ValueError(f"{what}: split names must be str, got {split!r}.")
-    return dict(value)
-  return {"train": value}
-
-
-# ----------------------------------------------------------------------------
-# Synthetic tasks.
-# ----------------------------------------------------------------------------
-
-_LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
-
-
-def _letters(rng: np.random.Generator) -> str:
-  n = rng.integers(SYNTHETIC_MIN_LETTERS, SYNTHETIC_MAX_LETTERS + 1)
-  return _LETTERS[rng.integers(0, len(_LETTERS), n)].tobytes().decode("ascii")
-
-
-def _number(rng: np.random.Generator) -> int:
-  digits = rng.integers(1, SYNTHETIC_MAX_DIGITS + 1)
-  return int(rng.integers(0, 10**digits))
-
-
-def _copy(rng):
-  s = _letters(rng)
-  return {"inputs": f"copy: {s}", "targets": s}
-
-
-def _reverse(rng):
-  s = _letters(rng)
-  return {"inputs": f"reverse: {s}", "targets": s[::-1]}
-
-
-def _sort(rng):
-  s = _letters(rng)
-  return {"inputs": f"sort: {s}", "targets": "".join(sorted(s))}
-
-
-def _arithmetic(rng):
-  a, b = _number(rng), _number(rng)
-  if rng.integers(0, 2):
-    return {"inputs": f"{a}+{b}=", "targets": str(a + b)}
-  a, b = max(a, b), min(a, b)  # Keep results non-negative.
-  return {"inputs": f"{a}-{b}=", "targets": str(a - b)}
-
-
-_GENERATORS = {"copy": _copy, "reverse": _reverse, "arithmetic": _arithmetic,
-               "sort": _sort}
-
-
-def _crc(text: str) -> int:
-  return zlib.crc32(text.encode("utf-8"))
-
-
-@functools.lru_cache(maxsize=64)
-def _synthetic_examples_cached(kind: str, split: str, num_examples: int,
-                               seed: int) -> Tuple[Dict[str, str], ...]:
-  rng = np.random.default_rng([seed, _crc(kind), _crc(split)])
-  exclude = set()
-  if split != "train":  # Held-out inputs are never training inputs.
-    train = _synthetic_examples_cached(kind, "train", SYNTHETIC_SIZES["train"],
-                                       seed)
-    exclude = {ex["inputs"] for ex in train}
-  generate = _GENERATORS[kind]
-  examples, seen = [], set()
-  for _ in range(100 * num_examples):
-    if len(examples) == num_examples:
-      break
-    ex = generate(rng)
-    if ex["inputs"] in exclude:
-      continue
-    if split != "train":  # Distinct held-out examples; train may repeat.
-      if ex["inputs"] in seen:
-        continue
-      seen.add(ex["inputs"])
-    examples.append(ex)
-  if len(examples) < num_examples:
-    raise RuntimeError(f"Could not draw {num_examples} distinct held-out "
-                       f"{kind!r} examples; ask for fewer.")
-  return tuple(examples)
-
-
-def synthetic_examples(kind: str, split: str, *,
-                       num_examples: Optional[int] = None,
-                       seed: int = SYNTHETIC_SEED) -> List[Dict[str, str]]:
-  """The ``{"inputs", "targets"}`` examples of a synthetic task split.
-
-  Deterministic in ``(kind, split, num_examples, seed)`` (NumPy's PCG64 seeded
-  from those), and cached. Non-train inputs are distinct and never occur in
-  the train split drawn with the same seed and default size.
-
-  Args:
-    kind: one of `SYNTHETIC_KINDS`.
-    split: any split name; ``SYNTHETIC_SIZES`` gives the default sizes.
-    num_examples: how many; default ``SYNTHETIC_SIZES[split]`` (1000 for
-      other splits).
-    seed: generation seed.
-
-  Returns:
-    A new list of new dicts (safe to mutate).
-  """
-  if kind not in _GENERATORS:
-    raise ValueError(f"Unknown synthetic task kind {kind!r}; choose from "
-                     f"{', '.join(map(repr, SYNTHETIC_KINDS))}.")
-  if num_examples is None:
-    num_examples = SYNTHETIC_SIZES.get(split, SYNTHETIC_SIZES["validation"])
-  if isinstance(num_examples, bool) or not isinstance(num_examples, int) or (
-      num_examples < 0):
-    raise ValueError(f"num_examples must be an int >= 0, got {num_examples!r}.")
-  return [dict(ex) for ex in
-          _synthetic_examples_cached(kind, split, num_examples, int(seed))]
-
-
-def corpus_files() -> List[str]:
-  """The shipped ``corpus/*.txt`` files, sorted."""
-  files = sorted(tf.io.gfile.glob(os.path.join(CORPUS_DIR, "*.txt")))
-  if not files:
-    raise FileNotFoundError(
-        f"No corpus/*.txt files in {CORPUS_DIR!r}; the package was installed "
-        "without its data files (package-data of moe_jax.data).")
-  return files
-
-
-@functools.lru_cache(maxsize=4)
-def _corpus_splits(modulus: int) -> Dict[str, Tuple[str, ...]]:
-  splits = {"train": [], "validation": []}
-  for file in corpus_files():
-    with tf.io.gfile.GFile(file, "r") as f:
-      for line in f.read().splitlines():
-        line = line.strip()
-        if line:
-          split = "validation" if _crc(line) % modulus == 0 else "train"
-          splits[split].append(line)
-  return {k: tuple(v) for k, v in splits.items()}
-
-
-def corpus_texts(split: str) -> List[str]:
-  """Paragraphs of the shipped corpus in ``split`` (train / validation)."""
-  splits = _corpus_splits(TEXT_VALIDATION_MODULUS)
-  if split not in splits:
-    raise ValueError(f"The corpus has no split {split!r}; it has "
-                     f"{', '.join(map(repr, splits))}.")
-  return list(splits[split])
-
-
 def register_synthetic_tasks(
     *,
     vocabulary: Optional[seqio.Vocabulary] = None,
@@ -469,13 +244,12 @@ def register_synthetic_tasks(
     name = f"{prefix}_{kind}"
 
     def get_examples(split, kind=kind):
-      return _synthetic_examples_cached(kind, split, SYNTHETIC_SIZES[split],
-                                        seed)
+      return synthetic_examples(kind, split, num_examples=SYNTHETIC_SIZES[split], seed=seed)
 
     _add_task(
         name,
         overwrite=overwrite,
-        source=_examples_source(name, get_examples, DEFAULT_SPLITS,
+        source=examples_source(name, get_examples, DEFAULT_SPLITS,
                                 _INPUT_FEATURES),
         output_features=output_features(vocabulary),
         preprocessors=seq2seq_preprocessors(),
@@ -493,84 +267,6 @@ def register_synthetic_tasks(
       overwrite=overwrite)
   names.append(mix_name)
   return names
-
-
-# ----------------------------------------------------------------------------
-# Preprocessors.
-# ----------------------------------------------------------------------------
-
-
-def seq2seq_preprocessors() -> List[Callable[..., tf.data.Dataset]]:
-  """tokenize, cache placeholder, EOS after trimming (seqio's standard).
-
-  The tokenizer keeps ``inputs_pretokenized`` / ``targets_pretokenized``,
-  which seqio's evaluator scores against. `append_eos_after_trim` trims to
-  length - 1 before the EOS, so a trimmed example still ends with one.
-  """
-  return [
-      seqio.preprocessors.tokenize,
-      seqio.CacheDatasetPlaceholder(),
-      seqio.preprocessors.append_eos_after_trim,
-  ]
-
-
-def split_tokens_to_length(
-    dataset: tf.data.Dataset,
-    sequence_length: Optional[Mapping[str, int]],
-    output_features: Mapping[str, seqio.Feature],
-    feature_key: str = "targets",
-) -> tf.data.Dataset:
-  """Appends EOS to each document, then splits it into length-sized pieces.
-
-  For language modelling on documents longer than the sequence: seqio's
-  default (``append_eos_after_trim``) keeps the first ``length - 1`` tokens
-  of a document and drops the rest; this keeps every token, at the cost of
-  pieces that start mid-sentence. Only the last piece ends with EOS (the
-  document's end), and the feature converter packs short pieces together.
-  With ``sequence_length`` None (e.g. scoring whole documents) it only
-  appends EOS. Empty documents are dropped, and so is every other feature (a
-  piece has no pretokenized text of its own).
-
-  Args:
-    dataset: tokenized examples with a 1-D int ``feature_key``.
-    sequence_length: feature -> length, from seqio.
-    output_features: the task's features; EOS is appended when the feature
-      has ``add_eos``.
-    feature_key: the feature to split.
-
-  Returns:
-    A dataset of ``{feature_key: int32[<= length]}`` pieces, in order.
-  """
-  feature = output_features[feature_key]
-  length = (sequence_length or {}).get(feature_key)
-  eos_id = feature.vocabulary.eos_id if feature.add_eos else None
-
-  def with_eos(ex):
-    tokens = tf.cast(ex[feature_key], tf.int32)
-    if eos_id is not None:
-      tokens = tf.concat([tokens, tf.constant([eos_id], tf.int32)], axis=0)
-    return {feature_key: tokens}
-
-  dataset = dataset.filter(lambda ex: tf.size(ex[feature_key]) > 0)
-  dataset = dataset.map(with_eos, num_parallel_calls=tf.data.AUTOTUNE)
-  if length is None:
-    return dataset
-  if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-    raise ValueError(f"sequence_length[{feature_key!r}] must be an int >= 1, "
-                     f"got {length!r}.")
-
-  def split(ex):
-    tokens = ex[feature_key]
-    n = tf.size(tokens, out_type=tf.int64)
-    num_pieces = (n + length - 1) // length
-    row_lengths = tf.minimum(
-        tf.constant(length, tf.int64),
-        n - tf.range(num_pieces, dtype=tf.int64) * length)
-    return {feature_key: tf.RaggedTensor.from_row_lengths(tokens, row_lengths)}
-
-  dataset = dataset.map(split, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-  return dataset.map(lambda ex: {feature_key: tf.ensure_shape(
-      ex[feature_key], [None])})
 
 
 # ----------------------------------------------------------------------------
@@ -648,7 +344,7 @@ def register_text_task(
                        "a list is the train split, a mapping names its own.")
     by_split = {
         split: _check_texts(texts, f"{name}: texts[{split!r}]")
-        for split, texts in _as_split_mapping(texts_or_fn,
+        for split, texts in as_split_mapping(texts_or_fn,
                                               f"{name}: texts").items()}
     splits = tuple(by_split)
     get_texts = by_split.__getitem__
@@ -665,7 +361,7 @@ def register_text_task(
   return _add_task(
       name,
       overwrite=overwrite,
-      source=_examples_source(name, get_examples, splits, ("targets",)),
+      source=examples_source(name, get_examples, splits, ("targets",)),
       output_features=output_features(vocabulary, inputs=False),
       preprocessors=[tokenize, seqio.CacheDatasetPlaceholder(), last],
       metric_fns=list(metric_fns),
@@ -754,7 +450,7 @@ def register_in_memory_task(
   """
   by_split = {}
   keys = None
-  for split, split_examples in _as_split_mapping(
+  for split, split_examples in as_split_mapping(
       examples, f"{name}: examples").items():
     split_keys, by_split[split] = _check_examples(name, split, split_examples)
     if keys is not None and split_keys != keys:
@@ -769,7 +465,7 @@ def register_in_memory_task(
   return _add_task(
       name,
       overwrite=overwrite,
-      source=_examples_source(name, by_split.__getitem__, tuple(by_split),
+      source=examples_source(name, by_split.__getitem__, tuple(by_split),
                               keys),
       output_features=output_features(vocabulary, inputs=has_inputs),
       preprocessors=seq2seq_preprocessors(),
