@@ -110,9 +110,9 @@ def load_balancing_loss(probs_GSE: Array, expert_GSK: Array, valid_GS: Array | N
 
   ``f_e``: fraction of the group's S·K choices (before any capacity) that
   picked expert e; ``P_e``: mean router probability of expert e. Both sum to
-  1 over experts, so the loss is 1 under uniform routing for any k and E
-  when everything collapses on one expert; ``f`` carries no gradient (only
-  ``P`` does). Soft-merging routers pass their top-1 expert as the choice
+  1 over experts, so the loss is 1 under uniform routing for any k, and E
+  when every token picks the same expert with probability 1; ``f`` carries
+  no gradient (only ``P`` does). Soft-merging routers pass their top-1 expert as the choice
   ("everyone picks everything" would make the loss constant). The
   ``[S, K, E]`` one-hot is O(S·K·E), never O(S·E·C).
 
