@@ -34,7 +34,8 @@ nothing; compute still runs in the backbone's dtype.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -81,7 +82,20 @@ def mov_scale(y: Array, weights_BLE: Array, scale_EK: Array, *, weights_sum_to_o
     merged = 1.0 + jnp.dot(w, s_EK - 1.0)
   else:
     merged = jnp.dot(w, s_EK)
-  return y * merged.reshape(weights_BLE.shape[:-1] + feat).astype(y.dtype)
+  return y * _lead_aligned(merged.reshape(weights_BLE.shape[:-1] + feat), y, len(feat))
+
+
+def _lead_aligned(t: Array, y: Array, n_feat: int) -> Array:
+  """``t [lead..., K...]`` reshaped to broadcast against ``y [lead..., extra..., K...]``.
+
+  ``extra`` dims sit between the tokens and the features when the adapted
+  projection has its own expert axis (a BAM attention expert's ``[B, L, E, H, Dh]``
+  queries): one adapter serves every expert.
+  """
+  extra = y.ndim - t.ndim
+  if extra:
+    t = t.reshape(t.shape[:t.ndim - n_feat] + (1,) * extra + t.shape[t.ndim - n_feat:])
+  return t.astype(y.dtype)
 
 
 def _flat_in(x: Array, in_dims: int) -> Array:
@@ -218,3 +232,64 @@ class LoraAdapter(nn.Module):
     weights = _router(p)(route_x, valid)
     return molora_delta(x, weights, a, b, scaling=p.scaling, dtype=dtype)
 
+
+
+# ----------------------------------------------------------------------------- adapter families
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Projection:
+  """What an adapter needs to know of the projection it adapts.
+
+  Attributes:
+    in_axes: logical axes of the contracted input dims ``I...``.
+    out_features, out_axes: the output dims ``K...`` and their logical axes.
+    dtype: the projection's compute dtype.
+  """
+
+  in_axes: tuple[str, ...]
+  out_features: tuple[int, ...]
+  out_axes: tuple[str, ...]
+  dtype: Any = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdapterFamily:
+  """How one kind of adapter is built and applied (a value of :data:`ADAPTERS`).
+
+  Attributes:
+    build: ``(peft, projection, parent) -> module``: the adapter, created
+      under ``parent`` (the scope it lives in, ``.../attn/peft_q``).
+    apply: ``(adapter, x, y, route_x, valid) -> y'``: the projection's output
+      ``y`` (from input ``x``) adapted; ``route_x`` and ``valid`` are the
+      router's input and the real-token mask (mixtures only).
+  """
+
+  build: Callable[[PeftConfig, Projection, Any], nn.Module]
+  apply: Callable[..., Array]
+
+
+def _apply_scale(adapter: nn.Module, x: Array, y: Array, route_x: Array | None,
+                 valid: Array | None) -> Array:
+  del x
+  return adapter(y, route_x=route_x, valid=valid)
+
+
+def _apply_lora(adapter: nn.Module, x: Array, y: Array, route_x: Array | None,
+                valid: Array | None) -> Array:
+  delta = adapter(x, route_x=route_x, valid=valid)
+  return y + _lead_aligned(delta, y, len(adapter.out_features))
+
+
+#: Adapter families by name (``Method.adapter``): the math of every PEFT method.
+ADAPTERS: dict[str, AdapterFamily] = {
+    "scale": AdapterFamily(
+        build=lambda peft, proj, parent: ScaleAdapter(peft=peft, axes=proj.out_axes,
+                                                      parent=parent),
+        apply=_apply_scale),
+    "lora": AdapterFamily(
+        build=lambda peft, proj, parent: LoraAdapter(
+            peft=peft, in_axes=proj.in_axes, out_features=proj.out_features,
+            out_axes=proj.out_axes, dtype=proj.dtype, parent=parent),
+        apply=_apply_lora),
+}

@@ -11,15 +11,22 @@ method     per site                                     default sites
 ``molora`` E LoRA experts, merged by a router           ``q``, ``v``
 =========  ===========================================  ==========================
 
-Sites name *where* in every block an adapter sits. ``q``/``k``/``v``/``o``
-are the attention projections of every attention module (T5's decoder:
-self- and cross-attention); ``ffn`` is the activated FFN intermediate
+The methods are a registry (:class:`Method`, :func:`register_method`).
+
+Sites name *where* an adapter sits, in every block of every model family.
+``q``/``k``/``v``/``o`` are the projections of every attention module (T5's
+decoder: self- and cross-attention; a BAM mixture of attention: the adapter
+is shared by the attention experts; a CALM composition layer's
+cross-attention); ``ffn`` is the activated intermediate of every dense FFN
 ``[B, L, F]`` (scaling sites only: for a gated FFN ``act(gate) * up`` is
 scaled, which is the same as scaling the gated branch); ``ffn_in`` is every
 FFN input projection (``wi``, or ``wi_0`` and ``wi_1``) and ``ffn_out`` the
 output projection ``wo`` (LoRA sites only). Scaling sites ``q``/``k``/``v``
 scale the projection output before RoPE, so they fold exactly into the
 kernels. The defaults are the (IA)^3 paper's and Hugging Face ``peft``'s.
+The routed experts of an MoE FFN are not a site (their E FFNs already are the
+experts); a dense FFN beside them (a shared expert, the dense layers of an
+``every_other`` layout) is.
 
 Routers (mixtures only) are described in :mod:`moe_jax.peft.routers`.
 """
@@ -29,17 +36,71 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-METHODS = ("ia3", "lora", "mov", "molora")
-SCALE_METHODS = ("ia3", "mov")
-LORA_METHODS = ("lora", "molora")
-MIXTURE_METHODS = ("mov", "molora")
-ROUTERS = ("token", "sentence")
-
 ATTENTION_SITES = ("q", "k", "v", "o")
 SCALE_SITES = ("q", "k", "v", "ffn")
 LORA_SITES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
-DEFAULT_SITES = {"ia3": ("k", "v", "ffn"), "mov": ("k", "v", "ffn"),
-                 "lora": ("q", "v"), "molora": ("q", "v")}
+ROUTERS = ("token", "sentence")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Method:
+  """One PEFT method: its entry in the registry that :class:`PeftConfig` and the adapters read.
+
+  Adding a method is one :func:`register_method` call plus, when its math is
+  new, an adapter family in :data:`moe_jax.peft.adapters.ADAPTERS`.
+
+  Attributes:
+    name: what ``PeftConfig.method`` says.
+    adapter: the adapter family (a key of ``moe_jax.peft.adapters.ADAPTERS``):
+      ``"scale"`` multiplies the tensor at its site, ``"lora"`` adds a
+      low-rank update computed from the projection's input.
+    sites: where it may sit (canonical order).
+    default_sites: where it sits when ``PeftConfig.sites`` is ``None``.
+    mixture: E experts merged per token by a router (``num_experts`` may exceed 1).
+  """
+
+  name: str
+  adapter: str
+  sites: tuple[str, ...]
+  default_sites: tuple[str, ...]
+  mixture: bool = False
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+  """Adds ``method`` to the registry (registering the same entry twice is a no-op)."""
+  if method.name in _REGISTRY and _REGISTRY[method.name] != method:
+    raise ValueError(f"PEFT method {method.name!r} is already registered as "
+                     f"{_REGISTRY[method.name]}")
+  unknown = [s for s in method.sites if s not in LORA_SITES + SCALE_SITES]
+  if unknown or not set(method.default_sites) <= set(method.sites):
+    raise ValueError(f"{method}: sites must be among {LORA_SITES + ('ffn',)} and include the "
+                     "default sites")
+  _REGISTRY[method.name] = method
+  return method
+
+
+def method_spec(name: str) -> Method:
+  """The registry entry of ``name``."""
+  try:
+    return _REGISTRY[name]
+  except KeyError:
+    raise ValueError(f"PeftConfig.method={name!r} is not one of {tuple(_REGISTRY)}") from None
+
+
+for _m in (Method(name="ia3", adapter="scale", sites=SCALE_SITES, default_sites=("k", "v", "ffn")),
+           Method(name="lora", adapter="lora", sites=LORA_SITES, default_sites=("q", "v")),
+           Method(name="mov", adapter="scale", sites=SCALE_SITES, default_sites=("k", "v", "ffn"),
+                  mixture=True),
+           Method(name="molora", adapter="lora", sites=LORA_SITES, default_sites=("q", "v"),
+                  mixture=True)):
+  register_method(_m)
+
+#: The built-in methods (:func:`register_method` may add more).
+METHODS = tuple(_REGISTRY)
+DEFAULT_SITES = {name: m.default_sites for name, m in _REGISTRY.items()}
 
 #: Every adapter or router parameter lives under a module whose name starts
 #: with this prefix (``layers_0/attn/peft_k/scale``); backbone names never do.
@@ -82,13 +143,12 @@ class PeftConfig:
   z_loss_coef: float = 0.0
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f"PeftConfig.method={self.method!r} is not one of {METHODS}")
-    sites = DEFAULT_SITES[self.method] if self.sites is None else self.sites
+    spec = method_spec(self.method)
+    sites = spec.default_sites if self.sites is None else self.sites
     if isinstance(sites, str):
       raise ValueError(f"PeftConfig.sites must be a tuple of site names, got the string "
                        f"{sites!r}")
-    allowed = SCALE_SITES if self.method in SCALE_METHODS else LORA_SITES
+    allowed = spec.sites
     bad = [s for s in sites if s not in allowed]
     if bad:
       raise ValueError(f"PeftConfig.sites {bad} are not {self.method} sites; "
@@ -100,16 +160,17 @@ class PeftConfig:
     object.__setattr__(self, "sites", tuple(s for s in allowed if s in sites))
     if self.num_experts < 1:
       raise ValueError(f"PeftConfig.num_experts must be >= 1, got {self.num_experts}")
-    if self.method not in MIXTURE_METHODS and self.num_experts != 1:
+    mixtures = tuple(name for name, m in _REGISTRY.items() if m.mixture)
+    if not spec.mixture and self.num_experts != 1:
       raise ValueError(f"PeftConfig.num_experts={self.num_experts} needs a mixture method "
-                       f"(mov or molora); {self.method} has one adapter per site")
-    if self.method not in MIXTURE_METHODS:
+                       f"({' or '.join(mixtures)}); {self.method} has one adapter per site")
+    if not spec.mixture:
       routed = {name: getattr(self, name) for name, default in (
           ("router", "token"), ("top_k", None), ("load_balance_coef", 0.0),
           ("z_loss_coef", 0.0)) if getattr(self, name) != default}
       if routed:
         raise ValueError(f"PeftConfig: {self.method} has no router, so {routed} would be "
-                         "ignored; use mov / molora for routed mixtures")
+                         f"ignored; use {' / '.join(mixtures)} for routed mixtures")
     if self.rank < 1:
       raise ValueError(f"PeftConfig.rank must be >= 1, got {self.rank}")
     if self.router not in ROUTERS:
@@ -122,12 +183,17 @@ class PeftConfig:
         raise ValueError(f"PeftConfig.{name} must be >= 0, got {getattr(self, name)}")
 
   @property
+  def spec(self) -> Method:
+    """The method's registry entry."""
+    return method_spec(self.method)
+
+  @property
   def is_mixture(self) -> bool:
-    return self.method in MIXTURE_METHODS
+    return self.spec.mixture
 
   @property
   def is_lora(self) -> bool:
-    return self.method in LORA_METHODS
+    return self.spec.adapter == "lora"
 
   @property
   def scaling(self) -> float:

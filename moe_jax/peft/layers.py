@@ -1,319 +1,409 @@
-"""Adapted layers and blocks, and :func:`adapt`, which puts them into a backbone.
+"""How adapters attach to any model: :func:`adapt`, by interception of its projections.
 
-Legend: B batch, L tokens, S key tokens, D model dim, H heads, K kv heads,
-Dh head dim, F ffn dim.
+Legend: B batch, L tokens, S key tokens, D model dim.
 
-**The parameter tree stays the backbone's.** :class:`PeftAttention` and
-:class:`PeftMlp` are subclasses of :class:`~moe_jax.nn.attention.Attention`
-and :class:`~moe_jax.nn.mlp.Mlp` with the same fields and the same ``q/k/v/o``
-/ ``wi*/wo`` parameters; each adapter is an extra child named
-``peft_<site>`` next to them (``layers_0/attn/peft_v/scale``,
-``layers_0/mlp/peft_wi_0/lora_a``, ``layers_0/mlp/peft_hidden/router/kernel``).
-A pretrained checkpoint therefore restores into the adapted model as is, and
-:func:`moe_jax.peft.trainable_mask` is a rule on names.
+**Nothing of the backbone is copied or rebuilt.** :func:`adapt` returns the
+backbone module itself (a subclass that only adds the ``peft`` field) whose
+calls run under :func:`flax.linen.intercept_methods`. The interceptor
+watches two kinds of module calls:
 
-**How the adapters hook in.** The blocks' ``make_attention`` / ``make_ffn``
-factories return the Peft subclasses; those override the projection hooks
-(``Attention.project_q/k/v/out``, ``Mlp.adapt_projection`` and the FFN's
-``hidden_transform``). The adapted blocks also override ``__call__`` to hand
-each sublayer a :class:`~moe_jax.peft.routers.RouteContext` (the router
-inputs and the padding mask, derived from the block's own attention mask, so
-the models' call signatures do not change): that is how the sentence-level
-router learns which tokens are padding, and how an ``o`` or ``wo`` router
-reads the sublayer's normed input rather than the projection's own input.
-The overridden ``__call__`` does exactly what the base block does plus the
-context; ``tests/peft`` checks that an adapted model at initialisation gives
-the backbone's logits bit for bit, for every block variant.
+* a *sublayer* (a module registered with :func:`register_sublayer`:
+  :class:`~moe_jax.nn.attention.Attention`,
+  :class:`~moe_jax.moe.attention_mixture.AttentionMixture`,
+  :class:`~moe_jax.nn.mlp.Mlp`): it records the routing context of the call
+  (:class:`~moe_jax.peft.routers.RouteContext`: router inputs, real-token
+  mask), read off the call's own arguments (``x``, ``mask_BLS``,
+  ``cache_index``, ``kv_source_BSD``);
+* a *projection* of a sublayer (its ``q``/``k``/``v``/``o`` or
+  ``wi*``/``wo`` child): the output (or, for the FFN hidden, the input) goes
+  through the adapter of its site (:data:`SITES`), built by the method's
+  adapter family (:data:`moe_jax.peft.adapters.ADAPTERS`) in the
+  *sublayer's* scope.
+
+So the blocks, attention modules and FFNs of every family (dense and MoE
+decoders, BAM decoders, T5, CALM compositions) keep their own forward passes
+and know nothing of adapters, and the parameter tree is the backbone's plus
+``peft_<site>`` children next to the projections they adapt
+(``layers_0/attn/peft_v/scale``, ``layers_0/mlp/peft_wi_0/lora_a``,
+``layers_0/mlp/peft_hidden/router/kernel``): a pretrained checkpoint restores
+into the adapted model as is, and :func:`moe_jax.peft.trainable_mask` is a
+rule on names.
+
+**Routing contexts** follow the block structure without knowing it: a
+self-attention call (no ``kv_source_BSD`` / ``kv``) records its context for
+its parent (the block) while the parent's call lasts; the block's FFN and
+cross-attention read it (the FFN's routers see the FFN's normed input, its
+padding mask is the self-attention's). A cross-attention without a
+self-attention beside it (a CALM composition layer) reads a slot-aligned
+stream: its mask is treated as the queries' own causal mask. An FFN nested
+in another module (an MoE layer's shared expert) uses the nearest enclosing
+block's record.
+
+**What is not a site.** The routed experts of an MoE FFN (stacked kernels,
+no projection calls) and the fused output projection of a mixture of
+attention (``o`` is combined with the expert weights in one contraction;
+asking for ``o`` there raises). A BAM attention expert's ``q``/``k``/``v``
+carry an expert axis ``[B, L, E, ...]``; one adapter serves every expert.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+import inspect
+import threading
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from moe_jax.models.decoder import Decoder, DecoderBlock
-from moe_jax.models.t5 import T5, T5DecoderBlock, T5EncoderBlock
-from moe_jax.nn.attention import Attention, KVCache
+from moe_jax.models import registry
+from moe_jax.moe.attention_mixture import AttentionMixture
+from moe_jax.nn.attention import Attention
 from moe_jax.nn.mlp import Mlp
-from moe_jax.peft.adapters import LoraAdapter, ScaleAdapter
+from moe_jax.peft.adapters import ADAPTERS, Projection
 from moe_jax.peft.config import ADAPTER_PREFIX, PeftConfig
-from moe_jax.peft.routers import (RouteContext, cross_attention_context,
+from moe_jax.peft.routers import (RouteContext, cross_attention_context, masked_mean,
                                   self_attention_context, with_query)
 
 Array = jax.Array
 
 
-def _require(peft: PeftConfig | None, owner: str) -> PeftConfig:
-  if not isinstance(peft, PeftConfig):
-    raise ValueError(f"{owner} needs a PeftConfig (peft=...), got {peft!r}; build adapted "
-                     "models with moe_jax.peft.adapt(module, peft_config)")
-  return peft
+# ----------------------------------------------------------------------------- registries
 
 
-# ----------------------------------------------------------------------------- attention
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Site:
+  """Where a site's adapters sit.
 
-
-class PeftAttention(Attention):
-  """:class:`Attention` with adapters on its ``q/k/v/o`` sites (``peft.attention_sites()``).
-
-  Router inputs come from the ``context`` (:class:`RouteContext`) given to
-  ``__call__``; without one, each site routes on the token representation:
-  ``q``/``o`` on this call's ``x_BLD``, ``k``/``v`` on their own input (which
-  is how cross-attention keys are projected from ``T5DecoderBlock.cross_kv``).
+  Attributes:
+    sublayer: the kind of sublayer (``"attention"`` or ``"ffn"``).
+    projections: names of the sublayer's projection children it adapts.
+    on: ``"output"`` (the projection's output is adapted) or ``"input"``
+      (its input is: the FFN hidden, before ``wo``).
+    route: ``"query"`` (routers read the sublayer's tokens) or ``"kv"`` (the
+      key/value tokens).
+    adapter_name: the adapter's module name without the prefix; ``None``: the
+      projection's name (``peft_q``, ``peft_wi_0``).
   """
 
-  peft: PeftConfig | None = None
+  sublayer: str
+  projections: tuple[str, ...]
+  on: str = "output"
+  route: str = "query"
+  adapter_name: str | None = None
 
-  def setup(self):
-    super().setup()
-    p = _require(self.peft, type(self).__name__)
-    shapes = {"q": ((self.num_heads, self.head_dim), ("heads", "kv")),
-              "k": ((self.num_kv_heads, self.head_dim), ("kv_heads", "kv")),
-              "v": ((self.num_kv_heads, self.head_dim), ("kv_heads", "kv")),
-              "o": ((self.out_features,), ("embed",))}
-    for site in p.attention_sites():
-      out, out_axes = shapes[site]
-      if not p.is_lora:
-        adapter = ScaleAdapter(peft=p, axes=out_axes)
-      else:
-        in_axes = ("heads", "kv") if site == "o" else ("embed",)
-        adapter = LoraAdapter(peft=p, in_axes=in_axes, out_features=out, out_axes=out_axes,
-                              dtype=self.dtype)
-      setattr(self, ADAPTER_PREFIX + site, adapter)
 
-  def _adapt(self, site: str, x: Array, y: Array, route_x: Array | None,
-             valid: Array | None) -> Array:
-    if site not in self.peft.sites:
-      return y
-    adapter = getattr(self, ADAPTER_PREFIX + site)
-    if self.peft.is_lora:
-      return y + adapter(x, route_x=route_x, valid=valid)
-    return adapter(y, route_x=route_x, valid=valid)
+SITES: dict[str, Site] = {
+    "q": Site(sublayer="attention", projections=("q",)),
+    "k": Site(sublayer="attention", projections=("k",), route="kv"),
+    "v": Site(sublayer="attention", projections=("v",), route="kv"),
+    "o": Site(sublayer="attention", projections=("o",)),
+    "ffn": Site(sublayer="ffn", projections=("wo",), on="input", adapter_name="hidden"),
+    "ffn_in": Site(sublayer="ffn", projections=("wi", "wi_0", "wi_1")),
+    "ffn_out": Site(sublayer="ffn", projections=("wo",)),
+}
 
-  def _kv_route(self, x_BSD: Array, context: RouteContext | None
-                ) -> tuple[Array, Array | None]:
-    if context is not None and context.kv_BSD is not None:
-      return context.kv_BSD, context.kv_valid_BS
-    if self.peft.router == "sentence" and self.peft.is_mixture:
+
+@dataclasses.dataclass(frozen=True)
+class _Sublayer:
+  kind: str
+  unsupported: tuple[str, ...] = ()
+
+
+_SUBLAYERS: dict[type, _Sublayer] = {}
+
+
+def register_sublayer(cls: type, kind: str, unsupported: tuple[str, ...] = ()) -> None:
+  """Declares that modules of ``cls`` (and subclasses) are sublayers of ``kind``.
+
+  Attention sublayers follow :class:`~moe_jax.nn.attention.Attention`'s call
+  contract (``x, *, mask_BLS, cache_index, kv_source_BSD, kv``); FFN
+  sublayers take ``x`` first. Their projections are children called by name.
+
+  Args:
+    cls: the module class.
+    kind: ``"attention"`` or ``"ffn"``.
+    unsupported: projections this class does not call as children (asking
+      for their site raises).
+  """
+  _SUBLAYERS[cls] = _Sublayer(kind, tuple(unsupported))
+
+
+register_sublayer(Attention, "attention")
+register_sublayer(AttentionMixture, "attention", unsupported=("o",))
+register_sublayer(Mlp, "ffn")
+
+
+def _sublayer(module: Any) -> _Sublayer | None:
+  if not isinstance(module, nn.Module):
+    return None
+  for cls in type(module).__mro__:
+    if cls in _SUBLAYERS:
+      return _SUBLAYERS[cls]
+  return None
+
+
+def _path(module: Any) -> tuple[str, ...] | None:
+  scope = getattr(module, "scope", None) if isinstance(module, nn.Module) else None
+  return None if scope is None else tuple(scope.path)
+
+
+def _projection(module: nn.Module) -> Projection:
+  """The shapes and axes of a ``Linear`` / ``ExpertLinear`` child (axes without the expert)."""
+  features = module.features
+  features = (features,) if isinstance(features, int) else tuple(features)
+  axes = tuple(module.axes)
+  return Projection(in_axes=axes[:module.in_dims], out_features=features,
+                    out_axes=axes[module.in_dims:], dtype=module.dtype)
+
+
+# ----------------------------------------------------------------------------- interception
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+  """The self-attention context of a running block, for its FFN and cross-attention."""
+
+  ctx: RouteContext
+  mask_BLS: Array
+
+
+class _Interceptor:
+  """Routes the calls of one adapted model (the modules under ``root``); see the module doc."""
+
+  def __init__(self, peft: PeftConfig, root: tuple[str, ...]):
+    self.peft = peft
+    self.root = root
+    self.family = ADAPTERS[peft.spec.adapter]
+    self.sentence = peft.router == "sentence" and peft.is_mixture
+    self.blocks: dict[tuple[str, ...], _Block] = {}
+    self.calls: dict[tuple[str, ...], RouteContext] = {}
+    self.sites: dict[tuple[str, str], list[str]] = {}
+    for name in peft.sites:
+      for proj in SITES[name].projections:
+        self.sites.setdefault((SITES[name].sublayer, proj), []).append(name)
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    path = _path(module)
+    if (context.method_name != "__call__" or path is None
+        or path[:len(self.root)] != self.root):
+      return next_fun(*args, **kwargs)
+    sub = _sublayer(module)
+    if sub is not None:
+      return self._sublayer_call(sub, module, path, next_fun, args, kwargs)
+    parent = module.parent
+    parent_sub = _sublayer(parent)
+    if parent_sub is not None and (parent_sub.kind, module.name) in self.sites:
+      return self._projection_call(parent_sub.kind, module, parent, next_fun, args, kwargs)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      self.blocks.pop(path, None)  # a block's record lives as long as its call
+
+  # -- sublayers
+
+  def _sublayer_call(self, sub: _Sublayer, module, path, next_fun, args, kwargs):
+    asked = [s for s in self.peft.sites if SITES[s].sublayer == sub.kind
+             and set(SITES[s].projections) <= set(sub.unsupported)]
+    if asked:
+      raise ValueError(f"{module.name}: {type(module).__name__} has no separate "
+                       f"{SITES[asked[0]].projections} projection to adapt (site {asked[0]!r}); "
+                       "choose PeftConfig.sites without it")
+    x = args[0] if args else kwargs["x_BLD"]
+    if sub.kind == "attention":
+      ctx = self._attention_context(path, x, kwargs)
+    else:
+      ctx = self._ffn_context(module, path, x)
+    self.calls[path] = ctx
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      self.calls.pop(path, None)
+
+  def _block(self, path: tuple[str, ...]) -> _Block | None:
+    """The record of the nearest running block at or above ``path``."""
+    for n in range(len(path), len(self.root) - 1, -1):
+      if path[:n] in self.blocks:
+        return self.blocks[path[:n]]
+    return None
+
+  def _attention_context(self, path, x_BLD: Array, kwargs) -> RouteContext:
+    kv_source, kv = kwargs.get("kv_source_BSD"), kwargs.get("kv")
+    mask = kwargs.get("mask_BLS")
+    if mask is None:
+      s = x_BLD.shape[1] if kv_source is None and kv is None else (
+          kv_source.shape[1] if kv_source is not None else kv.k.shape[1])
+      mask = jnp.ones((x_BLD.shape[0], x_BLD.shape[1], s), bool)
+    cache_index = kwargs.get("cache_index")
+    if kv_source is None and kv is None:  # self-attention: the block's record
+      ctx = self_attention_context(x_BLD, mask, cache_index, sentence=self.sentence)
+      self.blocks[path[:-1]] = _Block(ctx, mask)
+      return ctx
+    block = self._block(path[:-1])
+    if block is not None:  # the cross-attention of a block (T5's decoder)
+      query = with_query(block.ctx, x_BLD, block.mask_BLS)
+      return cross_attention_context(query, mask, kv_source)
+    # A cross-attention on its own (CALM): a slot-aligned stream, causal like a self-attention.
+    ctx = self_attention_context(x_BLD, mask, cache_index, sentence=self.sentence)
+    if ctx.sentence and kv_source is not None:
+      ctx = dataclasses.replace(ctx, kv_BSD=masked_mean(kv_source, mask))
+    return ctx
+
+  def _ffn_context(self, module, path, x_BLD: Array) -> RouteContext:
+    block = self._block(path[:-1])
+    if block is not None:
+      return with_query(block.ctx, x_BLD, block.mask_BLS)
+    if self.sentence:
+      raise ValueError(f"{module.name}: sentence-level routing pools over the tokens of the "
+                       "block's self-attention, and this FFN runs outside any; use "
+                       "router='token'")
+    return RouteContext(query_BLD=x_BLD)
+
+  # -- projections
+
+  def _projection_call(self, kind: str, module, parent, next_fun, args, kwargs):
+    x = args[0]
+    ctx = self.calls.get(_path(parent))
+    proj = _projection(module)
+    names = self.sites[(kind, module.name)]
+    for name in names:
+      if SITES[name].on == "input":  # scales the input: a projection ``x -> x`` of its dims
+        hidden = Projection(in_axes=(), out_features=tuple(x.shape[x.ndim - len(proj.in_axes):]),
+                            out_axes=proj.in_axes, dtype=proj.dtype)
+        x = self._adapt(name, module, parent, hidden, x, x, ctx)
+    y = next_fun(x, *args[1:], **kwargs)
+    for name in names:
+      if SITES[name].on == "output":
+        y = self._adapt(name, module, parent, proj, x, y, ctx)
+    return y
+
+  def _adapt(self, site: str, module, parent, proj: Projection, x: Array, y: Array,
+             ctx: RouteContext | None) -> Array:
+    spec = SITES[site]
+    scope = parent.scope.push(ADAPTER_PREFIX + (spec.adapter_name or module.name), reuse=True)
+    adapter = self.family.build(self.peft, proj, scope)
+    route_x, valid = self._route(spec, parent, x, ctx)
+    return self.family.apply(adapter, x, y, route_x, valid)
+
+  def _route(self, spec: Site, parent, x: Array, ctx: RouteContext | None
+             ) -> tuple[Array, Array | None]:
+    if spec.route == "query":
+      return (x, None) if ctx is None else (ctx.query_BLD, ctx.query_valid_BL)
+    if ctx is not None and ctx.kv_BSD is not None:
+      return ctx.kv_BSD, ctx.kv_valid_BS
+    if self.sentence:
       raise ValueError(
-          f"{self.name}: sentence-level routing of keys/values needs the padding mask, which "
+          f"{parent.name}: sentence-level routing of keys/values needs the padding mask, which "
           "only a full-sequence call provides; precomputed cross-attention keys "
           "(T5.init_decode_cache / cross_kv) and KV-cache decoding need router='token'")
-    return x_BSD, None if context is None else context.kv_valid_BS
-
-  def project_q(self, x_BLD: Array, context: Any = None) -> Array:
-    route = x_BLD if context is None else context.query_BLD
-    valid = None if context is None else context.query_valid_BL
-    return self._adapt("q", x_BLD, self.q(x_BLD), route, valid)
-
-  def project_k(self, x_BSD: Array, context: Any = None) -> Array:
-    return self._adapt("k", x_BSD, self.k(x_BSD), *self._kv_route(x_BSD, context))
-
-  def project_v(self, x_BSD: Array, context: Any = None) -> Array:
-    return self._adapt("v", x_BSD, self.v(x_BSD), *self._kv_route(x_BSD, context))
-
-  def project_out(self, out_BLHD: Array, context: Any = None) -> Array:
-    if context is None:  # only reachable when called outside __call__
-      raise ValueError(f"{self.name}: project_out needs the RouteContext of this call")
-    return self._adapt("o", out_BLHD, self.o(out_BLHD), context.query_BLD,
-                       context.query_valid_BL)
-
-  def __call__(self, x_BLD: Array, *, context: RouteContext | None = None, **kwargs
-               ) -> tuple[Array, KVCache | None]:
-    if context is None:
-      context = RouteContext(query_BLD=x_BLD)
-    return super().__call__(x_BLD, context=context, **kwargs)
+    return x, None if ctx is None else ctx.kv_valid_BS
 
 
-# ----------------------------------------------------------------------------- FFN
+# ----------------------------------------------------------------------------- adapted modules
 
 
-class PeftMlp(Mlp):
-  """:class:`Mlp` with adapters: ``ffn`` scales the activated hidden (``peft_hidden``),
-  ``ffn_in`` / ``ffn_out`` add LoRA to ``wi*`` / ``wo`` (``peft_wi_0`` ...).
-
-  Every FFN router reads the FFN's input (``context.query_BLD``, by default
-  ``x_BLD``), including the ``wo`` router, whose projection input is the hidden.
-  """
-
-  peft: PeftConfig | None = None
-
-  def setup(self):
-    p = _require(self.peft, type(self).__name__)
-    if "ffn" in p.sites:
-      setattr(self, ADAPTER_PREFIX + "hidden", ScaleAdapter(peft=p, axes=("mlp",)))
-    if "ffn_in" in p.sites:
-      for name in self._in_names():
-        setattr(self, ADAPTER_PREFIX + name, LoraAdapter(
-            peft=p, in_axes=("embed",), out_features=(self.hidden_dim,), out_axes=("mlp",),
-            dtype=self.dtype))
-    if "ffn_out" in p.sites:
-      setattr(self, ADAPTER_PREFIX + "wo", LoraAdapter(
-          peft=p, in_axes=("mlp",), out_features=(self.out_features,), out_axes=("embed",),
-          dtype=self.dtype))
-
-  def _in_names(self) -> tuple[str, ...]:
-    return ("wi_0", "wi_1") if self.gated else ("wi",)
-
-  def adapt_projection(self, name: str, x_in: Array, y_out: Array, context: Any = None
-                       ) -> Array:
-    site = "ffn_out" if name == "wo" else "ffn_in"
-    if site not in self.peft.sites:
-      return y_out
-    adapter = getattr(self, ADAPTER_PREFIX + name)
-    return y_out + adapter(x_in, route_x=context.query_BLD, valid=context.query_valid_BL)
-
-  def __call__(self, x_BLD: Array, hidden_transform: Callable[[Array], Array] | None = None,
-               *, context: RouteContext | None = None) -> Array:
-    ctx = RouteContext(query_BLD=x_BLD) if context is None else context
-    if "ffn" not in self.peft.sites:
-      return super().__call__(x_BLD, hidden_transform, context=ctx)
-
-    def scale_hidden(h_BLF: Array) -> Array:
-      if hidden_transform is not None:
-        h_BLF = hidden_transform(h_BLF)
-      return getattr(self, ADAPTER_PREFIX + "hidden")(
-          h_BLF, route_x=ctx.query_BLD, valid=ctx.query_valid_BL)
-
-    return super().__call__(x_BLD, scale_hidden, context=ctx)
+_ACTIVE = threading.local()
 
 
-# ----------------------------------------------------------------------------- blocks
+def _active() -> list[_Interceptor]:
+  if not hasattr(_ACTIVE, "stack"):
+    _ACTIVE.stack = []
+  return _ACTIVE.stack
 
 
-def _as(cls: type, base: nn.Module, expected: type, peft: PeftConfig) -> nn.Module:
-  """``base`` rebuilt as the Peft subclass ``cls`` with the same fields."""
-  if type(base) is not expected:
-    raise TypeError(f"cannot adapt a {type(base).__name__}: PEFT adapters wrap "
-                    f"{expected.__name__} exactly (a subclass may compute differently)")
-  fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(expected)
-            if f.init and f.name not in ("parent", "name")}
-  return cls(**fields, peft=peft, parent=None)
+def _run(module: nn.Module, root: tuple[str, ...] | None, fn, *args, **kwargs):
+  """``fn(*args, **kwargs)`` with ``module``'s interceptor active (once) for ``root``."""
+  if root is None or any(i.root == root for i in _active()):
+    return fn(*args, **kwargs)
+  interceptor = _Interceptor(module.peft, root)
+  _active().append(interceptor)
+  try:
+    with nn.intercept_methods(interceptor):
+      return fn(*args, **kwargs)
+  finally:
+    _active().pop()
 
 
-def _sentence(peft: PeftConfig) -> bool:
-  return peft.router == "sentence" and peft.is_mixture
+def _entry(fn):
+  """A method of an adapted module: runs ``fn`` with the adapters active below its scope."""
+
+  @functools.wraps(fn, updated=())
+  def method(self, *args, **kwargs):
+    return _run(self, _path(self), fn, self, *args, **kwargs)
+
+  return method
 
 
-class PeftDecoderBlock(DecoderBlock):
-  """:class:`DecoderBlock` with PEFT attention / FFN and routing contexts."""
+def _top_level(fn):
+  """``apply`` / ``init_with_output``: the adapters are active for the whole call."""
 
-  peft: PeftConfig | None = None
+  @functools.wraps(fn, updated=())
+  def method(self, *args, **kwargs):
+    return _run(self, (), fn, self, *args, **kwargs)
 
-  def make_attention(self) -> nn.Module:
-    return _as(PeftAttention, super().make_attention(), Attention, self.peft)
-
-  def make_ffn(self) -> nn.Module:
-    return _as(PeftMlp, super().make_ffn(), Mlp, self.peft)
-
-  def __call__(self, x_BLD: Array, *, mask_BLS: Array, positions_BL: Array,
-               cache: KVCache | None = None, cache_index: Array | None = None
-               ) -> tuple[Array, KVCache | None]:
-    h = self.input_norm(x_BLD)
-    ctx = self_attention_context(h, mask_BLS, cache_index, sentence=_sentence(self.peft))
-    attn_out, new_cache = self.attn(h, mask_BLS=mask_BLS, positions_BL=positions_BL,
-                                    cache=cache, cache_index=cache_index, context=ctx)
-    if self.config.parallel_block:
-      x_BLD = x_BLD + attn_out + self.mlp(h, context=ctx)
-    else:
-      x_BLD = x_BLD + attn_out
-      h = self.post_attn_norm(x_BLD)
-      x_BLD = x_BLD + self.mlp(h, context=with_query(ctx, h, mask_BLS))
-    x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
-    return x_BLD, new_cache
+  return nn.nowrap(method)
 
 
-class PeftT5EncoderBlock(T5EncoderBlock):
-  """:class:`T5EncoderBlock` with PEFT attention / FFN and routing contexts."""
-
-  peft: PeftConfig | None = None
-
-  def make_attention(self) -> nn.Module:
-    return _as(PeftAttention, super().make_attention(), Attention, self.peft)
-
-  def make_ffn(self) -> nn.Module:
-    return _as(PeftMlp, super().make_ffn(), Mlp, self.peft)
-
-  def __call__(self, x_BLD: Array, *, mask_BLS: Array, bias_BHLS: Array) -> Array:
-    h = self.pre_attn_norm(x_BLD)
-    ctx = self_attention_context(h, mask_BLS, None, sentence=_sentence(self.peft))
-    a, _ = self.attn(h, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS, context=ctx)
-    x_BLD = x_BLD + a
-    h = self.pre_mlp_norm(x_BLD)
-    x_BLD = x_BLD + self.mlp(h, context=with_query(ctx, h, mask_BLS))
-    return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+def _entry_points(base: type) -> list[str]:
+  """``__call__`` and the public methods of ``base`` (not flax's own)."""
+  names = []
+  for cls in base.__mro__:
+    if cls is nn.Module or not issubclass(cls, nn.Module):
+      break
+    for name, attr in vars(cls).items():
+      if (inspect.isfunction(attr) and (name == "__call__" or not name.startswith("_"))
+          and name != "setup" and not hasattr(attr, "nowrap") and name not in names):
+        names.append(name)
+  fields = {f.name for f in dataclasses.fields(base)}
+  return [n for n in names if n not in fields]
 
 
-class PeftT5DecoderBlock(T5DecoderBlock):
-  """:class:`T5DecoderBlock` with PEFT self-/cross-attention / FFN and routing contexts."""
-
-  peft: PeftConfig | None = None
-
-  def make_self_attention(self) -> nn.Module:
-    return _as(PeftAttention, super().make_self_attention(), Attention, self.peft)
-
-  def make_cross_attention(self) -> nn.Module:
-    return _as(PeftAttention, super().make_cross_attention(), Attention, self.peft)
-
-  def make_ffn(self) -> nn.Module:
-    return _as(PeftMlp, super().make_ffn(), Mlp, self.peft)
-
-  def __call__(self, x_BLD: Array, *, self_mask_BLS: Array, bias_BHLS: Array,
-               cross_mask_BLS: Array, enc_BSD: Array | None = None,
-               cross_kv: KVCache | None = None, cache: KVCache | None = None,
-               cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
-    if enc_BSD is None and cross_kv is None:
-      raise ValueError("T5DecoderBlock needs enc_BSD or a precomputed cross_kv")
-    h = self.pre_self_attn_norm(x_BLD)
-    ctx = self_attention_context(h, self_mask_BLS, cache_index, sentence=_sentence(self.peft))
-    a, new_cache = self.self_attn(h, mask_BLS=self_mask_BLS, bias_BHLS=bias_BHLS, cache=cache,
-                                  cache_index=cache_index, context=ctx)
-    x_BLD = x_BLD + a
-    h = self.pre_cross_attn_norm(x_BLD)
-    cross_ctx = cross_attention_context(with_query(ctx, h, self_mask_BLS), cross_mask_BLS,
-                                        enc_BSD)
-    a, _ = self.cross_attn(h, mask_BLS=cross_mask_BLS, kv_source_BSD=enc_BSD, kv=cross_kv,
-                           context=cross_ctx)
-    x_BLD = x_BLD + a
-    h = self.pre_mlp_norm(x_BLD)
-    x_BLD = x_BLD + self.mlp(h, context=with_query(ctx, h, self_mask_BLS))
-    return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed")), new_cache
+@functools.cache
+def _adapted_class(base: type) -> type:
+  namespace: dict[str, Any] = {
+      "__module__": __name__, "__qualname__": f"Peft{base.__name__}",
+      "__annotations__": {"peft": PeftConfig | None}, "peft": None, "_peft_backbone": base,
+      "__doc__": f"{base.__name__} with PEFT adapters (moe_jax.peft.adapt); same parameters "
+                 "plus ``peft_*`` children.",
+      "apply": _top_level(nn.Module.apply),
+      "init_with_output": _top_level(nn.Module.init_with_output)}
+  for name in _entry_points(base):
+    namespace[name] = _entry(getattr(base, name))
+  return type(f"Peft{base.__name__}", (base,), namespace)
 
 
-# ----------------------------------------------------------------------------- adapt
-
-
-def _block_peft(block_cls: Any) -> PeftConfig | None:
-  if isinstance(block_cls, functools.partial):
-    return block_cls.keywords.get("peft")
-  return None
-
-
-def peft_config_of(module: nn.Module) -> PeftConfig | None:
+def peft_config_of(module: Any) -> PeftConfig | None:
   """The :class:`PeftConfig` of a module made by :func:`adapt` (``None`` if not adapted)."""
-  for attr in ("block_cls", "encoder_block_cls"):
-    if hasattr(module, attr):
-      return _block_peft(getattr(module, attr))
-  return None
+  if getattr(type(module), "_peft_backbone", None) is None:
+    return None
+  return module.peft
+
+
+def _require(peft: Any, owner: str) -> PeftConfig:
+  if not isinstance(peft, PeftConfig):
+    raise ValueError(f"{owner} needs a PeftConfig, got {peft!r}")
+  return peft
 
 
 def adapt(model: Any, peft: PeftConfig) -> nn.Module:
   """The backbone module with adapters, per ``peft``.
 
   Args:
-    model: a :class:`~moe_jax.models.decoder.Decoder` or
-      :class:`~moe_jax.models.t5.T5` module, or a
-      :class:`~moe_jax.checkpoints.LoadedModel` (its module is used).
+    model: a module of any registered model family
+      (:mod:`moe_jax.models.registry`: decoders, MoE and BAM decoders, T5,
+      CALM compositions), or a :class:`~moe_jax.checkpoints.LoadedModel`
+      (its module is used).
     peft: what to adapt.
 
   Returns:
-    A module of the same class whose blocks carry the adapters; its
-    parameter tree is the backbone's plus ``peft_*`` children (see
-    :func:`moe_jax.peft.init_adapter_params`).
+    The same module (same fields, methods and forward pass, a subclass
+    carrying ``peft``) with adapters at its sites; its parameter tree is the
+    backbone's plus ``peft_*`` children (see
+    :func:`moe_jax.peft.init_adapter_params`). Adapters are active in
+    ``apply`` / ``init`` and in the module's own methods.
 
   Raises:
     TypeError: an unsupported module, or one that is already adapted.
@@ -323,17 +413,14 @@ def adapt(model: Any, peft: PeftConfig) -> nn.Module:
   if peft_config_of(module) is not None:
     raise TypeError(f"{type(module).__name__} is already adapted "
                     f"({peft_config_of(module).method}); adapt the backbone instead")
-  if isinstance(module, Decoder):
-    if module.block_cls is not DecoderBlock:
-      raise TypeError(f"adapt supports Decoder with the default DecoderBlock, not "
-                      f"{getattr(module.block_cls, '__name__', module.block_cls)!r}")
-    return module.clone(block_cls=functools.partial(PeftDecoderBlock, peft=peft))
-  if isinstance(module, T5):
-    if (module.encoder_block_cls is not T5EncoderBlock
-        or module.decoder_block_cls is not T5DecoderBlock):
-      raise TypeError("adapt supports T5 with the default T5EncoderBlock / T5DecoderBlock")
-    return module.clone(
-        encoder_block_cls=functools.partial(PeftT5EncoderBlock, peft=peft),
-        decoder_block_cls=functools.partial(PeftT5DecoderBlock, peft=peft))
-  raise TypeError(f"adapt: unsupported model {type(module).__name__}; expected a Decoder or "
-                  "T5 module (or a LoadedModel holding one)")
+  try:
+    registry.kind_of(getattr(module, "config", None))
+    if not isinstance(module, nn.Module):
+      raise ValueError
+  except ValueError:
+    raise TypeError(f"adapt: unsupported model {type(module).__name__}; expected a module of "
+                    f"a registered model family ({', '.join(registry.kinds())}) or a "
+                    "LoadedModel holding one") from None
+  fields = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+            if f.init and f.name not in ("parent", "name")}
+  return _adapted_class(type(module))(**fields, peft=peft)
