@@ -1,8 +1,11 @@
 """Hugging Face checkpoints: ``config.json`` + ``model.safetensors`` (or a sharded index).
 
 Supported architectures: ``LlamaForCausalLM``, ``MistralForCausalLM``,
-``Qwen2ForCausalLM`` (:mod:`hf_llama`), ``MixtralForCausalLM`` (:mod:`hf_mixtral`)
-and ``T5ForConditionalGeneration`` (:mod:`hf_t5`). float32, bfloat16 and
+``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (:mod:`hf_llama`), ``GemmaForCausalLM``,
+``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` (:mod:`hf_gemma`), ``Phi3ForCausalLM``
+(:mod:`hf_phi3`), ``MixtralForCausalLM`` (:mod:`hf_mixtral`) and
+``T5ForConditionalGeneration`` (:mod:`hf_t5`). A dense decoder exports as the
+family :func:`~moe_jax.checkpoints.hf_llama.export_model_type` picks. float32, bfloat16 and
 float16 files load; parameters are cast to the config's ``param_dtype`` (by
 default the file's dtype for bfloat16/float16 files, float32 otherwise) unless
 ``dtype`` says otherwise.
@@ -32,14 +35,18 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def converters() -> dict[str, Converter]:
   """model_type -> converter, for every supported HF architecture."""
+  from moe_jax.checkpoints.hf_gemma import GemmaConverter
   from moe_jax.checkpoints.hf_llama import LlamaConverter
   from moe_jax.checkpoints.hf_mixtral import MixtralConverter
+  from moe_jax.checkpoints.hf_phi3 import Phi3Converter
   from moe_jax.checkpoints.hf_t5 import T5Converter
 
   table: dict[str, Converter] = {}
   # Subclass configs first: converter_for_config takes the first isinstance match
-  # (MoeDecoderConfig is a DecoderConfig).
-  for conv in (MixtralConverter(), LlamaConverter(), T5Converter()):
+  # (MoeDecoderConfig is a DecoderConfig), then the dense entry point (LlamaConverter picks
+  # the dense family to export through its export_converter).
+  for conv in (MixtralConverter(), LlamaConverter(), GemmaConverter(), Phi3Converter(),
+               T5Converter()):
     for model_type in conv.model_types:
       table[model_type] = conv
   return table
@@ -157,10 +164,12 @@ def export_hf(path: str | os.PathLike, config: Any, params: Mapping, *,
 
 
 def converter_for_config(config: Any) -> Converter:
-  """The converter whose ``config_type`` ``config`` is an instance of."""
+  """The converter whose ``config_type`` ``config`` is an instance of (its
+  ``export_converter(config)`` when it has one: the dense families share a config)."""
   for conv in converters().values():
     if isinstance(config, conv.config_type):
-      return conv
+      pick = getattr(conv, "export_converter", None)
+      return conv if pick is None else pick(config)
   raise CheckpointError(f"no Hugging Face export for {type(config).__name__}")
 
 

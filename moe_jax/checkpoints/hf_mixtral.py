@@ -40,7 +40,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from moe_jax.checkpoints.hf_common import CheckpointError, TensorGetter
-from moe_jax.checkpoints.hf_llama import LlamaConverter, decoder_params_to_hf
+from moe_jax.checkpoints.hf_llama import _FEATURES, LlamaConverter, decoder_params_to_hf
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.models.moe_decoder import MoeDecoder, MoeDecoderConfig
 from moe_jax.moe.layer import MoeConfig
@@ -66,6 +66,12 @@ def mixtral_incompatibilities(c: MoeDecoderConfig) -> list[str]:
                "MoeConfig.renormalize=True)")
   if m.shared_expert_dim is not None:
     why.append("it has a shared expert; Mixtral has none")
+  extra = [desc for name, (desc, test) in _FEATURES.items()
+           if name not in ("parallel", "sliding") and test(c)]
+  if extra:  # Gemma / Qwen3 backbones
+    why.append(f"it has {', '.join(extra)}; Mixtral has none")
+  if c.activation != "silu":
+    why.append(f"its FFN activation is {c.activation!r}; Mixtral's experts are SwiGLU ('silu')")
   return why
 
 

@@ -75,6 +75,11 @@ class BamDecoderBlock(MoeDecoderBlock):
       raise TypeError(f"BamDecoderBlock needs a BamDecoderConfig, got {type(c).__name__}")
     if self.layer_index not in c.moe_layers:
       return super().make_attention()
+    unsupported = [name for name in ("qk_norm", "attn_logit_softcap", "query_pre_attn_scalar",
+                                     "local_rope_theta") if getattr(c, name)]
+    if unsupported:
+      raise ValueError(f"BAM attention experts do not implement {unsupported} (Gemma / Qwen3 "
+                       "attention); upcycle this backbone's FFNs only (sparse upcycling, BTX)")
     return AttentionMixture(config=c.attention, num_heads=c.num_heads, num_kv_heads=c.kv_heads,
                             head_dim=c.dh, out_features=c.d_model, qkv_bias=c.qkv_bias,
                             out_bias=c.attn_out_bias, rope_theta=c.rope_theta,

@@ -1,4 +1,4 @@
-"""Llama-family decoder-only transformer (Llama 2/3, Mistral, Qwen2), optionally parallel.
+"""Decoder-only transformers: Llama 2/3, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3; optionally parallel.
 
 Legend: B batch, L query length, S cache slots, D model dim, V vocab,
 H query heads, K kv heads, Dh head dim, F ffn dim.
@@ -9,6 +9,14 @@ may attend slot ``s`` iff ``s <= t`` and ``valid[s]`` (and, with a sliding
 window, ``t - s < window``). Positions count only valid tokens, so left- and
 right-padded prompts both get RoPE positions ``0..n-1``. Training (no cache)
 is the special case ``S = L``.
+
+The families differ only in :class:`DecoderConfig` fields, never in
+model-name branches: Gemma's ``(1 + w)`` norms (``norm_scale_offset``),
+``sqrt(D)``-scaled embeddings, GeGLU (``activation``), sandwich norms around
+each sublayer (``post_sublayer_norms``), soft-capped attention and final
+logits, ``query_pre_attn_scalar``, alternating local / global layers
+(``sliding_window_layers``, ``local_rope_theta``) and Qwen3 / Gemma 3's q/k
+norms (``qk_norm``). Their defaults are the Llama architecture.
 """
 
 from __future__ import annotations
@@ -55,6 +63,23 @@ class DecoderConfig:
     dtype, param_dtype: compute and storage dtype names.
     pad_token_id, bos_token_id, eos_token_id: special tokens (decoding defaults).
     hf_model_type: the HF ``model_type`` this config came from (export target).
+    norm_scale_offset: every RMSNorm multiplies by ``norm_scale_offset + scale``
+      (Gemma: 1, with ``scale`` stored as the offset from one).
+    scale_embeddings: multiply the token embeddings by ``sqrt(d_model)`` (Gemma;
+      the tied output head uses the unscaled table).
+    post_sublayer_norms: norm each sublayer's output before its residual add
+      (Gemma 2/3 "sandwich" norms: ``attn_out_norm``, ``ffn_out_norm``); the
+      pre-FFN norm is ``post_attn_norm`` in every family.
+    attn_logit_softcap: ``c * tanh(logits / c)`` on attention logits (Gemma 2).
+    final_logit_softcap: the same on the output logits (Gemma 2/3).
+    query_pre_attn_scalar: attention logits are scaled by
+      ``query_pre_attn_scalar ** -0.5`` instead of ``Dh ** -0.5`` (Gemma 2/3).
+    qk_norm: RMSNorm of each query / key head over ``Dh`` before RoPE (Qwen3,
+      Gemma 3).
+    sliding_window_layers: the layers that use ``sliding_window`` (Gemma 2/3
+      alternate local and global layers); ``None``: all of them.
+    local_rope_theta: RoPE base of the sliding-window layers, which then use no
+      ``rope_scaling`` (Gemma 3's local base); ``None``: same as global layers.
   """
 
   vocab_size: int
@@ -81,6 +106,15 @@ class DecoderConfig:
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   hf_model_type: str | None = None
+  norm_scale_offset: float = 0.0
+  scale_embeddings: bool = False
+  post_sublayer_norms: bool = False
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  query_pre_attn_scalar: float | None = None
+  qk_norm: bool = False
+  sliding_window_layers: tuple[int, ...] | None = None
+  local_rope_theta: float | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
@@ -94,6 +128,18 @@ class DecoderConfig:
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"DecoderConfig: d_model={self.d_model} not divisible by "
                        f"num_heads={self.num_heads}; set head_dim explicitly")
+    if self.post_sublayer_norms and self.parallel_block:
+      raise ValueError("DecoderConfig: post_sublayer_norms needs sequential blocks "
+                       "(parallel_block=False)")
+    for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ValueError(f"DecoderConfig.{name} must be positive or None, got {value}")
+    if self.sliding_window_layers is not None:
+      bad = [i for i in self.sliding_window_layers if not 0 <= i < self.num_layers]
+      if bad or self.sliding_window is None:
+        raise ValueError(f"DecoderConfig.sliding_window_layers={self.sliding_window_layers} "
+                         f"needs a sliding_window and layer indices below {self.num_layers}")
 
   @property
   def kv_heads(self) -> int:
@@ -102,6 +148,16 @@ class DecoderConfig:
   @property
   def dh(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+  def is_sliding_layer(self, i: int) -> bool:
+    """Whether layer ``i`` attends through the sliding window."""
+    return self.sliding_window is not None and (
+        self.sliding_window_layers is None or i in self.sliding_window_layers)
+
+  @property
+  def has_global_layers(self) -> bool:
+    """Whether some layer attends without the sliding window."""
+    return not all(self.is_sliding_layer(i) for i in range(self.num_layers))
 
   def replace(self, **kw) -> "DecoderConfig":
     return dataclasses.replace(self, **kw)
@@ -143,6 +199,19 @@ def attention_mask(valid_BS: Array, q_slots_L: Array, sliding_window: int | None
   return causal_LS[None] & valid_BS[:, None, :]
 
 
+def layer_masks(c: DecoderConfig, valid_BS: Array, q_slots_L: Array,
+                segment_ids_BL: Array | None = None) -> dict[bool, Array]:
+  """``{is_sliding_layer: mask_BLS}`` for the kinds of layers ``c`` has."""
+  kinds = {c.is_sliding_layer(i) for i in range(c.num_layers)}
+  masks = {}
+  for sliding in kinds:
+    mask = attention_mask(valid_BS, q_slots_L, c.sliding_window if sliding else None)
+    if segment_ids_BL is not None:
+      mask &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    masks[sliding] = mask
+  return masks
+
+
 def positions_from_segments(segment_ids_BL: Array) -> Array:
   """Positions restarting at 0 at every new segment of a packed row."""
   l = segment_ids_BL.shape[1]
@@ -161,6 +230,28 @@ def positions_from_valid(valid_BL: Array, prior_count_B: Array | None = None) ->
   return jnp.maximum(pos, 0)
 
 
+def make_norm(c: DecoderConfig) -> RMSNorm:
+  """An ``[D]`` RMSNorm of the config's kind (Gemma's ``1 + w`` or plain)."""
+  return RMSNorm(eps=c.norm_eps, scale_offset=c.norm_scale_offset, dtype=c.dtype,
+                 param_dtype=c.param_dtype)
+
+
+def attention_options(c: DecoderConfig, layer: int) -> dict[str, Any]:
+  """RoPE, scale, soft-cap and q/k-norm options of layer ``layer``'s attention."""
+  local = c.is_sliding_layer(layer) and c.local_rope_theta is not None
+  return dict(
+      rope_theta=c.local_rope_theta if local else c.rope_theta,
+      rope_scaling=None if local else c.rope_scaling,
+      scale=None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar ** -0.5,
+      logit_softcap=c.attn_logit_softcap, qk_norm=c.qk_norm, qk_norm_eps=c.norm_eps,
+      qk_norm_offset=c.norm_scale_offset)
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+  """``cap * tanh(x / cap)`` (identity for ``None``)."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 class DecoderBlock(nn.Module):
   """Pre-norm block: sequential (Llama) or parallel (attention ‖ FFN)."""
 
@@ -168,11 +259,13 @@ class DecoderBlock(nn.Module):
 
   def setup(self):
     c = self.config
-    common = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-    self.input_norm = RMSNorm(eps=c.norm_eps, **common)
+    self.input_norm = make_norm(c)
     self.attn = self.make_attention()
     if not c.parallel_block:
-      self.post_attn_norm = RMSNorm(eps=c.norm_eps, **common)
+      self.post_attn_norm = make_norm(c)
+    if c.post_sublayer_norms:
+      self.attn_out_norm = make_norm(c)
+      self.ffn_out_norm = make_norm(c)
     self.mlp = self.make_ffn()
 
   @property
@@ -189,8 +282,8 @@ class DecoderBlock(nn.Module):
     c = self.config
     return Attention(num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.dh,
                      out_features=c.d_model, qkv_bias=c.qkv_bias, out_bias=c.attn_out_bias,
-                     rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, dtype=c.dtype,
-                     param_dtype=c.param_dtype)
+                     dtype=c.dtype, param_dtype=c.param_dtype,
+                     **attention_options(c, self.layer_index))
 
   def make_ffn(self) -> nn.Module:
     """The FFN of this block; PEFT / MoE variants override this."""
@@ -206,6 +299,9 @@ class DecoderBlock(nn.Module):
                                     cache=cache, cache_index=cache_index)
     if self.config.parallel_block:
       x_BLD = x_BLD + attn_out + self.mlp(h)
+    elif self.config.post_sublayer_norms:
+      x_BLD = x_BLD + self.attn_out_norm(attn_out)
+      x_BLD = x_BLD + self.ffn_out_norm(self.mlp(self.post_attn_norm(x_BLD)))
     else:
       x_BLD = x_BLD + attn_out
       x_BLD = x_BLD + self.mlp(self.post_attn_norm(x_BLD))
@@ -230,7 +326,7 @@ class Decoder(nn.Module):
     self.embed = Embed(c.vocab_size, c.d_model,
                        embedding_init=nn.initializers.normal(stddev=c.embed_init_std), **common)
     self.layers = [self.block_cls(config=c, name=f"layers_{i}") for i in range(c.num_layers)]
-    self.final_norm = RMSNorm(eps=c.norm_eps, **common)
+    self.final_norm = make_norm(c)
     if not c.tie_embeddings:
       self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), **common)
 
@@ -273,15 +369,15 @@ class Decoder(nn.Module):
     if positions_BL is None:
       positions_BL = (positions_from_valid(valid_BL, prior) if segment_ids_BL is None
                       else positions_from_segments(segment_ids_BL))
-    mask_BLS = attention_mask(valid_BS, index + jnp.arange(l), c.sliding_window)
-    if segment_ids_BL is not None:
-      mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    masks = layer_masks(c, valid_BS, index + jnp.arange(l), segment_ids_BL)
 
     x = self.embed(tokens_BL)
+    if c.scale_embeddings:  # sqrt(D) rounded to the parameter dtype, as HF's Gemma
+      x = x * jnp.asarray(c.d_model ** 0.5, jnp.dtype(c.param_dtype)).astype(x.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     new_layers = []
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, mask_BLS=mask_BLS, positions_BL=positions_BL,
+      x, layer_cache = layer(x, mask_BLS=masks[c.is_sliding_layer(i)], positions_BL=positions_BL,
                              cache=None if cache is None else cache.layers[i],
                              cache_index=index)
       new_layers.append(layer_cache)
@@ -291,6 +387,7 @@ class Decoder(nn.Module):
         self.sow("intermediates", "hidden", x)
     x = self.final_norm(x)
     logits = self.embed.attend(x) if c.tie_embeddings else self.lm_head(x)
+    logits = softcap(logits, c.final_logit_softcap)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     new_cache = None
     if cache is not None:

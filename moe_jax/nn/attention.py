@@ -13,6 +13,11 @@ which knows about padding and causality; the module stays pure. Masked logits
 get the dtype's most negative finite value rather than ``-inf`` so that a
 fully-masked row (a padding query) gives a uniform, finite distribution
 instead of NaNs that would poison gradients.
+
+Two options of Gemma / Qwen3 attention live here as module fields, never as
+model-name branches: logit soft-capping (``cap * tanh(logits / cap)`` on the
+scaled logits, before the mask: Gemma 2) and an RMSNorm of every query and key
+head over ``Dh`` before RoPE (``qk_norm``: Qwen3, Gemma 3).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 
 from moe_jax.nn.embeddings import RopeScaling, apply_rope, rope_inverse_frequencies
 from moe_jax.nn.linear import Linear
+from moe_jax.nn.norms import RMSNorm
 
 Array = jax.Array
 
@@ -45,7 +51,7 @@ class KVCache:
 
 def dot_product_attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *,
                           mask_BLS: Array | None = None, bias_BHLS: Array | None = None,
-                          scale: float = 1.0) -> Array:
+                          scale: float = 1.0, logit_softcap: float | None = None) -> Array:
   """Softmax attention with grouped kv heads; softmax in float32.
 
   Args:
@@ -54,6 +60,8 @@ def dot_product_attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *,
     mask_BLS: boolean, broadcastable to ``[B, L, S]``; True where attention is allowed.
     bias_BHLS: additive logit bias broadcastable to ``[B, H, L, S]`` (T5 relative bias).
     scale: multiplier on ``q · k`` (``Dh**-0.5`` for Llama, 1 for T5).
+    logit_softcap: ``c`` of ``c * tanh(logits / c)`` applied to the scaled
+      logits before bias and mask (Gemma 2); ``None``: no capping.
 
   Returns:
     ``[B, L, H, Dh]`` in the dtype of ``q``.
@@ -66,6 +74,8 @@ def dot_product_attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *,
   q_BLKGD = q_BLHD.reshape(b, l, kv, g, dh)
   logits = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD,
                       preferred_element_type=jnp.float32) * scale
+  if logit_softcap is not None:
+    logits = logit_softcap * jnp.tanh(logits / logit_softcap)
   if bias_BHLS is not None:
     bias = jnp.asarray(bias_BHLS, jnp.float32)
     bias = jnp.broadcast_to(bias, (bias.shape[0], h) + bias.shape[2:])
@@ -96,6 +106,11 @@ class Attention(nn.Module):
     q_kernel_init: initializer of the q kernel (defaults to ``kernel_init``).
     o_kernel_init: initializer of the output kernel (defaults to ``kernel_init``;
       zeros make a residual branch start as the identity, e.g. CALM).
+    logit_softcap: soft cap of the attention logits (Gemma 2); ``None``: none.
+    qk_norm: RMSNorm (``q_norm`` / ``k_norm``, scale ``[Dh]``) on every query
+      and key head after projection, before RoPE (Qwen3, Gemma 3).
+    qk_norm_eps, qk_norm_offset: that norm's epsilon and scale offset (1 for
+      Gemma's ``1 + w``).
   """
 
   num_heads: int
@@ -112,6 +127,10 @@ class Attention(nn.Module):
   kernel_init: Any = None
   q_kernel_init: Any = None
   o_kernel_init: Any = None
+  logit_softcap: float | None = None
+  qk_norm: bool = False
+  qk_norm_eps: float = 1e-6
+  qk_norm_offset: float = 0.0
 
   def setup(self):
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -125,6 +144,11 @@ class Attention(nn.Module):
     self.o = Linear(self.out_features, ("heads", "kv", "embed"), in_dims=2,
                     use_bias=self.out_bias, kernel_init=self.o_kernel_init or self.kernel_init,
                     **common)
+    if self.qk_norm:
+      norm = dict(eps=self.qk_norm_eps, axis_name="kv", scale_offset=self.qk_norm_offset,
+                  **common)
+      self.q_norm = RMSNorm(**norm)
+      self.k_norm = RMSNorm(**norm)
 
   def _inv_freq(self):
     return rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
@@ -156,6 +180,8 @@ class Attention(nn.Module):
     """Keys and values of ``x`` (RoPE applied to keys when enabled)."""
     k = self.project_k(x_BSD, context)
     v = self.project_v(x_BSD, context)
+    if self.qk_norm:
+      k = self.k_norm(k)
     if self.rope_theta is not None:
       k = apply_rope(k, positions_BS, self._inv_freq())
     return KVCache(k=k, v=v)
@@ -181,6 +207,8 @@ class Attention(nn.Module):
       ``(out_BLD, updated cache or None)``.
     """
     q = self.project_q(x_BLD, context)
+    if self.qk_norm:
+      q = self.q_norm(q)
     if self.rope_theta is not None:
       if positions_BL is None:
         raise ValueError("RoPE attention needs positions_BL")
@@ -203,6 +231,6 @@ class Attention(nn.Module):
         kv = KVCache(k=new_cache.k.astype(q.dtype), v=new_cache.v.astype(q.dtype))
     scale = self.head_dim ** -0.5 if self.scale is None else self.scale
     out = dot_product_attention(q, kv.k, kv.v, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS,
-                                scale=scale)
+                                scale=scale, logit_softcap=self.logit_softcap)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return self.project_out(out, context), new_cache

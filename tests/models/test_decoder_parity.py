@@ -1,4 +1,5 @@
-"""Llama / Mistral / Qwen2 parity with transformers on tiny random checkpoints."""
+"""Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 1-2-3 parity with transformers on tiny
+random checkpoints."""
 
 import numpy as np
 import pytest
@@ -33,19 +34,54 @@ VARIANTS = {
                             tie_word_embeddings=False)),
     "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM",
                    dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    # q/k norms, a head_dim other than hidden / heads
+    "qwen3_qknorm": ("Qwen3Config", "Qwen3ForCausalLM",
+                     dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+    # fused qkv_proj / gate_up_proj, sliding window on every layer
+    "phi3_fused": ("Phi3Config", "Phi3ForCausalLM",
+                   dict(num_key_value_heads=2, sliding_window=6, tie_word_embeddings=False)),
+    # (1 + w) norms, sqrt(D) embeddings, GeGLU, tied head
+    "gemma_geglu": ("GemmaConfig", "GemmaForCausalLM",
+                    dict(num_key_value_heads=1, head_dim=8, hidden_act="gelu_pytorch_tanh")),
+    # + sandwich norms, both soft-caps, query_pre_attn_scalar, alternating local layers
+    "gemma2_softcap": ("Gemma2Config", "Gemma2ForCausalLM",
+                       dict(num_hidden_layers=3, num_key_value_heads=2, head_dim=8,
+                            sliding_window=4, query_pre_attn_scalar=16,
+                            attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
+    # + q/k norms, local / global RoPE bases (global scaled), explicit layer types
+    "gemma3_local_global": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                            dict(num_hidden_layers=3, num_key_value_heads=2, head_dim=8,
+                                 sliding_window=4, query_pre_attn_scalar=16,
+                                 final_logit_softcapping=5.0,
+                                 layer_types=["sliding_attention", "full_attention",
+                                              "sliding_attention"],
+                                 rope_parameters={
+                                     "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                        "rope_theta": 100000.0},
+                                     "sliding_attention": {"rope_type": "default",
+                                                           "rope_theta": 1000.0}})),
 }
+# Variants whose norm scales start at a constant (ones, or zeros for Gemma's 1 + w):
+# randomised so a mistaken norm formula cannot hide.
+RANDOM_NORMS = {"qwen3_qknorm", "phi3_fused", "gemma_geglu", "gemma2_softcap",
+                "gemma3_local_global"}
 
 
 def make_hf(path, variant, dtype=torch.float32, seed=0, **save_kw):
   cfg_name, model_name, extra = VARIANTS[variant]
   torch.manual_seed(seed)
-  cfg = getattr(transformers, cfg_name)(**COMMON, **extra)
+  cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra})
   cfg._attn_implementation = "eager"
   model = getattr(transformers, model_name)(cfg).eval()
   if variant == "qwen2_bias":  # biases start at zero: make them count
     with torch.no_grad():
       for name, p in model.named_parameters():
         if name.endswith("bias"):
+          p.normal_(0, 0.5)
+  if variant in RANDOM_NORMS:
+    with torch.no_grad():
+      for name, p in model.named_parameters():
+        if "norm" in name:
           p.normal_(0, 0.5)
   model = model.to(dtype)
   model.save_pretrained(path, safe_serialization=True, **save_kw)
