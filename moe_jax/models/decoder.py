@@ -236,9 +236,13 @@ def make_norm(c: DecoderConfig) -> RMSNorm:
                  param_dtype=c.param_dtype)
 
 
-def attention_options(c: DecoderConfig, layer: int) -> dict[str, Any]:
-  """RoPE, scale, soft-cap and q/k-norm options of layer ``layer``'s attention."""
-  local = c.is_sliding_layer(layer) and c.local_rope_theta is not None
+def attention_options(c: DecoderConfig, layer: int | None) -> dict[str, Any]:
+  """RoPE, scale, soft-cap and q/k-norm options of layer ``layer``'s attention.
+
+  ``layer`` only matters with a ``local_rope_theta`` (``None``: a global layer).
+  """
+  local = (c.local_rope_theta is not None and layer is not None
+           and c.is_sliding_layer(layer))
   return dict(
       rope_theta=c.local_rope_theta if local else c.rope_theta,
       rope_scaling=None if local else c.rope_scaling,
@@ -283,7 +287,8 @@ class DecoderBlock(nn.Module):
     return Attention(num_heads=c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.dh,
                      out_features=c.d_model, qkv_bias=c.qkv_bias, out_bias=c.attn_out_bias,
                      dtype=c.dtype, param_dtype=c.param_dtype,
-                     **attention_options(c, self.layer_index))
+                     **attention_options(c, None if c.local_rope_theta is None
+                                         else self.layer_index))
 
   def make_ffn(self) -> nn.Module:
     """The FFN of this block; PEFT / MoE variants override this."""
