@@ -1,7 +1,7 @@
 """Checkpoints: Hugging Face import/export and our own self-describing format.
 
 :func:`load_checkpoint` accepts either kind of directory (or a training
-``model_dir``) and returns a :class:`LoadedModel` (config, flax module,
+``model_dir``, or a Hugging Face Hub id: :mod:`~moe_jax.checkpoints.hub`) and returns a :class:`LoadedModel` (config, flax module,
 parameters). Training checkpoints (orbax save / restore, exact resumption,
 ``load_latest``) are :mod:`moe_jax.checkpoints.orbax`; partial restore by
 assignment map (``InitFromCheckpoint``) is :mod:`moe_jax.checkpoints.assignment`.
@@ -14,16 +14,23 @@ from pathlib import Path
 
 from moe_jax.checkpoints.hf import LoadedModel, export_hf, load_hf, unbox
 from moe_jax.checkpoints.hf_common import CheckpointError
+from moe_jax.checkpoints.hub import resolve_checkpoint
 from moe_jax.checkpoints.native import is_native_checkpoint, save_model
 
 __all__ = ["CheckpointError", "LoadedModel", "export_hf", "load_checkpoint", "load_hf",
-           "save_model", "unbox"]
+           "resolve_checkpoint", "save_model", "unbox"]
 
 
-def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None) -> LoadedModel:
+def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
+                    revision: str | None = None) -> LoadedModel:
   """Loads an HF directory (``config.json``), one of ours (``model_config.json`` +
-  ``params.safetensors``) or a training directory (newest orbax step)."""
-  directory = Path(path)
+  ``params.safetensors``) or a training directory (newest orbax step).
+
+  ``path`` may also be a Hugging Face Hub id ``namespace/name[@revision]``
+  (see :mod:`moe_jax.checkpoints.hub`; a local path that exists always wins);
+  ``revision`` picks its branch, tag or commit.
+  """
+  directory = resolve_checkpoint(path, revision=revision)
   if not directory.is_dir():
     raise CheckpointError(f"{directory}: no such checkpoint directory")
   from moe_jax.checkpoints import orbax  # training dirs: orbax steps + model_config.json

@@ -39,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from moe_jax.checkpoints.hf_common import CheckpointError
-from moe_jax.checkpoints.native import CONFIG_FILE, FORMAT_VERSION
+from moe_jax.checkpoints.native import CONFIG_FILE, FORMAT_VERSION, load_model_config
 from moe_jax.models import registry
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -97,14 +97,15 @@ def is_training_dir(path: str | os.PathLike) -> bool:
 
 
 def read_model_config(path: str | os.PathLike) -> Any:
-  """The model config of an HF directory, a ``save_model`` directory or a training dir."""
-  from moe_jax.checkpoints import native
+  """The model config of an HF directory, a ``save_model`` directory, a training dir or a
+  Hugging Face Hub id."""
   from moe_jax.checkpoints.hf import converter_for
+  from moe_jax.checkpoints.hub import resolve_checkpoint
   from moe_jax.checkpoints.io import read_json
 
-  path = Path(path)
+  path = resolve_checkpoint(path)  # a local path, or a Hub id's cached snapshot
   if (path / CONFIG_FILE).exists():
-    return native.load_model_config(path)[1]
+    return load_model_config(path)[1]
   if (path / "config.json").exists():
     hf = read_json(path / "config.json")
     return converter_for(hf, str(path / "config.json")).config_from_hf(hf)
@@ -240,14 +241,13 @@ def load_latest(model_dir: str | os.PathLike, *, step: int | None = None,
     dtype: cast parameters to ``float32``/``bfloat16``/``float16`` (and set the
       config's ``param_dtype``).
   """
-  from moe_jax.checkpoints import native
   from moe_jax.checkpoints.hf import _NP_DTYPES, LoadedModel
 
   model_dir = Path(model_dir)
   if not is_training_dir(model_dir):
     raise CheckpointError(f"{model_dir}: not a training directory (needs {CONFIG_FILE} and "
                           f"{CHECKPOINTS_DIR}/)")
-  kind, config = native.load_model_config(model_dir)
+  kind, config = load_model_config(model_dir)
   module = registry.build_module(config, kind)
   shapes = registry.param_shapes(module, kind)
   ckpt = Checkpointer(model_dir, CheckpointConfig(async_save=False))
