@@ -118,26 +118,24 @@ def _decoder_config(vocab_size: int, d: int, layers: int, rc: ReproConfig):
 
 def _trainer(config: Any, module: Any, rc: ReproConfig, steps: int, trainable=None,
              progress: bool = True):
-  from moe_jax.train.wrappers import DecoderOnlyModel
-  from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig, make_optimizer
-  from moe_jax.train.partitioner import Partitioner, PartitionerConfig
-  from moe_jax.train.trainer import Trainer, TrainerConfig
-
-  import flax.linen as nn
   import jax
 
+  from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig
+  from moe_jax.train.partitioner import Partitioner, PartitionerConfig
+  from moe_jax.train.run import build_trainer
+  from moe_jax.train.trainer import TrainerConfig
+  from moe_jax.train.wrappers import DecoderOnlyModel
+
   model = DecoderOnlyModel(config, module=module, allow_causal_prefix_lm=True)
-  partitioner = Partitioner(PartitionerConfig(data=1), devices=jax.devices()[:1])
-  with partitioner.activate():
-    abstract = model.abstract_boxed_params()
   schedule = ScheduleConfig(kind="cosine", lr=rc.lr, warmup_steps=min(100, steps // 10),
                             decay_steps=steps, end_lr=rc.lr * 0.05)
-  opt = make_optimizer(OptimizerConfig(name="adamw", schedule=schedule, weight_decay=0.01,
+  return build_trainer(
+      model, optimizer=OptimizerConfig(name="adamw", schedule=schedule, weight_decay=0.01,
                                        clip_grad_norm=1.0),
-                       nn.meta.unbox(abstract), trainable=trainable)
-  return Trainer(model=model, optimizer=opt, partitioner=partitioner,
-                 config=TrainerConfig(num_train_steps=steps, log_every=max(1, steps // 5),
-                                      seed=rc.seed, progress_bar=progress))
+      partitioner=Partitioner(PartitionerConfig(data=1), devices=jax.devices()[:1]),
+      trainer=TrainerConfig(num_train_steps=steps, log_every=max(1, steps // 5), seed=rc.seed,
+                            progress_bar=progress),
+      trainable=trainable)
 
 
 def _batches(trainer, task: str, rc: ReproConfig, loss_on_inputs: bool = False):

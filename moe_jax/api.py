@@ -221,14 +221,12 @@ def _default_trainable(model: LoadedModel) -> Any:
   return None
 
 
-def _partitioner(mesh: Any) -> Any:
-  from moe_jax.train.partitioner import Partitioner, PartitionerConfig
+def _partitioner_config(mesh: Any) -> Any:
+  from moe_jax.train.partitioner import PartitionerConfig
 
   if mesh is None:
-    mesh = PartitionerConfig()
-  elif isinstance(mesh, Mapping):
-    mesh = PartitionerConfig(**mesh)
-  return Partitioner(mesh)
+    return PartitionerConfig()
+  return PartitionerConfig(**mesh) if isinstance(mesh, Mapping) else mesh
 
 
 # ----------------------------------------------------------------------------- training
@@ -274,12 +272,19 @@ def _recording_writer(model_dir: str | os.PathLike | None, echo: bool):
 
 
 def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
-          feature_lengths: Mapping[str, int] | None = None, learning_rate: float = 1e-3,
-          optimizer: str = "adamw", warmup_steps: int = 0, trainable: Any = "auto",
-          model_dir: str | os.PathLike | None = None, log_every: int = 1, seed: int = 0,
-          mesh: Any = None, pack: bool = True, vocabulary: Any = None,
-          progress_bar: bool = False, echo: bool = False) -> TrainResult:
-  """Trains ``model`` for ``steps`` steps with the trainer of ``python -m moe_jax.train``.
+             feature_lengths: Mapping[str, int] | None = None, learning_rate: float = 1e-3,
+             optimizer: str | Any = "adamw", schedule: str = "constant", warmup_steps: int = 0,
+             end_lr: float = 0.0, weight_decay: float = 0.0,
+             clip_grad_norm: float | None = None, trainable: Any = "auto",
+             model_dir: str | os.PathLike | None = None, checkpoint_every: int | None = 1000,
+             keep_checkpoints: int | None = 3, resume: bool = True, log_every: int = 1,
+             seed: int = 0, mesh: Any = None, pack: bool = True, vocabulary: Any = None,
+             progress_bar: bool = False, echo: bool = False) -> TrainResult:
+  """Trains ``model`` for ``steps`` steps with :func:`moe_jax.train.run.train`.
+
+  That is the function ``python -m moe_jax.train`` runs: with the same
+  settings both train the same steps (the options and their defaults are
+  listed in :mod:`moe_jax.train.run`).
 
   Args:
     model: a loaded, adapted, upcycled or composed model.
@@ -290,14 +295,27 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
     batch_size: global batch size (rows; packed rows hold several examples).
     feature_lengths: e.g. ``{"inputs": 32, "targets": 16}``; default the
       longest example (in-memory and small tasks).
-    learning_rate: peak learning rate (constant after ``warmup_steps``).
-    optimizer: ``"adamw"`` or ``"adafactor"``.
+    learning_rate: peak learning rate.
+    optimizer: ``"adamw"`` or ``"adafactor"``, or a whole
+      :class:`~moe_jax.train.optimizers.OptimizerConfig` (then the schedule,
+      weight-decay and clipping arguments must keep their defaults).
+    schedule: ``"constant"``, ``"rsqrt"`` or ``"cosine"`` (decays to
+      ``end_lr`` at ``steps``).
     warmup_steps: linear warm-up.
+    end_lr: the cosine schedule's final learning rate.
+    weight_decay: decoupled weight decay (matrices only).
+    clip_grad_norm: clip gradients to this global norm (``None``: no clipping).
     trainable: ``"auto"`` (adapters for adapted models, composition layers
       for CALM, everything otherwise), ``None`` (everything), regexes, a bool
       pytree or a callable ``params -> mask``.
     model_dir: write ``metrics.jsonl``, orbax checkpoints and
       ``model_config.json`` there (``None``: nothing is written).
+    checkpoint_every: with ``model_dir``: save every this many steps (and at
+      the end); ``None``: only at the end.
+    keep_checkpoints: with ``model_dir``: keep the newest this many (``None``: all).
+    resume: with ``model_dir``: continue from its newest checkpoint, if any
+      (parameters, optimizer state and data position), instead of ``model``'s
+      parameters.
     log_every: record metrics every this many steps (``history``).
     seed: data shuffling and per-step RNG.
     mesh: a ``PartitionerConfig`` or ``{"data": ..., "expert": ..., "model": ...}``
@@ -307,48 +325,58 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
       model's tokenizer, or bytes).
     progress_bar, echo: tqdm bar and printed log lines.
   """
-  import flax.linen as nn
-
-  from moe_jax.checkpoints import orbax
-  from moe_jax.train import __main__ as train_main
-  from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig, make_optimizer
-  from moe_jax.train.trainer import DatasetConfig, Trainer, TrainerConfig, make_data_iterator
+  from moe_jax.checkpoints.orbax import CheckpointConfig
+  from moe_jax.train import run
+  from moe_jax.train.trainer import DatasetConfig, TrainerConfig
 
   task = _task(data, model, vocabulary)
   wrapper, converter = _wrapper(model, task)
   dataset = DatasetConfig(mixture_or_task_name=task, batch_size=batch_size, pack=pack,
                           task_feature_lengths=_feature_lengths(task, feature_lengths),
                           feature_converter=converter, seed=seed)
-  train_main._check_vocabulary(wrapper, dataset)  # pylint: disable=protected-access
-  part = _partitioner(mesh)
-  abstract = nn.meta.unbox(wrapper.abstract_boxed_params())
-  schedule = ScheduleConfig(kind="constant", lr=learning_rate, warmup_steps=warmup_steps)
-  opt = make_optimizer(OptimizerConfig(name=optimizer, schedule=schedule), abstract,
-                       trainable=_default_trainable(model) if trainable == "auto" else trainable)
   writer = _recording_writer(model_dir, echo)
-  trainer = Trainer(model=wrapper, optimizer=opt, partitioner=part, metrics_writer=writer,
-                    config=TrainerConfig(num_train_steps=steps, log_every=log_every, seed=seed,
-                                         eval_steps=None, progress_bar=progress_bar))
-  params = jax.device_put(model.params, trainer.state_shardings.params)
-  state = trainer.state_from_params(params)
-  ckpt = None
-  if model_dir is not None:
-    orbax.write_model_config(model_dir, model.config)
-    ckpt = orbax.Checkpointer(model_dir, orbax.CheckpointConfig(restore=False))
-  try:
-    state = trainer.train(state, make_data_iterator(dataset, wrapper), checkpointer=ckpt)
-  finally:
-    if ckpt is not None:
-      ckpt.close()
+  state = run.train(
+      model=wrapper, train_dataset=dataset, model_dir=model_dir, params=model.params,
+      optimizer=_optimizer_config(optimizer, steps=steps, learning_rate=learning_rate,
+                                  schedule=schedule, warmup_steps=warmup_steps, end_lr=end_lr,
+                                  weight_decay=weight_decay, clip_grad_norm=clip_grad_norm),
+      trainer=TrainerConfig(num_train_steps=steps, log_every=log_every, seed=seed,
+                            eval_steps=None, progress_bar=progress_bar),
+      partitioner=_partitioner_config(mesh), metrics_writer=writer,
+      checkpoint=CheckpointConfig(save_every=checkpoint_every, keep=keep_checkpoints,
+                                  restore=resume),
+      trainable=_default_trainable(model) if trainable == "auto" else trainable)
   trained = dataclasses.replace(model, params=jax.device_get(state.params))
   return TrainResult(model=trained, history=writer.rows, state=state, task=task)
+
+
+def _optimizer_config(optimizer: Any, *, steps: int, learning_rate: float, schedule: str,
+                      warmup_steps: int, end_lr: float, weight_decay: float,
+                      clip_grad_norm: float | None) -> Any:
+  """:func:`finetune`'s optimizer arguments as an ``OptimizerConfig``."""
+  from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig
+
+  if isinstance(optimizer, OptimizerConfig):
+    given = dict(learning_rate=learning_rate != 1e-3, schedule=schedule != "constant",
+                 warmup_steps=warmup_steps != 0, end_lr=end_lr != 0.0,
+                 weight_decay=weight_decay != 0.0, clip_grad_norm=clip_grad_norm is not None)
+    if any(given.values()):
+      raise ValueError(f"finetune: optimizer is an OptimizerConfig; set "
+                       f"{', '.join(k for k, v in given.items() if v)} in it instead")
+    return optimizer
+  sched = ScheduleConfig(kind=schedule, lr=learning_rate, warmup_steps=warmup_steps,
+                         decay_steps=steps if schedule == "cosine" else None, end_lr=end_lr)
+  return OptimizerConfig(name=optimizer, schedule=sched, weight_decay=weight_decay,
+                         clip_grad_norm=clip_grad_norm)
 
 
 def evaluate(model: LoadedModel, data: Data, *, feature_lengths: Mapping[str, int] | None = None,
              batch_size: int = 8, split: str = "validation", num_examples: int | None = None,
              metrics: bool = True, loss: bool = True, mesh: Any = None,
              vocabulary: Any = None) -> dict[str, Any]:
-  """Validation loss and the tasks' seqio metrics, as ``python -m moe_jax.eval`` computes them.
+  """Validation loss and the tasks' seqio metrics, with :func:`moe_jax.train.run.evaluate`.
+
+  (What ``python -m moe_jax.eval`` runs on a checkpoint.)
 
   Args:
     model: the model to evaluate.
@@ -365,26 +393,22 @@ def evaluate(model: LoadedModel, data: Data, *, feature_lengths: Mapping[str, in
   Returns:
     ``{"loss": {"loss", "accuracy", ...}, "tasks": {task: {metric: value}}}``.
   """
-  from moe_jax.eval import InferEvalConfig, make_eval_fn
-  from moe_jax.train.trainer import DatasetConfig, Trainer, TrainerConfig, TrainState
+  from moe_jax.train import run
+  from moe_jax.train.evaluation import InferEvalConfig
+  from moe_jax.train.trainer import DatasetConfig
 
   if not (metrics or loss):
     raise ValueError("evaluate: nothing to do (metrics=False and loss=False)")
   task = _task(data, model, vocabulary)
   wrapper, converter = _wrapper(model, task)
   lengths = _feature_lengths(task, feature_lengths)
-  trainer = Trainer(model=wrapper, optimizer=None, partitioner=_partitioner(mesh),
-                    config=TrainerConfig(num_train_steps=0, progress_bar=False))
   eval_dataset = DatasetConfig(mixture_or_task_name=task, task_feature_lengths=lengths,
                                batch_size=batch_size, split=split, shuffle=False,
                                feature_converter=converter) if loss else None
   infer = InferEvalConfig(mixture_or_task_name=task, task_feature_lengths=lengths, split=split,
                           batch_size=batch_size, num_examples=num_examples) if metrics else None
-  fn = make_eval_fn(trainer, eval_dataset=eval_dataset, infer_eval=infer)
-  if fn is None:
-    return {}
-  params = jax.device_put(model.params, trainer.state_shardings.params)
-  return fn(TrainState(step=np.int32(0), params=params, opt_state=None))
+  return run.evaluate(model=wrapper, params=model.params, eval_dataset=eval_dataset,
+                      infer_eval=infer, partitioner=_partitioner_config(mesh), echo=False)
 
 
 # ----------------------------------------------------------------------------- inference

@@ -18,9 +18,10 @@ For each backbone (a tiny T5 and a tiny decoder):
    tasks (zero-shot) by rank classification (:mod:`moe_jax.peft.analysis`),
    and, for the mixtures, the mean router weight per task, layer and expert.
 
-Nothing here trains: each run is ``moe_jax.train``'s gin-configured
-``train()``. A run directory that already holds its final checkpoint is
-resumed (so it is not trained again): rerunning the command only evaluates.
+Nothing here trains: each run is :func:`moe_jax.train.run.train`, configured
+from its gin file as ``python -m moe_jax.train`` configures it. A run
+directory that already holds its final checkpoint is resumed (so it is not
+trained again): rerunning the command only evaluates.
 
 Writes into ``--out``: ``results.md`` (the table), ``results.json`` (every
 number, per-task accuracies included), ``routing_<backbone>_<method>.png``
@@ -112,17 +113,17 @@ QUICK = SweepConfig(methods={"t5": ("full", "mov10")}, pretrain_steps=30,
 
 
 def _train(gin_file: str, bindings: Sequence[str]) -> Any:
-  """Parses one run's gin file and runs ``moe_jax.train``'s ``train()``; returns the state."""
-  from moe_jax import configurables
-  from moe_jax.train import __main__ as train_main
+  """Runs one gin file as ``python -m moe_jax.train`` would; returns the final state."""
+  from moe_jax.cli import configurables
+  from moe_jax.train import run
 
   configurables.parse_gin([gin_file], list(bindings))
-  return configurables.run(train_main.train)
+  return configurables.run(run.train)
 
 
 def _configured_model() -> Any:
   """The model wrapper of the parsed gin config (``MODEL = @peft.adapted_model()``)."""
-  from moe_jax import configurables
+  from moe_jax.cli import configurables
   from moe_jax.peft.training import adapted_model
 
   return configurables.run(adapted_model)
@@ -133,11 +134,11 @@ def evaluate(model: Any, params: Any, config: SweepConfig) -> dict[str, float]:
   from moe_jax.data import instruct
   from moe_jax.data.tasks import default_vocabulary
   from moe_jax.peft import analysis
-  from moe_jax.train.partitioner import Partitioner, PartitionerConfig
-  from moe_jax.train.trainer import Trainer, TrainerConfig
+  from moe_jax.train.run import build_trainer
+  from moe_jax.train.trainer import TrainerConfig
 
-  trainer = Trainer(model=model, optimizer=None, partitioner=Partitioner(PartitionerConfig()),
-                    config=TrainerConfig(num_train_steps=0, progress_bar=False))
+  trainer = build_trainer(model, trainer=TrainerConfig(num_train_steps=0, progress_bar=False),
+                          eval_only=True)
   vocab = default_vocabulary()
   out = {}
   for task in instruct.TASK_NAMES:

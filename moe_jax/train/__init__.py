@@ -8,7 +8,7 @@ t5x-style training from gin configs on seqio mixtures::
         --gin.MIXTURE_OR_TASK_NAME="'synthetic_mix'" \\
         --gin.TASK_FEATURE_LENGTHS="{'inputs': 32, 'targets': 24}"
 
-Modules (plain Python; gin names are registered in :mod:`moe_jax.configurables`):
+Modules (plain Python; gin names are registered in :mod:`moe_jax.cli.configurables`):
 
 * :mod:`partitioning` -- mesh axes ``(data, expert, model)`` and the default
   logical -> mesh rules.
@@ -25,5 +25,10 @@ Modules (plain Python; gin names are registered in :mod:`moe_jax.configurables`)
   ``predict_batch``), ``model_from_checkpoint``.
 * :mod:`trainer` -- ``Trainer`` (sharded train step, loop, metrics, NaN stop),
   ``TrainerConfig``, ``DatasetConfig``.
-* ``__main__`` -- ``train()``, the gin-configured entry of ``python -m moe_jax.train``.
+* :mod:`evaluation` -- validation loss and the tasks' seqio metric functions
+  (``InferEvalConfig``, ``make_eval_fn``).
+* :mod:`run` -- ``build_trainer``, ``train``, ``evaluate``: the one way every
+  entry point (the CLIs, :mod:`moe_jax.api`, ``calm_jax.repro``) assembles a
+  run; its docstring lists the options and their defaults.
+* ``__main__`` -- ``python -m moe_jax.train`` (:mod:`moe_jax.cli.train`).
 """

@@ -12,7 +12,7 @@ Pure functions over parameter trees (NumPy, on the host), each returning
 * :func:`prompt_router_vectors` / :func:`init_routers_from_vectors` --
   mergekit-style router initialisation from positive/negative prompts.
 
-``python -m moe_jax.upcycle`` runs them on checkpoints (see ``__main__``).
+``python -m moe_jax.upcycle`` runs them on checkpoints (see :mod:`moe_jax.cli.upcycle`).
 """
 
 from moe_jax.upcycle.bam import bam_merge

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import configurables, peft
+from moe_jax import peft
+from moe_jax.cli import configurables
 from moe_jax.data import instruct
 from moe_jax.data.tasks import default_vocabulary
 from moe_jax.models.decoder import Decoder, DecoderConfig

@@ -11,7 +11,7 @@ from moe_jax.checkpoints import CheckpointError, assignment, orbax
 from moe_jax.checkpoints.native import flatten
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.train import trainer as trainer_lib
-from moe_jax.train.__main__ import train
+from moe_jax.train.run import train
 from moe_jax.train.wrappers import DecoderOnlyModel
 from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig, make_optimizer
 from moe_jax.train.partitioner import Partitioner, PartitionerConfig
@@ -74,8 +74,8 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     orbax.load_latest(tmp_path / "a", step=3)
 
   # python -m moe_jax.eval on the training directory: validation loss at step 4.
-  from moe_jax import eval as eval_lib
-  assert eval_lib.main([
+  from moe_jax.cli import eval as eval_cli
+  assert eval_cli.main([
       "--gin_file=runs/eval.gin", f"--checkpoint={tmp_path / 'a'}",
       "--gin.MIXTURE_OR_TASK_NAME='synthetic_lm_text'", "--gin.BATCH_SIZE=8",
       "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.EVAL_STEPS=2",

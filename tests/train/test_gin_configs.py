@@ -11,11 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax import configurables
 from moe_jax.checkpoints import export_hf
+from moe_jax.cli import configurables
+from moe_jax.cli import train as train_cli
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.models.t5 import T5Config
-from moe_jax.train import __main__ as train_main
+from moe_jax.train import run
 from moe_jax.train.wrappers import DecoderOnlyModel, EncoderDecoderModel
 
 GIN = configurables.GIN_CONFIGS_DIR
@@ -89,7 +90,7 @@ def test_experiment_runs_one_step(path, tmp_path, numpy_params):
     bindings += ["train.eval_dataset = None", "INFER_EVAL = None"]
   bindings += EXTRA.get(path.name, [])
   configurables.parse_gin([str(path)], bindings)
-  state = configurables.run(train_main.train)
+  state = configurables.run(run.train)
   assert int(jax.device_get(state.step)) == 1
   out = tmp_path / "run"
   assert (out / "config.gin").exists() and (out / "model_config.json").exists()
@@ -181,6 +182,6 @@ def test_cli_flags(tmp_path, capsys):
     configurables.parse_flags(["--gin_file=x.gin", "--bogus"], prog="test")
   bad = tmp_path / "bad.gin"
   bad.write_text("\nOptimizerConfig.nmae = 'adamw'\n")
-  assert train_main.main([f"--gin_file={bad}", f"--model_dir={tmp_path}"]) == 2
+  assert train_cli.main([f"--gin_file={bad}", f"--model_dir={tmp_path}"]) == 2
   err = capsys.readouterr().err
   assert "bad.gin\", line 2" in err and "nmae" in err

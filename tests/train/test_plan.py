@@ -7,6 +7,7 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
 from moe_jax import plan
+from moe_jax.cli import plan as plan_cli
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.models.moe_decoder import MoeDecoderConfig
 from moe_jax.moe.layer import MoeConfig
@@ -110,7 +111,7 @@ def test_mesh_errors_name_the_culprit():
 
 def test_published_sizes(capsys):
   """Mixtral-8x7B (46.7B total / 12.9B active) and T5-v1.1-XL MoV-10 (~2.85B) from the pod gins."""
-  code = plan.main(["--gin_file=runs/pod_mixtral_8x7b_upcycled.gin",
+  code = plan_cli.main(["--gin_file=runs/pod_mixtral_8x7b_upcycled.gin",
                     "--gin.MIXTURE_OR_TASK_NAME='any'", "--mesh=data=32,expert=8",
                     "--mesh=data=8,expert=8,model=4"])
   out = capsys.readouterr().out
@@ -124,7 +125,7 @@ def test_published_sizes(capsys):
   assert params_gib[0] == pytest.approx((45.097e9 / 8 + 1.606e9) * 4 / 2**30, rel=1e-2)
   assert params_gib[1] < params_gib[0] / 3.5
 
-  code = plan.main(["--gin_file=runs/pod_t5_xl_mov10.gin", "--gin.MIXTURE_OR_TASK_NAME='any'",
+  code = plan_cli.main(["--gin_file=runs/pod_t5_xl_mov10.gin", "--gin.MIXTURE_OR_TASK_NAME='any'",
                     "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
                     "--gin.BATCH_SIZE=8", "--gin.TRAIN_STEPS=1", "--mesh=data=8",
                     "--mesh=data=2,model=4"])
@@ -137,5 +138,5 @@ def test_published_sizes(capsys):
 
 
 def test_cli_errors(capsys):
-  assert plan.main(["--gin_file=runs/pod_finetune.gin", "--mesh=data=x"]) == 2
+  assert plan_cli.main(["--gin_file=runs/pod_finetune.gin", "--mesh=data=x"]) == 2
   assert "size of 'data' is not an integer" in capsys.readouterr().err

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from moe_jax import generate  # noqa: E402
 from moe_jax.checkpoints import load_checkpoint, save_model  # noqa: E402
-from moe_jax.upcycle.__main__ import main as upcycle_main  # noqa: E402
+from moe_jax.cli.upcycle import main as upcycle_main  # noqa: E402
 
 from upcycle_helpers import logits_of, make_branch, make_config, make_params  # noqa: E402
 
@@ -66,7 +66,7 @@ def test_sparse_from_hf_writes_orbax_gin_and_generates(tmp_path, capsys, hf_bran
                         "--max_new_tokens", "3"]) == 0
   assert len(capsys.readouterr().out.split()) == 3
   # the gin file parses with the trainer's configurables
-  from moe_jax import configurables
+  from moe_jax.cli import configurables
   gin_text = (out / "finetune.gin").read_text()
   assert f"INIT_CHECKPOINT = {str(out)!r}" in gin_text
   configurables.parse_gin([str(out / "finetune.gin")], [f"MODEL_DIR = {str(tmp_path / 't')!r}"])

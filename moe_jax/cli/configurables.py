@@ -15,7 +15,8 @@ Registered (use them in ``gin_configs/``; the module prefix is optional)::
     train.InitFromCheckpoint  train.InferEvalConfig
     peft.trainable_mask                               (a mask function for train.trainable)
     peft.PeftConfig  peft.adapted_model               (adapters on a model wrapper)
-    train  evaluate                                   (the two entry points)
+    train  evaluate                                   (moe_jax.train.run's entry points;
+                                                      train writes config.gin into model_dir)
     calm.composition_config_from_checkpoints  calm.init_from_checkpoints
     calm.trainable_mask  calm.kv_task                 (CALM composition training)
 
@@ -24,7 +25,7 @@ so gin checks parameter names when it parses (a typo is an error naming the
 file and line) and the objects built are instances of the real classes (no
 gin subclasses leak into checkpoints or equality checks).
 
-Command line (shared by ``python -m moe_jax.train`` and ``python -m moe_jax.eval``)::
+Command line (shared by ``python -m moe_jax.train``, ``eval`` and ``plan``)::
 
     --gin_file=FILE            repeatable; searched in --gin_search_paths and gin_configs/
     --gin.NAME=VALUE           repeatable; a gin binding ``NAME = VALUE`` (t5x style:
@@ -49,7 +50,7 @@ from typing import Any, Callable, Sequence
 import gin
 
 #: The repository's gin_configs/ directory (always on the search path when present).
-GIN_CONFIGS_DIR = Path(__file__).resolve().parents[1] / "gin_configs"
+GIN_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "gin_configs"
 
 _REGISTERED: dict[Any, Callable] = {}
 
@@ -58,9 +59,14 @@ class GinConfigError(ValueError):
   """A gin file or binding is wrong (the message names the file and line)."""
 
 
-def _factory(target: Callable, name: str) -> Callable:
-  """A function with ``target``'s signature that calls it (gin validates its parameters)."""
+def _factory(target: Callable, name: str, before: Callable | None = None) -> Callable:
+  """A function with ``target``'s signature that calls it (gin validates its parameters).
+
+  ``before(kwargs)``, if given, runs first (with gin's bindings resolved).
+  """
   def make(*args, **kwargs):
+    if before is not None:
+      before(kwargs)
     return target(*args, **kwargs)
   make.__signature__ = inspect.signature(target)
   make.__name__ = make.__qualname__ = name
@@ -68,23 +74,28 @@ def _factory(target: Callable, name: str) -> Callable:
   return make
 
 
-def _register(target: Callable, module: str, name: str | None = None) -> None:
+def _register(target: Callable, module: str, name: str | None = None,
+              before: Callable | None = None) -> None:
   name = name or target.__name__
   if target in _REGISTERED:
     return
-  _REGISTERED[target] = gin.external_configurable(_factory(target, name), name=name,
+  _REGISTERED[target] = gin.external_configurable(_factory(target, name, before), name=name,
                                                   module=module)
+
+
+def _write_operative_config_of_run(kwargs: dict[str, Any]) -> None:
+  """Writes ``config.gin`` into a gin-configured ``train``'s ``model_dir`` before it starts."""
+  if kwargs.get("model_dir") is not None:
+    write_operative_config(kwargs["model_dir"])
 
 
 def register_all() -> None:
   """Registers every configurable (idempotent)."""
-  from moe_jax import eval as eval_lib
+  from moe_jax.checkpoints import assignment, orbax
   from moe_jax.models.decoder import DecoderConfig
   from moe_jax.models.t5 import T5Config
   from moe_jax.nn.embeddings import RopeScaling
-  from moe_jax.train import __main__ as train_main
-  from moe_jax.checkpoints import assignment, orbax
-  from moe_jax.train import losses, optimizers, partitioner, trainer, wrappers
+  from moe_jax.train import evaluation, losses, optimizers, partitioner, run, trainer, wrappers
 
   for cls in (DecoderConfig, T5Config, RopeScaling):
     _register(cls, "models")
@@ -104,10 +115,10 @@ def register_all() -> None:
              optimizers.ScheduleConfig, partitioner.PartitionerConfig,
              partitioner.DistributedConfig, trainer.TrainerConfig, trainer.DatasetConfig,
              orbax.CheckpointConfig, assignment.InitFromCheckpoint,
-             eval_lib.InferEvalConfig):
+             evaluation.InferEvalConfig):
     _register(fn, "train")
-  _register(train_main.train, "train", "train")
-  _register(eval_lib.evaluate, "train", "evaluate")
+  _register(run.train, "train", "train", before=_write_operative_config_of_run)
+  _register(run.evaluate, "train", "evaluate")
   try:
     from moe_jax import peft
     if hasattr(peft, "trainable_mask"):
@@ -129,7 +140,12 @@ def register_all() -> None:
 def configured(fn: Callable) -> Callable:
   """The gin-configured version of a registered function or class."""
   register_all()
-  return _REGISTERED[fn]
+  try:
+    return _REGISTERED[fn]
+  except KeyError:
+    raise KeyError(f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)} is not "
+                   "a registered configurable (see moe_jax.cli.configurables.register_all)"
+                   ) from None
 
 
 def run(fn: Callable, **kwargs: Any) -> Any:

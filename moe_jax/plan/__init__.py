@@ -38,7 +38,6 @@ is planned for ``--num_devices``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -56,9 +55,6 @@ from moe_jax.train.partitioning import (DEFAULT_RULES, MESH_AXES, merge_rules, m
 
 GIB = 1024 ** 3
 
-#: Macros a run needs at training time but the plan never reads; bound to a
-#: placeholder when the command line leaves them unbound.
-_RUNTIME_MACROS = ("MODEL_DIR", "INIT_CHECKPOINT")
 
 
 # ----------------------------------------------------------------------------- results
@@ -389,7 +385,7 @@ def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
     dataset: the training :class:`~moe_jax.train.trainer.DatasetConfig`
       (global batch size and feature lengths).
     optimizer: an :class:`~moe_jax.train.optimizers.OptimizerConfig`
-      (default Adafactor, as :func:`moe_jax.train.__main__.train`).
+      (default Adafactor, as :func:`moe_jax.train.run.train`).
     partitioners: one ``PartitionerConfig`` per mesh to plan.
     num_devices: devices for meshes with a ``-1`` axis.
     trainable: as ``train(trainable=...)``: regexes, a mask, or a callable.
@@ -458,66 +454,3 @@ def parse_mesh(text: str) -> PartitionerConfig:
       raise ValueError(f"--mesh {text!r}: size of {name!r} is not an integer") from None
   return PartitionerConfig(**{a: sizes.get(a, 1) for a in MESH_AXES})
 
-
-def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
-                  meshes: Sequence[PartitionerConfig] = (), num_devices: int | None = None,
-                  search_paths: Sequence[str] = ()) -> Plan:
-  """:func:`plan_run` for the objects a ``python -m moe_jax.train`` config builds.
-
-  The bindings of ``train`` (``train.model``, ``train.train_dataset``,
-  ``train.optimizer``, ``train.partitioner``, ``train.trainable``) are
-  evaluated exactly as the train entry point would receive them. ``meshes``
-  defaults to the config's own partitioner.
-  """
-  import gin
-
-  from moe_jax import configurables
-  from moe_jax.train import __main__ as train_main
-
-  configurables.parse_gin(files, bindings, search_paths, finalize=False)
-  extra = []
-  for macro in _RUNTIME_MACROS:
-    try:
-      gin.query_parameter(f"{macro}/gin.macro.value")
-    except ValueError:
-      extra.append(f"{macro} = None")
-  configurables.parse_gin(files, extra + list(bindings), search_paths)
-  b = gin.get_bindings(configurables.configured(train_main.train))
-  for name in ("model", "train_dataset"):
-    if name not in b:
-      raise configurables.GinConfigError(f"the gin config binds no train.{name}; plan a config "
-                                         "that python -m moe_jax.train would run")
-  return plan_run(b["model"], dataset=b["train_dataset"], optimizer=b.get("optimizer"),
-                  partitioners=tuple(meshes) or (b.get("partitioner") or PartitionerConfig(),),
-                  num_devices=num_devices, trainable=b.get("trainable"))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  from moe_jax import configurables
-
-  argv = list(sys.argv[1:] if argv is None else argv)
-  p = argparse.ArgumentParser(add_help=False)
-  p.add_argument("--mesh", action="append", default=[])
-  p.add_argument("--num_devices", type=int, default=None)
-  p.add_argument("--peak_tflops", type=float, default=275.0)
-  p.add_argument("--mfu", type=float, default=0.4)
-  own, rest = p.parse_known_args(argv)
-  if "-h" in rest or "--help" in rest:
-    print(__doc__ + "\nPlan flags: --mesh=data=D,expert=E,model=M (repeatable), --num_devices=N, "
-          "--peak_tflops=F (per device, default 275: TPU v4 bf16), --mfu=F (default 0.4); "
-          "gin flags as python -m moe_jax.train.")
-    return 0
-  try:
-    args = configurables.parse_flags(rest, prog="python -m moe_jax.plan", description=__doc__)
-    meshes = [parse_mesh(m) for m in own.mesh]
-    plan = plan_from_gin(args.gin_file, args.bindings, meshes=meshes,
-                         num_devices=own.num_devices, search_paths=args.search_paths)
-  except (configurables.GinConfigError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(plan.format(peak_tflops=own.peak_tflops, mfu=own.mfu))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -1,0 +1,262 @@
+"""One way to assemble a training run, without gin: ``build_trainer``, ``train``, ``evaluate``.
+
+Every entry point goes through these functions: ``python -m moe_jax.train``
+and ``python -m moe_jax.eval`` (gin binds their arguments, in
+:mod:`moe_jax.cli`), the Python API (:func:`moe_jax.api.finetune`,
+:func:`moe_jax.api.evaluate`), ``calm_jax.repro`` and the PEFT sweep. Each
+option is a field of a plain dataclass, with its default in that dataclass:
+
+=====================  ============================================  =====================
+option                 dataclass field (default)                     ``api.finetune``
+=====================  ============================================  =====================
+optimizer              ``OptimizerConfig.name`` (``"adafactor"``)    ``optimizer``
+learning rate          ``ScheduleConfig.lr`` (``1e-3``)              ``learning_rate``
+schedule               ``ScheduleConfig.kind`` (``"constant"``)      ``schedule``
+warm-up                ``ScheduleConfig.warmup_steps`` (0)           ``warmup_steps``
+cosine end / length    ``ScheduleConfig.end_lr`` (0), ``decay_steps``  ``end_lr`` (steps)
+weight decay           ``OptimizerConfig.weight_decay`` (0.0)        ``weight_decay``
+gradient clipping      ``OptimizerConfig.clip_grad_norm`` (None)     ``clip_grad_norm``
+trainable subset       ``train(trainable=...)`` / regexes (all)      ``trainable``
+checkpoint period      ``CheckpointConfig.save_every`` (1000)        ``checkpoint_every``
+checkpoints kept       ``CheckpointConfig.keep`` (3)                 ``keep_checkpoints``
+resume from model_dir  ``CheckpointConfig.restore`` (True)           ``resume``
+log period             ``TrainerConfig.log_every`` (100)             ``log_every`` (1)
+seed                   ``TrainerConfig.seed``, ``DatasetConfig.seed``  ``seed``
+mesh                   ``PartitionerConfig`` (data parallel)         ``mesh``
+=====================  ============================================  =====================
+
+The gin run files bind the same fields through macros (``OPTIMIZER``,
+``LEARNING_RATE``, ``SCHEDULE``, ``WARMUP_STEPS``, ``CLIP_GRAD_NORM``,
+``CHECKPOINT_EVERY``, ``KEEP_CHECKPOINTS``, ``LOG_EVERY``, ``SEED``,
+``MESH_*``; weight decay as ``OptimizerConfig.weight_decay``) and override
+some defaults: ``runs/pretrain.gin`` trains with t5x's Adafactor at an rsqrt
+0.01 after 1000 warm-up steps, ``runs/finetune.gin`` at a constant 1e-3.
+:func:`moe_jax.api.finetune` defaults to AdamW at a constant 1e-3 and logs
+every step. With the same settings, ``api.finetune`` and ``python -m
+moe_jax.train`` run the very same steps (``tests/train/test_run.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from moe_jax.checkpoints import assignment, orbax
+from moe_jax.checkpoints.hf_common import CheckpointError
+from moe_jax.train.evaluation import InferEvalConfig, make_eval_fn
+from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
+from moe_jax.train.partitioner import Partitioner, PartitionerConfig
+from moe_jax.train.trainer import (DatasetConfig, MetricsWriter, Trainer, TrainerConfig,
+                                   TrainState, make_data_iterator)
+from moe_jax.train.wrappers import BaseModel, model_from_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def check_vocabulary(model: BaseModel, dataset: DatasetConfig) -> None:
+  """Raises ``ValueError`` if a feature's vocabulary has more ids than the model embeds."""
+  from moe_jax.data import pipeline
+
+  provider = pipeline.get_mixture_or_task(dataset.mixture_or_task_name)
+  for name, feature in provider.output_features.items():
+    size = feature.vocabulary.vocab_size
+    if size > model.vocab_size:
+      raise ValueError(
+          f"{dataset.mixture_or_task_name!r} feature {name!r} has a vocabulary of {size} ids, "
+          f"more than the model's vocab_size={model.vocab_size}; raise vocab_size in the "
+          "model config")
+
+
+def build_trainer(model: BaseModel, *, trainer: TrainerConfig,
+                  optimizer: OptimizerConfig | None = None,
+                  partitioner: PartitionerConfig | Partitioner | None = None,
+                  trainable: Any = None, metrics_writer: MetricsWriter | None = None,
+                  eval_only: bool = False) -> Trainer:
+  """The :class:`~moe_jax.train.trainer.Trainer` of a run.
+
+  Args:
+    model: a model wrapper (:mod:`moe_jax.train.wrappers`).
+    trainer: the loop's schedule.
+    optimizer: optimizer, schedule, clipping, weight decay (default
+      ``OptimizerConfig()``: Adafactor).
+    partitioner: a ``PartitionerConfig`` (default: data parallel over every
+      device) or a ready ``Partitioner`` (e.g. on a subset of the devices).
+    trainable: trainable-parameter regexes, a bool pytree, or a callable
+      ``params -> mask``; overrides ``optimizer.trainable_regexes``.
+    metrics_writer: where log lines go (default: nowhere).
+    eval_only: no optimizer (``eval_step`` / ``score_batch`` only).
+  """
+  part = partitioner if isinstance(partitioner, Partitioner) else Partitioner(
+      partitioner or PartitionerConfig())
+  opt = None
+  if not eval_only:
+    abstract = nn.meta.unbox(model.abstract_boxed_params())
+    opt = make_optimizer(optimizer or OptimizerConfig(), abstract, trainable=trainable)
+  return Trainer(model=model, optimizer=opt, partitioner=part, config=trainer,
+                 metrics_writer=metrics_writer)
+
+
+def initial_state(tr: Trainer, *, checkpointer: orbax.Checkpointer | None = None,
+                  data_iterator: Any = None, init_from: Any = None,
+                  params: Any = None) -> TrainState:
+  """The state a run starts from, in this order of preference.
+
+  1. the newest checkpoint of ``checkpointer`` (if ``restore`` is on): exact
+     resumption, including ``data_iterator``'s position;
+  2. ``params`` (host or device arrays), with a fresh optimizer state;
+  3. ``init_from`` (an :class:`~moe_jax.checkpoints.assignment.InitFromCheckpoint`
+     or a sequence of them, applied in order); parameters are freshly
+     initialised only if some stay fresh;
+  4. a fresh initialisation.
+  """
+  if (checkpointer is not None and checkpointer.config.restore
+      and checkpointer.latest_step() is not None):
+    restored = checkpointer.restore(abstract_params=tr.abstract_state.params,
+                                    abstract_opt_state=tr.abstract_state.opt_state,
+                                    data_iterator=data_iterator)
+    logger.info("resumed from %s at step %d", checkpointer.model_dir, restored["step"])
+    step = jax.device_put(jax.numpy.int32(restored["step"]), tr.state_shardings.step)
+    return TrainState(step=step, params=restored["params"], opt_state=restored["opt_state"])
+  if params is not None:
+    return tr.state_from_params(jax.device_put(params, tr.state_shardings.params))
+  if init_from is not None:
+    params = tr.create_params
+    for init in (init_from if isinstance(init_from, (list, tuple)) else [init_from]):
+      params, report = assignment.restore_into(params, init, abstract=tr.abstract_state.params)
+      tr.writer.write(0, "init", {"source": str(init.path),
+                                  "loaded": len(report.loaded), "fresh": len(report.fresh)})
+    return tr.state_from_params(params)
+  return tr.create_state()
+
+
+def train(*, model: BaseModel, train_dataset: DatasetConfig, trainer: TrainerConfig,
+          model_dir: str | Path | None = None, optimizer: OptimizerConfig | None = None,
+          partitioner: PartitionerConfig | Partitioner | None = None,
+          checkpoint: orbax.CheckpointConfig | None = None,
+          eval_dataset: DatasetConfig | None = None, infer_eval: InferEvalConfig | None = None,
+          init_from: Any = None, params: Any = None, trainable: Any = None,
+          metrics_writer: MetricsWriter | None = None) -> TrainState:
+  """Trains ``model`` on ``train_dataset``; resumes from ``model_dir`` if it has checkpoints.
+
+  Args:
+    model: a model wrapper (:mod:`moe_jax.train.wrappers`).
+    train_dataset: the training data.
+    trainer: the loop's schedule (steps, log and eval periods, seed).
+    model_dir: checkpoints, ``model_config.json`` and ``metrics.jsonl`` go
+      there (``None``: nothing is written and nothing resumed).
+    optimizer: default ``OptimizerConfig()`` (Adafactor).
+    partitioner: a ``PartitionerConfig`` or a ``Partitioner``.
+    checkpoint: when to save and whether to resume (default ``CheckpointConfig()``).
+    eval_dataset: validation-loss data, evaluated every ``trainer.eval_every``
+      steps and at the end.
+    infer_eval: the tasks' metric functions, evaluated with ``eval_dataset``.
+    init_from: an :class:`~moe_jax.checkpoints.assignment.InitFromCheckpoint`
+      (or a sequence of them) applied to a fresh start (ignored when resuming).
+    params: starting parameters of a fresh start (ignored when resuming);
+      excludes ``init_from``.
+    trainable: trainable-parameter regexes, a bool pytree, or a callable
+      ``params -> mask``; overrides ``optimizer.trainable_regexes``.
+    metrics_writer: default ``MetricsWriter(model_dir)`` (printed and
+      appended to ``metrics.jsonl``).
+
+  Returns:
+    The final :class:`~moe_jax.train.trainer.TrainState`.
+  """
+  if params is not None and init_from is not None:
+    raise ValueError("train: give params or init_from, not both")
+  if model_dir is not None:
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    orbax.write_model_config(model_dir, model.config)
+  check_vocabulary(model, train_dataset)
+  tr = build_trainer(model, trainer=trainer, optimizer=optimizer, partitioner=partitioner,
+                     trainable=trainable,
+                     metrics_writer=metrics_writer or MetricsWriter(model_dir))
+  logger.info("%s", tr.partitioner)
+  data = make_data_iterator(train_dataset, model)
+  ckpt = None if model_dir is None else orbax.Checkpointer(
+      model_dir, checkpoint or orbax.CheckpointConfig())
+  try:
+    state = initial_state(tr, checkpointer=ckpt, data_iterator=data, init_from=init_from,
+                          params=params)
+    eval_fn = make_eval_fn(tr, eval_dataset=eval_dataset, infer_eval=infer_eval,
+                           eval_steps=trainer.eval_steps)
+    state = tr.train(state, data, checkpointer=ckpt, eval_fn=eval_fn)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  return state
+
+
+def _restore_params(tr: Trainer, checkpoint_path: str | Path, step: int | None
+                    ) -> tuple[Any, int]:
+  """``(sharded params, step)`` of a training directory, HF or ``save_model`` checkpoint."""
+  abstract = tr.abstract_state.params
+  if orbax.is_training_dir(checkpoint_path):
+    ckpt = orbax.Checkpointer(checkpoint_path, orbax.CheckpointConfig())
+    try:
+      restored = ckpt.restore(abstract_params=abstract, step=step)
+    finally:
+      ckpt.close()
+    return restored["params"], restored["step"]
+
+  def missing():  # every parameter must come from the checkpoint: nothing is initialised
+    raise CheckpointError(f"{checkpoint_path}: lacks parameters of "
+                          f"{type(tr.model.config).__name__}")
+
+  params, _ = assignment.restore_into(
+      missing, assignment.InitFromCheckpoint(path=str(checkpoint_path)), abstract=abstract)
+  return params, 0
+
+
+def evaluate(*, checkpoint_path: str | Path | None = None, model: BaseModel | None = None,
+             params: Any = None, model_dir: str | Path | None = None,
+             eval_dataset: DatasetConfig | None = None,
+             infer_eval: InferEvalConfig | None = None,
+             partitioner: PartitionerConfig | Partitioner | None = None,
+             eval_steps: int | None = None, step: int | None = None,
+             echo: bool = True) -> dict[str, Any]:
+  """Evaluates a checkpoint or given parameters; returns ``{"loss": {...}, "tasks": {...}}``.
+
+  Args:
+    checkpoint_path: a training ``model_dir`` (newest step unless ``step``), a
+      Hugging Face directory, or a ``save_model`` directory.
+    model: the model wrapper; default built from the checkpoint's config.
+    params: parameters to evaluate instead of a checkpoint's (then ``model``
+      is required and ``checkpoint_path`` must be ``None``).
+    model_dir: where ``metrics.jsonl`` lines go; default ``checkpoint_path``
+      for a training directory, else nowhere.
+    eval_dataset: validation-loss data.
+    infer_eval: inference metrics (the tasks' ``metric_fns``).
+    partitioner: a ``PartitionerConfig`` (default data parallel over all
+      devices) or a ``Partitioner``.
+    eval_steps: validation-loss batches (``None``: the whole split).
+    step: checkpoint step of a training directory.
+    echo: print the metrics lines.
+  """
+  if eval_dataset is None and infer_eval is None:
+    raise ValueError("evaluate: give eval_dataset (validation loss) and/or infer_eval (metrics)")
+  if (checkpoint_path is None) == (params is None):
+    raise ValueError("evaluate: give either checkpoint_path or params")
+  if model is None:
+    if checkpoint_path is None:
+      raise ValueError("evaluate: params need their model wrapper (model=)")
+    model = model_from_checkpoint(str(checkpoint_path))
+  if model_dir is None and checkpoint_path is not None and orbax.is_training_dir(checkpoint_path):
+    model_dir = checkpoint_path
+  tr = build_trainer(model, trainer=TrainerConfig(num_train_steps=0, progress_bar=False),
+                     partitioner=partitioner, eval_only=True,
+                     metrics_writer=MetricsWriter(model_dir, echo=echo))
+  fn = make_eval_fn(tr, eval_dataset=eval_dataset, infer_eval=infer_eval, eval_steps=eval_steps)
+  if fn is None:
+    return {}
+  if params is not None:
+    params, at = jax.device_put(params, tr.state_shardings.params), 0
+  else:
+    params, at = _restore_params(tr, checkpoint_path, step)
+  return fn(TrainState(step=np.int32(at), params=params, opt_state=None))
