@@ -11,6 +11,9 @@ transformers loads with no ``peft`` installed:
 * (IA)^3 on ``ffn`` scales the hidden before ``wo``: ``wo.kernel[F, :] *= s``;
 * LoRA adds ``(alpha / R) · A B`` to the kernel.
 
+A kernel with a leading expert axis (BAM's attention experts) gets the same
+update in every expert, as the adapted model computes it.
+
 Folding runs in float32 and casts back to each kernel's dtype.
 
 **Mixtures** (E > 1) depend on the token through the router and cannot fold.
@@ -96,7 +99,9 @@ def _fold_node(node: Mapping, peft: PeftConfig, where: str) -> dict:
       kernel = np.asarray(layer["kernel"])
       update = np.asarray(lora_update(jnp.asarray(adapter["lora_a"]),
                                       jnp.asarray(adapter["lora_b"]), peft.scaling))
-      if update.shape != kernel.shape:
+      # A kernel may carry a leading expert axis (a BAM attention expert): one adapter
+      # serves every expert, so its update adds to each.
+      if kernel.shape[kernel.ndim - update.ndim:] != update.shape or kernel.ndim > update.ndim + 1:
         raise ValueError(f"{where}/{key}: LoRA update {update.shape} does not fit kernel "
                          f"{kernel.shape}")
       layer["kernel"] = (kernel.astype(np.float32) + update).astype(kernel.dtype)

@@ -32,6 +32,7 @@ import optax
 
 from moe_jax.checkpoints.hf_common import CheckpointError
 from moe_jax.peft.config import ADAPTER_PREFIX
+from moe_jax.peft.layers import SITES, peft_config_of
 
 PyTree = Any
 
@@ -132,6 +133,32 @@ def logical_axes(module: nn.Module) -> PyTree:
   return nn.get_partition_spec(boxed)["params"]
 
 
+def _adapter_names(tree: Mapping) -> set[str]:
+  names = set()
+  for key, value in tree.items():
+    if str(key).startswith(ADAPTER_PREFIX):
+      names.add(str(key)[len(ADAPTER_PREFIX):])
+    elif isinstance(value, Mapping):
+      names |= _adapter_names(value)
+  return names
+
+
+def _check_sites(adapted: nn.Module, adapter_shapes: Mapping) -> None:
+  """Raises when a site of the config matches no module of the model."""
+  peft = peft_config_of(adapted)
+  if peft is None:
+    return
+  found = _adapter_names(adapter_shapes)
+  for site in peft.sites:
+    spec = SITES[site]
+    if not {spec.adapter_name or p for p in spec.projections} & found:
+      raise ValueError(
+          f"init_adapter_params: site {site!r} of {peft.method} matches no module of "
+          f"{type(adapted).__name__} (the routed experts of an MoE FFN and the output "
+          "projection of a mixture of attention take no adapters); remove it from "
+          f"PeftConfig.sites (adapted here: {sorted(found)})")
+
+
 def init_adapter_params(adapted: nn.Module, base_params: Mapping, rng: jax.Array) -> dict:
   """Backbone parameters untouched plus freshly initialised adapters.
 
@@ -154,6 +181,7 @@ def init_adapter_params(adapted: nn.Module, base_params: Mapping, rng: jax.Array
   if not adapter_shapes:
     raise ValueError("init_adapter_params: the module has no adapters; use moe_jax.peft.adapt")
   check_tree(backbone_shapes, base_params, "backbone parameters")
+  _check_sites(adapted, adapter_shapes)
   tokens = _dummy_inputs(adapted)
 
   @jax.jit

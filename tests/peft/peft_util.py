@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from moe_jax.models.decoder import Decoder, DecoderConfig
 from moe_jax.models.t5 import T5, T5Config
@@ -137,3 +138,69 @@ def logits(module, params, kind: str, *, jit: bool = True):
     fn = _JITTED[key]
   out, _ = fn(params)
   return np.asarray(out)
+
+
+def valid_logits(module, params, tokens, valid):
+  """Logits of ``module.apply(params, tokens, valid_BL=valid)`` (jitted)."""
+  return np.asarray(jax.jit(lambda p: module.apply({"params": p}, tokens, valid_BL=valid))(
+      params)[0])
+
+
+def _train_step(model, params, tokens, valid):
+  """One masked Adam step on cross-entropy plus every sown auxiliary loss."""
+  from moe_jax import peft
+  mask = peft.trainable_mask(params)
+  targets = jnp.roll(tokens, -1, axis=1)
+
+  def loss_fn(p):
+    (out, _), state = model.apply({"params": p}, tokens, valid_BL=valid,
+                                  mutable=[peft.AUX_LOSS_COLLECTION, peft.METRICS_COLLECTION])
+    ce = optax.softmax_cross_entropy_with_integer_labels(out, targets).mean()
+    return ce + peft.total_aux_loss(state)
+
+  tx = peft.masked_optimizer(optax.adam(1e-2), mask)
+
+  @jax.jit
+  def step(p):
+    updates, _ = tx.update(jax.grad(loss_fn)(p), tx.init(p), p)
+    return peft.apply_masked_updates(p, updates, mask)
+
+  return step(params)
+
+
+def check_adapted(module, base, cfg, tokens, valid):
+  """The promises of :func:`peft.adapt` on ``module``; returns ``(model, params)``.
+
+  The backbone's parameter names and values unchanged, its logits at
+  initialisation, a training step that leaves it bit for bit, trained adapters
+  that change the output.
+  """
+  from moe_jax import peft
+  model = peft.adapt(module, cfg)
+  assert isinstance(model, type(module)) and peft.peft_config_of(model) == cfg
+  params = peft.init_adapter_params(model, base, rng_key())
+  backbone, adapters = peft.split_params(params)
+  # The backbone's parameters, under their own names, untouched.
+  assert jax.tree.structure(backbone) == jax.tree.structure(base)
+  for got, want in zip(jax.tree.leaves(backbone), jax.tree.leaves(base)):
+    assert got is want
+  assert adapters
+  # Identity at initialisation.
+  ref = valid_logits(module, base, tokens, valid)
+  np.testing.assert_allclose(valid_logits(model, params, tokens, valid), ref, rtol=0,
+                             atol=2e-6)
+  # A training step moves the adapters and leaves the backbone bit for bit.
+  new_backbone, new_adapters = peft.split_params(_train_step(model, params, tokens, valid))
+  for got, want in zip(jax.tree.leaves(new_backbone), jax.tree.leaves(base)):
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint32),
+                                  np.asarray(want).view(np.uint32))
+
+  def moved(path, a, b):
+    if str(path[-1].key) in ("lora_b", "scale"):
+      assert not np.array_equal(a, b), jax.tree_util.keystr(path)
+
+  jax.tree_util.tree_map_with_path(moved, new_adapters, adapters)
+  # Trained adapters change the output.
+  out = valid_logits(model, randomize_adapters(params), tokens, valid)
+  assert np.abs(out - ref).max() > 1e-3
+  return model, params

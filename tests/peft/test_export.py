@@ -15,7 +15,8 @@ from moe_jax import peft  # noqa: E402
 from moe_jax.checkpoints import export_hf, load_hf  # noqa: E402
 from moe_jax.checkpoints.hf_common import CheckpointError  # noqa: E402
 
-from peft_util import backbone, randomize_adapters, rng_key, with_adapters  # noqa: E402
+from peft_util import (backbone, check_adapted, randomize_adapters, rng_key,  # noqa: E402
+                       with_adapters)
 
 VOCAB = 97
 ALL_LORA = ("q", "k", "v", "o", "ffn_in", "ffn_out")
@@ -189,3 +190,32 @@ def test_adapter_files_fail_loudly_and_atomically(llama, tmp_path, monkeypatch):
                        base_checkpoint=str(path))
   assert {p.name: p.read_bytes() for p in good.iterdir()} == before
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_lora_on_an_imported_mixtral_folds_into_a_checkpoint_transformers_reads(tmp_path):
+  torch.manual_seed(0)
+  hf_cfg = transformers.MixtralConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2,
+      max_position_embeddings=64, tie_word_embeddings=False)
+  hf_cfg._attn_implementation = "eager"
+  hf_model = transformers.MixtralForCausalLM(hf_cfg).eval()
+  with torch.no_grad():  # confident routers: no near-ties in top-2 that rounding could flip
+    for name, p in hf_model.named_parameters():
+      if name.endswith("mlp.gate.weight"):
+        p.mul_(30.0)
+  hf_model.save_pretrained(tmp_path / "mixtral")
+  loaded = load_hf(tmp_path / "mixtral")
+  ids = jnp.asarray(_tokens())
+  valid = jnp.ones(ids.shape, bool)
+  cfg = peft.PeftConfig(method="lora", sites=("q", "k", "v", "o"), rank=3, alpha=5.0)
+  # Names unchanged, identity at initialisation, backbone bit-identical after a step.
+  model, params = check_adapted(loaded.module, loaded.params, cfg, ids, valid)
+  assert type(model).__name__ == "PeftMoeDecoder"
+  params = randomize_adapters(params, seed=4)  # trained-looking adapters
+  ours = _ours(model, params, ids)
+  peft.merge_and_export_hf(tmp_path / "merged", loaded.config, params, cfg)
+  reread = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "merged", attn_implementation="eager").eval()
+  assert type(reread).__name__ == "MixtralForCausalLM"
+  np.testing.assert_allclose(_hf_logits(reread, np.asarray(ids)), ours, atol=1e-4)
