@@ -43,8 +43,7 @@ def converters() -> dict[str, Converter]:
 
   table: dict[str, Converter] = {}
   # Subclass configs first: converter_for_config takes the first isinstance match
-  # (MoeDecoderConfig is a DecoderConfig), then the dense entry point (LlamaConverter picks
-  # the dense family to export through its export_converter).
+  # (MoeDecoderConfig is a DecoderConfig); converter_for_config picks among the dense ones.
   for conv in (MixtralConverter(), LlamaConverter(), GemmaConverter(), Phi3Converter(),
                T5Converter()):
     for model_type in conv.model_types:
@@ -164,12 +163,14 @@ def export_hf(path: str | os.PathLike, config: Any, params: Mapping, *,
 
 
 def converter_for_config(config: Any) -> Converter:
-  """The converter whose ``config_type`` ``config`` is an instance of (its
-  ``export_converter(config)`` when it has one: the dense families share a config)."""
-  for conv in converters().values():
+  """The converter whose ``config_type`` ``config`` is an instance of; for the dense
+  families, which share ``DecoderConfig``, the one of the family that expresses it."""
+  from moe_jax.checkpoints.hf_llama import LlamaConverter, export_model_type
+
+  table = converters()
+  for conv in table.values():
     if isinstance(config, conv.config_type):
-      pick = getattr(conv, "export_converter", None)
-      return conv if pick is None else pick(config)
+      return table[export_model_type(config)] if isinstance(conv, LlamaConverter) else conv
   raise CheckpointError(f"no Hugging Face export for {type(config).__name__}")
 
 

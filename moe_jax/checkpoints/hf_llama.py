@@ -225,12 +225,6 @@ class LlamaConverter:
   def module(self, config: DecoderConfig) -> Decoder:
     return Decoder(config=config)
 
-  def export_converter(self, c: DecoderConfig) -> "LlamaConverter":
-    """The converter of the HF family :func:`export_model_type` picks for ``c``."""
-    from moe_jax.checkpoints.hf import converters
-
-    return converters()[export_model_type(c)]
-
   def config_from_hf(self, hf: Mapping[str, Any]) -> DecoderConfig:
     model_type = hf.get("model_type")
     if hf.get("mlp_bias"):
