@@ -4,8 +4,13 @@ Legend: B batch, L tokens, E experts, R rank, ``I...`` the input feature
 dims of the adapted projection (``D``, or ``H, Dh`` for the attention output),
 ``K...`` its output feature dims (``H, Dh``, ``D`` or ``F``).
 
-Pure functions do the math; :class:`ScaleAdapter` and :class:`LoraAdapter`
-only create parameters (logical axes on each) and call them.
+Pure functions do the math (:func:`ia3_scale`, :func:`mov_scale`,
+:func:`lora_delta`, :func:`molora_delta`); :class:`ScaleAdapter` and
+:class:`LoraAdapter` only create parameters (logical axes on each) and call
+them. :data:`ADAPTERS` names the two families (how each is built for a
+projection and applied to its input / output); a method's registry entry
+(:class:`moe_jax.peft.config.Method`) points at one of them, so a new method
+is one entry, plus a family here when its math is new.
 
 **Efficient soft merging.** Merging the experts' *outputs* would cost E
 passes. Instead:
