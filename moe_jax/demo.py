@@ -104,4 +104,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  from moe_jax.runtime import tune_cpu_allocator
+
+  tune_cpu_allocator()  # before jax starts its threads
   main()

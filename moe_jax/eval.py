@@ -7,6 +7,8 @@ The evaluation itself is :func:`moe_jax.train.run.evaluate` (and
 import sys
 
 from moe_jax.cli.eval import main
+from moe_jax.runtime import tune_cpu_allocator
 
 if __name__ == "__main__":
+  tune_cpu_allocator()  # before jax starts its threads
   sys.exit(main())
