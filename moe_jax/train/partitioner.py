@@ -48,6 +48,14 @@ logger = logging.getLogger(__name__)
 #: the input dim of CALM's projection from an augmenting model).
 MODEL_RULES: tuple[tuple[str, Any], ...] = (("relpos_buckets", None), ("embed_aug", None))
 
+#: FSDP / ZeRO-3 (``PartitionerConfig.fsdp``): every parameter's ``embed``
+#: dimension -- and so its gradient and optimizer state -- is split over the
+#: data axis. jit's partitioner all-gathers a layer's weights where the layer
+#: runs and reduce-scatters their gradients (MaxText's ``fsdp`` axis). Expert
+#: and tensor parallelism compose: ``[expert, embed, mlp]`` kernels become
+#: ``P("expert", "data", "model")``.
+FSDP_RULES: tuple[tuple[str, Any], ...] = (("embed", "data"),)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PartitionerConfig:
@@ -58,13 +66,21 @@ class PartitionerConfig:
       devices left over; by default ``data``).
     rules: extra ``(logical_name, mesh_axes)`` rules, added after the defaults
       (``partitioning.DEFAULT_RULES`` plus ``MODEL_RULES``). Contradicting a
-      default is an error.
+      default is an error; sharding a name the defaults replicate is not
+      (``partitioning.merge_rules``).
+    fsdp: shard parameters, gradients and optimizer state over the ``data``
+      axis (``FSDP_RULES``: ZeRO-3). Memory for parameter state drops by the
+      data-axis size; each layer's weights are all-gathered for its forward
+      and backward pass (and its gradients reduce-scattered), which costs
+      interconnect bandwidth but no extra FLOPs. Use it when the replicated
+      state does not fit (models in the billions on 16-95 GiB chips).
   """
 
   data: int = -1
   expert: int = 1
   model: int = 1
   rules: tuple[tuple[str, Any], ...] = ()
+  fsdp: bool = False
 
   def __post_init__(self):
     sizes = dict(data=self.data, expert=self.expert, model=self.model)
@@ -75,6 +91,12 @@ class PartitionerConfig:
       raise ValueError(f"PartitionerConfig: mesh axis sizes must be >= 1 or -1, got {bad}")
     rules = tuple((r[0], tuple(r[1]) if isinstance(r[1], list) else r[1]) for r in self.rules)
     object.__setattr__(self, "rules", rules)
+
+  def all_rules(self) -> tuple[tuple[str, Any], ...]:
+    """Defaults, model rules, ``FSDP_RULES`` if ``fsdp``, then ``rules`` (merged)."""
+    merged = merge_rules(merge_rules(DEFAULT_RULES, MODEL_RULES),
+                         FSDP_RULES if self.fsdp else ())
+    return merge_rules(merged, self.rules)
 
   def mesh_shape(self, num_devices: int) -> dict[str, int]:
     sizes = dict(data=self.data, expert=self.expert, model=self.model)
@@ -152,7 +174,7 @@ class Partitioner:
     self.config = config
     devices = list(jax.devices() if devices is None else devices)
     self.mesh = make_mesh(config.mesh_shape(len(devices)), devices)
-    self.rules = merge_rules(merge_rules(DEFAULT_RULES, MODEL_RULES), config.rules)
+    self.rules = config.all_rules()
     validate_rules(self.rules, self.mesh)
 
   def __repr__(self) -> str:
@@ -322,5 +344,5 @@ def _spec_for_derived(shape: tuple[int, ...], param_shape: tuple[int, ...],
   return PartitionSpec()
 
 
-__all__ = ["DistributedConfig", "MESH_AXES", "MODEL_RULES", "Partitioner", "PartitionerConfig",
-           "initialize_distributed"]
+__all__ = ["DistributedConfig", "FSDP_RULES", "MESH_AXES", "MODEL_RULES", "Partitioner",
+           "PartitionerConfig", "initialize_distributed"]

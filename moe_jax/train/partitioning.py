@@ -110,21 +110,34 @@ def merge_rules(defaults: Rules, additions: Rules = ()) -> tuple[tuple[str, Mesh
   """``defaults`` followed by the new rules of ``additions``.
 
   A rule in ``additions`` that repeats one in ``defaults`` (same logical name,
-  same mesh axes) is accepted once; the same logical name mapped to different
-  mesh axes -- within either list or across them -- raises ``ValueError``
-  naming both rules. Order is kept (rule order is priority order).
+  same mesh axes) is accepted once. A default that *replicates* a name
+  (``(name, None)``) is a default, not a decision: an addition may shard that
+  name, and takes the default's place in the priority order. That is how FSDP
+  is spelled: ``("embed", "data")`` shards every parameter's model dimension
+  over the data axis (activations keep it whole: their ``batch`` dimension,
+  earlier in the rules, already uses ``data``). Every other disagreement -- a
+  sharded default re-mapped or un-sharded, or two rules for one name within
+  either list -- raises ``ValueError`` naming both rules. Order is kept (rule
+  order is priority order).
   """
   merged: dict[str, MeshAxes] = {}
+  from_defaults: set[str] = set()
   for source, rules in (("defaults", defaults), ("additions", additions)):
+    seen: set[str] = set()
     for rule in rules:
       if len(rule) != 2 or not isinstance(rule[0], str):
         raise ValueError(f"merge_rules: malformed rule {rule!r} in {source}; "
                          "expected (logical_name, mesh_axes)")
       name, axes = rule[0], _canonical(rule[1])
-      if name in merged and merged[name] != axes:
+      refines = (source == "additions" and name in from_defaults and name not in seen
+                 and merged[name] is None)
+      if name in merged and merged[name] != axes and not refines:
         raise ValueError(f"merge_rules: conflicting rules for logical axis {name!r}: "
                          f"({name!r}, {merged[name]!r}) vs ({name!r}, {axes!r}) in {source}")
       merged[name] = axes
+      seen.add(name)
+      if source == "defaults":
+        from_defaults.add(name)
   return tuple(merged.items())
 
 
