@@ -316,7 +316,7 @@ def _active() -> list[_Interceptor]:
 
 def _run(module: nn.Module, root: tuple[str, ...] | None, fn, *args, **kwargs):
   """``fn(*args, **kwargs)`` with ``module``'s interceptor active (once) for ``root``."""
-  if root is None or any(i.root == root for i in _active()):
+  if root is None or any(i.root == root and i.peft == module.peft for i in _active()):
     return fn(*args, **kwargs)
   interceptor = _Interceptor(module.peft, root)
   _active().append(interceptor)
