@@ -29,7 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from moe_jax.models.decoder import DecodeCache
+from moe_jax.models.decoder import DecodeCache, layer_caches
 from moe_jax.models.moe_decoder import MoeDecoder, MoeDecoderBlock, MoeDecoderConfig
 from moe_jax.moe.attention_mixture import AttentionMixture, AttentionMixtureConfig
 from moe_jax.moe.layer import MoeConfig  # noqa: F401  (type hint resolution in the registry)
@@ -60,8 +60,8 @@ def init_cache(config: BamDecoderConfig, batch: int, max_len: int | None = None,
   slots = max_len or config.max_seq_len
   dtype = jnp.dtype(dtype or config.dtype)
   return DecodeCache(
-      layers=tuple(KVCache.zeros(batch, slots, config.cache_kv_heads(i), config.dh, dtype)
-                   for i in range(config.num_layers)),
+      layers=layer_caches(config, lambda i: KVCache.zeros(batch, slots, config.cache_kv_heads(i),
+                                                          config.dh, dtype)),
       valid_BS=jnp.zeros((batch, slots), bool),
       index=jnp.zeros((), jnp.int32))
 

@@ -29,6 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from moe_jax.models import stack
 from moe_jax.nn.attention import Attention, KVCache
 from moe_jax.nn.embeddings import Embed, RopeScaling
 from moe_jax.nn.linear import Linear
@@ -80,6 +81,11 @@ class DecoderConfig:
       alternate local and global layers); ``None``: all of them.
     local_rope_theta: RoPE base of the sliding-window layers, which then use no
       ``rope_scaling`` (Gemma 3's local base); ``None``: same as global layers.
+    remat_policy: per-block rematerialisation (:data:`moe_jax.models.stack.REMAT_POLICIES`);
+      ``"none"`` keeps every activation.
+    scan_layers: run the blocks as one ``nn.scan`` with parameters stacked
+      along a ``layers`` axis (:mod:`moe_jax.models.stack`): compile time
+      independent of depth. Alternating local / global layers scan a period.
   """
 
   vocab_size: int
@@ -115,8 +121,11 @@ class DecoderConfig:
   qk_norm: bool = False
   sliding_window_layers: tuple[int, ...] | None = None
   local_rope_theta: float | None = None
+  remat_policy: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
+    stack.check_remat_policy(self.remat_policy, type(self).__name__)
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
       if getattr(self, name) <= 0:
         raise ValueError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
@@ -154,6 +163,10 @@ class DecoderConfig:
     return self.sliding_window is not None and (
         self.sliding_window_layers is None or i in self.sliding_window_layers)
 
+  def layer_kind(self, i: int) -> tuple:
+    """What must agree for layers to share a scanned block (see ``stack.find_period``)."""
+    return (self.is_sliding_layer(i),)
+
   @property
   def has_global_layers(self) -> bool:
     """Whether some layer attends without the sliding window."""
@@ -168,7 +181,9 @@ class DecodeCache:
   """Per-layer KV caches plus the slot bookkeeping shared by all layers.
 
   Attributes:
-    layers: one ``KVCache`` per layer, ``[B, S, K, Dh]``.
+    layers: one ``KVCache`` per layer, ``[B, S, K, Dh]``; for a scanned stack
+      of period P, one per block of the period, stacked over its N/P
+      occurrences: ``[N/P, B, S, K, Dh]``.
     valid_BS: which slots hold real (non-padding) tokens.
     index: next slot to write (same for every sequence in the batch).
   """
@@ -184,10 +199,19 @@ def init_cache(config: DecoderConfig, batch: int, max_len: int | None = None,
   slots = max_len or config.max_seq_len
   dtype = jnp.dtype(dtype or config.dtype)
   return DecodeCache(
-      layers=tuple(KVCache.zeros(batch, slots, config.kv_heads, config.dh, dtype)
-                   for _ in range(config.num_layers)),
+      layers=layer_caches(config, lambda i: KVCache.zeros(batch, slots, config.kv_heads,
+                                                          config.dh, dtype)),
       valid_BS=jnp.zeros((batch, slots), bool),
       index=jnp.zeros((), jnp.int32))
+
+
+def layer_caches(config: DecoderConfig, make: Callable[[int], Any]) -> tuple:
+  """``make(i)`` for every layer, in the config's stack layout (see :class:`DecodeCache`)."""
+  caches = [make(i) for i in range(config.num_layers)]
+  if not config.scan_layers:
+    return tuple(caches)
+  p = stack.find_period([config.layer_kind(i) for i in range(config.num_layers)])
+  return tuple(stack.stack_leading(caches[j::p]) for j in range(p))
 
 
 def attention_mask(valid_BS: Array, q_slots_L: Array, sliding_window: int | None) -> Array:
@@ -257,9 +281,14 @@ def softcap(x: Array, cap: float | None) -> Array:
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm block: sequential (Llama) or parallel (attention ‖ FFN)."""
+  """Pre-norm block: sequential (Llama) or parallel (attention ‖ FFN).
+
+  ``layer``: the block's index in the stack; ``None`` reads it from the
+  ``layers_{i}`` name (unrolled stacks).
+  """
 
   config: DecoderConfig
+  layer: int | None = None
 
   def setup(self):
     c = self.config
@@ -274,7 +303,9 @@ class DecoderBlock(nn.Module):
 
   @property
   def layer_index(self) -> int:
-    """This block's index in the stack (from its ``layers_{i}`` name)."""
+    """This block's index in the stack (its ``layer`` or its ``layers_{i}`` name)."""
+    if self.layer is not None:
+      return self.layer
     return int(self.name.rsplit("_", 1)[1])
 
   def make_attention(self) -> nn.Module:
@@ -302,16 +333,25 @@ class DecoderBlock(nn.Module):
     h = self.input_norm(x_BLD)
     attn_out, new_cache = self.attn(h, mask_BLS=mask_BLS, positions_BL=positions_BL,
                                     cache=cache, cache_index=cache_index)
+    attn_out = stack.checkpoint_name(attn_out, "attn_out")
+    ffn = lambda y: stack.checkpoint_name(self.mlp(y), "ffn_out")  # noqa: E731
     if self.config.parallel_block:
-      x_BLD = x_BLD + attn_out + self.mlp(h)
+      x_BLD = x_BLD + attn_out + ffn(h)
     elif self.config.post_sublayer_norms:
       x_BLD = x_BLD + self.attn_out_norm(attn_out)
-      x_BLD = x_BLD + self.ffn_out_norm(self.mlp(self.post_attn_norm(x_BLD)))
+      x_BLD = x_BLD + self.ffn_out_norm(ffn(self.post_attn_norm(x_BLD)))
     else:
       x_BLD = x_BLD + attn_out
-      x_BLD = x_BLD + self.mlp(self.post_attn_norm(x_BLD))
+      x_BLD = x_BLD + ffn(self.post_attn_norm(x_BLD))
     x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
     return x_BLD, new_cache
+
+  @staticmethod
+  def stack_kwargs(config: DecoderConfig, layer: int, shared: dict, layer_in: dict) -> dict:
+    """Call keywords of layer ``layer`` in a scanned stack (see ``stack.ScanPeriod``)."""
+    return dict(mask_BLS=shared["masks"][config.is_sliding_layer(layer)],
+                positions_BL=shared["positions_BL"], cache_index=shared["cache_index"],
+                cache=layer_in.get("cache"))
 
 
 class Decoder(nn.Module):
@@ -330,10 +370,19 @@ class Decoder(nn.Module):
     common = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     self.embed = Embed(c.vocab_size, c.d_model,
                        embedding_init=nn.initializers.normal(stddev=c.embed_init_std), **common)
-    self.layers = [self.block_cls(config=c, name=f"layers_{i}") for i in range(c.num_layers)]
+    self.layers = stack.make_blocks(self.block_cls, c, c.num_layers, scan=c.scan_layers,
+                                    remat_policy=c.remat_policy,
+                                    kinds=[c.layer_kind(i) for i in range(c.num_layers)])
     self.final_norm = make_norm(c)
     if not c.tie_embeddings:
       self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), **common)
+
+  @nn.nowrap
+  def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None
+                 ) -> DecodeCache:
+    """Empty decode cache (needs no parameters): the cache protocol every language model
+    here shares (MoE / BAM decoders, T5, CALM compositions); ``moe_jax.decoding`` uses it."""
+    return init_cache(self.config, batch, max_len, dtype)
 
   def __call__(self, tokens_BL: Array, *, valid_BL: Array | None = None,
                positions_BL: Array | None = None, segment_ids_BL: Array | None = None,
@@ -355,7 +404,9 @@ class Decoder(nn.Module):
       after_layer: ``f(i, x_BLD) -> x_BLD`` called on layer ``i``'s output
         before it feeds layer ``i + 1``: the hook composition methods (CALM)
         use to read or add to the residual stream without restructuring the
-        backbone's parameters.
+        backbone's parameters. A scanned stack (``scan_layers``) runs its
+        layers inside one scan, so there ``after_layer`` may only read: it
+        must return ``x_BLD`` itself.
     """
     c = self.config
     b, l = tokens_BL.shape
@@ -380,16 +431,20 @@ class Decoder(nn.Module):
     if c.scale_embeddings:  # sqrt(D) rounded to the parameter dtype, as HF's Gemma
       x = x * jnp.asarray(c.d_model ** 0.5, jnp.dtype(c.param_dtype)).astype(x.dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    new_layers = []
-    for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, mask_BLS=masks[c.is_sliding_layer(i)], positions_BL=positions_BL,
-                             cache=None if cache is None else cache.layers[i],
-                             cache_index=index)
-      new_layers.append(layer_cache)
-      if after_layer is not None:
-        x = after_layer(i, x)
-      if sow_hidden:
-        self.sow("intermediates", "hidden", x)
+    if c.scan_layers:
+      x, new_layers = self._scanned(x, masks, positions_BL, cache, index, sow_hidden, after_layer)
+    else:
+      new_layers = []
+      for i, layer in enumerate(self.layers):
+        x, layer_cache = layer(x, mask_BLS=masks[c.is_sliding_layer(i)],
+                               positions_BL=positions_BL,
+                               cache=None if cache is None else cache.layers[i],
+                               cache_index=index)
+        new_layers.append(layer_cache)
+        if after_layer is not None:
+          x = after_layer(i, x)
+        if sow_hidden:
+          self.sow("intermediates", "hidden", x)
     x = self.final_norm(x)
     logits = self.embed.attend(x) if c.tie_embeddings else self.lm_head(x)
     logits = softcap(logits, c.final_logit_softcap)
@@ -398,3 +453,17 @@ class Decoder(nn.Module):
     if cache is not None:
       new_cache = DecodeCache(layers=tuple(new_layers), valid_BS=valid_BS, index=index + l)
     return logits, new_cache
+
+  def _scanned(self, x, masks, positions_BL, cache, index, sow_hidden, after_layer):
+    """The scanned stack: ``(x, new per-block stacked caches)``; hooks read the layer outputs."""
+    shared = dict(masks=masks, positions_BL=positions_BL, cache_index=index)
+    layer_in = None if cache is None else tuple({"cache": lc} for lc in cache.layers)
+    x, extras, hidden = stack.run_scanned(self.layers, x, layer_in, shared)
+    for i, h in enumerate(hidden):
+      if after_layer is not None and after_layer(i, h) is not h:
+        raise ValueError("after_layer changed the residual stream of a scanned stack "
+                         "(scan_layers=True); only an unrolled stack can be modified between "
+                         "layers (e.g. CALM's anchor must use scan_layers=False)")
+      if sow_hidden:
+        self.sow("intermediates", "hidden", h)
+    return x, extras

@@ -15,8 +15,10 @@ Which layers are MoE (``moe_layout``):
 * ``"every_other"``: layers 1, 3, 5, ... (GShard / Switch: dense first);
 * a tuple of layer indices, e.g. ``(3, 7)``.
 
-The block learns its index from its name (``layers_{i}``, given by
-``Decoder.setup``) because ``Decoder`` constructs blocks with ``config`` only.
+The block learns its index from its ``layer`` field (a scanned stack) or its
+name (``layers_{i}``, given by ``Decoder.setup`` to an unrolled stack). A
+scanned MoE decoder (``scan_layers``) scans the period of ``moe_layout``:
+one block for ``"every"``, a dense and an MoE block for ``"every_other"``.
 
 Auxiliary losses and router metrics are sown by each MoE layer (see
 ``moe_jax.moe.layer``): ``apply(..., mutable=["aux_loss", "moe_metrics"])``.
@@ -76,6 +78,9 @@ class MoeDecoderConfig(DecoderConfig):
   def moe_layers(self) -> tuple[int, ...]:
     return moe_layer_indices(self.moe_layout, self.num_layers)
 
+  def layer_kind(self, i: int) -> tuple:
+    return super().layer_kind(i) + (i in self.moe_layers,)
+
 
 _LAYER_NAME = re.compile(r"^layers_(\d+)$")
 
@@ -85,6 +90,8 @@ class MoeDecoderBlock(DecoderBlock):
 
   @property
   def layer_index(self) -> int:
+    if self.layer is not None:
+      return self.layer
     m = _LAYER_NAME.match(self.name or "")
     if m is None:
       raise ValueError(f"MoeDecoderBlock needs the name 'layers_<i>' (as Decoder gives it) to "

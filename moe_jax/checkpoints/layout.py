@@ -1,0 +1,136 @@
+"""Unrolled <-> scanned parameter layouts: one pure function pair, used by every loader.
+
+An unrolled stack stores layer ``i`` as ``layers_{i}/...``; a scanned one
+(:mod:`moe_jax.models.stack`, ``scan_layers=True``) stores all layers in one
+``layers`` subtree whose leaves have a leading axis: ``layers/...`` with
+``[N, ...]`` leaves for a period of one block, ``layers/block_{j}/...`` with
+``[N/P, ...]`` leaves for a period of P (layer ``i`` is ``block_{i % P}`` at
+index ``i // P``). The functions work on any nesting (T5's
+``encoder`` / ``decoder``, CALM's ``anchor`` / ``augment_{j}``) and on any
+leaves: arrays, ``ShapeDtypeStruct`` s, or flax ``LogicallyPartitioned`` boxes
+(whose names gain or lose the leading ``layers`` axis).
+
+:func:`match_layout` converts a checkpoint's tree to the layout of a target
+tree (the model's parameter shapes): the HF importer / exporter, our format,
+orbax restore and assignment-map partial restore all call it, so a checkpoint
+written in either layout loads into either.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+LAYER_KEY = re.compile(r"^layers_(\d+)$")
+BLOCK_KEY = re.compile(r"^block_(\d+)$")
+AXIS = "layers"
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def _stack_leaves(*xs: Any) -> Any:
+  if _is_box(xs[0]):
+    names = xs[0].names
+    return xs[0].replace_boxed(_stack_leaves(*[x.unbox() for x in xs])).replace(
+        names=(AXIS,) + tuple(names))
+  if isinstance(xs[0], jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype)
+  if isinstance(xs[0], jax.Array):
+    return jax.numpy.stack(xs)
+  return np.stack([np.asarray(x) for x in xs])
+
+
+def _index_leaf(x: Any, i: int) -> Any:
+  if _is_box(x):
+    names = tuple(x.names)
+    if names[:1] != (AXIS,):
+      raise ValueError(f"stacked leaf has logical axes {names}; expected a leading {AXIS!r}")
+    return x.replace_boxed(_index_leaf(x.unbox(), i)).replace(names=names[1:])
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
+  return x[i]
+
+
+def _tree_map(f, *trees):
+  return jax.tree.map(f, *trees, is_leaf=_is_box)
+
+
+def layer_keys(node: Mapping) -> list[str]:
+  """The ``layers_{i}`` keys of ``node`` in layer order."""
+  return sorted((k for k in node if LAYER_KEY.match(str(k))),
+                key=lambda k: int(LAYER_KEY.match(k).group(1)))
+
+
+def is_scanned(node: Any) -> bool:
+  """Whether ``node`` holds a scanned ``layers`` subtree (and no ``layers_{i}``)."""
+  return isinstance(node, Mapping) and isinstance(node.get(AXIS), Mapping) and not layer_keys(node)
+
+
+def period(stacked: Mapping) -> int:
+  """P of a scanned ``layers`` subtree (its ``block_{j}`` children; 1 if none)."""
+  blocks = [k for k in stacked if BLOCK_KEY.match(str(k))]
+  return len(blocks) if blocks and len(blocks) == len(stacked) else 1
+
+
+def stack_layers(node: Mapping, p: int = 1) -> dict:
+  """``layers_0 .. layers_{N-1}`` of ``node`` -> one stacked ``layers`` subtree (period ``p``)."""
+  keys = layer_keys(node)
+  n = len(keys)
+  if [int(LAYER_KEY.match(k).group(1)) for k in keys] != list(range(n)):
+    raise ValueError(f"layers are not numbered 0..{n - 1}: {keys}")
+  if n == 0 or n % p:
+    raise ValueError(f"cannot scan {n} layers with a period of {p}")
+  out = {k: v for k, v in node.items() if not LAYER_KEY.match(str(k))}
+  per_block = []
+  for j in range(p):
+    group = [node[keys[i]] for i in range(j, n, p)]
+    try:
+      per_block.append(_tree_map(_stack_leaves, *group))
+    except ValueError as e:
+      raise ValueError(f"layers {list(range(j, n, p))} differ in structure and cannot be "
+                       f"stacked ({e})") from None
+  out[AXIS] = per_block[0] if p == 1 else {f"block_{j}": t for j, t in enumerate(per_block)}
+  return out
+
+
+def unstack_layers(node: Mapping) -> dict:
+  """Inverse of :func:`stack_layers`: one ``layers`` subtree -> ``layers_{i}`` subtrees."""
+  stacked = node[AXIS]
+  p = period(stacked)
+  blocks = [stacked] if p == 1 else [stacked[f"block_{j}"] for j in range(p)]
+  steps = jax.tree.leaves(blocks[0], is_leaf=_is_box)[0]
+  steps = (steps.unbox() if _is_box(steps) else steps).shape[0]
+  out = {k: v for k, v in node.items() if k != AXIS}
+  for i in range(steps * p):
+    out[f"layers_{i}"] = _tree_map(lambda x, i=i: _index_leaf(x, i // p), blocks[i % p])
+  return out
+
+
+def match_layout(tree: Any, target: Any) -> Any:
+  """``tree`` with every block stack in the layout ``target`` has at the same place.
+
+  ``target`` only needs the structure (arrays, shapes or boxes). Subtrees that
+  are already alike, and keys ``target`` lacks, pass through unchanged.
+  """
+  if not isinstance(tree, Mapping) or not isinstance(target, Mapping):
+    return tree
+  if layer_keys(tree) and is_scanned(target):
+    tree = stack_layers(tree, period(target[AXIS]))
+  elif is_scanned(tree) and layer_keys(target):
+    tree = unstack_layers(tree)
+  return {k: match_layout(v, target[k]) if k in target else v for k, v in tree.items()}
+
+
+def unrolled(tree: Any) -> Any:
+  """``tree`` with every scanned stack unrolled (the layout HF export and upcycling read)."""
+  if not isinstance(tree, Mapping):
+    return tree
+  if is_scanned(tree):
+    tree = unstack_layers(tree)
+  return {k: unrolled(v) for k, v in tree.items()}
