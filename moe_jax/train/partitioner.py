@@ -45,8 +45,10 @@ from moe_jax.train.partitioning import (DEFAULT_RULES, MESH_AXES, logical_to_mes
 logger = logging.getLogger(__name__)
 
 #: Logical names our models use beyond ``DEFAULT_RULES`` (T5's relative-position table,
-#: the input dim of CALM's projection from an augmenting model).
-MODEL_RULES: tuple[tuple[str, Any], ...] = (("relpos_buckets", None), ("embed_aug", None))
+#: the input dim of CALM's projection from an augmenting model, the leading axis of
+#: scanned layers' stacked parameters: every device holds all layers of its shard).
+MODEL_RULES: tuple[tuple[str, Any], ...] = (("relpos_buckets", None), ("embed_aug", None),
+                                            ("layers", None))
 
 #: FSDP / ZeRO-3 (``PartitionerConfig.fsdp``): every parameter's ``embed``
 #: dimension -- and so its gradient and optimizer state -- is split over the
@@ -120,12 +122,17 @@ class DistributedConfig:
     auto_detect: on TPU pods (several hosts in ``TPU_WORKER_HOSTNAMES``) call
       ``jax.distributed.initialize()`` with no arguments, letting jax find the
       coordinator.
+    heartbeat_timeout_s: a process that sends no heartbeat for this long is
+      declared dead and the others stop with an error naming it (jax's
+      default, 100 s, leaves the survivors hanging in a collective). Heartbeats
+      come from a background thread, so long compilations do not trip it.
   """
 
   coordinator_address: str | None = None
   process_count: int | None = None
   process_id: int | None = None
   auto_detect: bool = True
+  heartbeat_timeout_s: int = 10
 
 
 def _on_tpu_pod() -> bool:
@@ -147,13 +154,14 @@ def initialize_distributed(config: DistributedConfig = DistributedConfig()) -> b
       raise ValueError(f"multi-host: process_id={c.process_id} is outside "
                        f"[0, process_count={c.process_count})")
     jax.distributed.initialize(coordinator_address=c.coordinator_address,
-                               num_processes=c.process_count, process_id=c.process_id)
+                               num_processes=c.process_count, process_id=c.process_id,
+                               heartbeat_timeout_seconds=c.heartbeat_timeout_s)
     return True
   if c.process_count not in (None, 1) or c.process_id not in (None, 0):
     raise ValueError("multi-host: process_count/process_id given without a "
                      "coordinator_address")
   if c.auto_detect and _on_tpu_pod():
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=c.heartbeat_timeout_s)
     return True
   return False
 

@@ -76,6 +76,17 @@ class TrainerConfig:
     progress_bar: show a tqdm bar (process 0 only).
     check_finite_every_step: fetch the loss every step to stop at the exact
       first non-finite step even between log lines (costs a host sync per step).
+    num_microbatches: gradient accumulation (:mod:`moe_jax.train.microbatch`):
+      each step runs forward and backward on this many slices of the global
+      batch in turn and applies one update with their summed gradients.
+      Activation memory drops by this factor; the step's FLOPs do not change.
+      The global batch must divide into ``num_microbatches`` x the batch shards.
+    frozen_param_dtype: dtype of the parameters the optimizer does not train
+      (``None``: as initialised, float32). ``"bfloat16"`` halves the memory of
+      a PEFT / CALM run's frozen backbone; frozen parameters have no gradient
+      and no optimizer state, and trainable parameters (and their optimizer
+      state) keep their own dtype. The backbone's weights are rounded once,
+      as a bfloat16 checkpoint would be.
   """
 
   num_train_steps: int
@@ -85,6 +96,8 @@ class TrainerConfig:
   seed: int = 0
   progress_bar: bool = True
   check_finite_every_step: bool = False
+  num_microbatches: int = 1
+  frozen_param_dtype: str | None = None
 
   def __post_init__(self):
     if self.num_train_steps < 0:
@@ -93,6 +106,11 @@ class TrainerConfig:
       raise ValueError(f"TrainerConfig.log_every must be >= 1, got {self.log_every}")
     if self.eval_every is not None and self.eval_every < 1:
       raise ValueError(f"TrainerConfig.eval_every must be >= 1 or None, got {self.eval_every}")
+    if self.num_microbatches < 1:
+      raise ValueError(f"TrainerConfig.num_microbatches must be >= 1, got "
+                       f"{self.num_microbatches}")
+    if self.frozen_param_dtype is not None:
+      jnp.dtype(self.frozen_param_dtype)  # TypeError naming an unknown dtype
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,7 +143,13 @@ class DatasetConfig:
 
 def make_data_iterator(config: DatasetConfig, model: BaseModel, *,
                        num_epochs: int | None = None, **overrides: Any):
-  """A ``DataIterator`` over this process's share of ``config``'s batches."""
+  """A ``DataIterator`` over this process's rows of ``config``'s global batches.
+
+  Every process builds the same global batch stream and keeps its block of
+  rows (:mod:`moe_jax.data.iterator`): the global batch is the same
+  examples whatever the process count, and a checkpoint's data position
+  resumes on any process count.
+  """
   from moe_jax.data import pipeline
 
   c = dataclasses.replace(config, **overrides) if overrides else config
@@ -136,11 +160,11 @@ def make_data_iterator(config: DatasetConfig, model: BaseModel, *,
   ds = pipeline.get_dataset(
       mixture_or_task_name=c.mixture_or_task_name,
       task_feature_lengths=dict(c.task_feature_lengths), split=c.split,
-      batch_size=c.batch_size // n, feature_converter=c.feature_converter or
+      batch_size=c.batch_size, feature_converter=c.feature_converter or
       model.FEATURE_CONVERTER, pack=c.pack, shuffle=c.shuffle, seed=c.seed,
-      num_epochs=num_epochs, shard_info=pipeline.shard_info_for_process(),
-      use_cached=c.use_cached)
-  return pipeline.DataIterator(ds)
+      num_epochs=num_epochs, shard_info=None, use_cached=c.use_cached)
+  rows = pipeline.global_batch_rows(c.batch_size, jax.process_index(), n)
+  return pipeline.DataIterator(ds, rows=rows)
 
 
 class MetricsWriter:
@@ -150,6 +174,27 @@ class MetricsWriter:
     self.path = None if model_dir is None else Path(model_dir) / METRICS_FILE
     self.echo = echo and jax.process_index() == 0
     self.bar = None  # a tqdm bar to print through, while one is active
+
+  def drop_rows_after(self, step: int) -> None:
+    """Removes rows of steps after ``step`` (a resumed run re-runs them: one row per step).
+
+    The file is rewritten atomically; unparsable lines are kept.
+    """
+    if self.path is None or jax.process_index() != 0 or not self.path.exists():
+      return
+    from moe_jax.checkpoints.io import write_text_atomic
+
+    lines = self.path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+      try:
+        after = int(json.loads(line).get("step", 0)) > step
+      except (ValueError, TypeError, AttributeError):
+        after = False
+      if not after:
+        keep.append(line)
+    if len(keep) != len(lines):
+      write_text_atomic(self.path, "".join(keep))
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
     row = {"step": int(step), "split": split,
@@ -194,7 +239,7 @@ class Trainer:
     self.writer = metrics_writer or MetricsWriter(None, echo=False)
     p = partitioner
     boxed = model.abstract_boxed_params()  # outside the mesh: see Partitioner.jit(in_context=)
-    self.abstract_params = nn.meta.unbox(boxed)
+    self.abstract_params = self.cast_frozen(nn.meta.unbox(boxed))
     self.param_specs = p.param_specs(boxed)
     abstract_opt = (None if optimizer is None
                     else jax.eval_shape(optimizer.tx.init, self.abstract_params))
@@ -212,13 +257,28 @@ class Trainer:
 
   # -- state -------------------------------------------------------------------
 
+  def cast_frozen(self, params: Any) -> Any:
+    """``params`` (arrays or shapes) with frozen leaves in ``config.frozen_param_dtype``."""
+    dtype = self.config.frozen_param_dtype
+    if dtype is None or self.optimizer is None:
+      return params
+
+    def cast(x, trainable):
+      if trainable or not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+      if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding)
+      return x.astype(dtype)
+
+    return jax.tree.map(cast, params, self.optimizer.trainable_mask)
+
   def create_state(self, seed: int | None = None) -> TrainState:
     """Freshly initialised, sharded train state at step 0."""
     seed = self.config.seed if seed is None else seed
     model, tx = self.model, self.optimizer.tx
 
     def init(key):
-      params = model.init_params(key)
+      params = self.cast_frozen(model.init_params(key))
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     fn = self.partitioner.jit(init, out_shardings=self.state_shardings, in_context=False)
@@ -227,13 +287,16 @@ class Trainer:
   def create_params(self, seed: int | None = None) -> Any:
     """Freshly initialised, sharded parameters (no optimizer state)."""
     seed = self.config.seed if seed is None else seed
-    fn = self.partitioner.jit(self.model.init_params, out_shardings=self.state_shardings.params,
-                              in_context=False)
+    fn = self.partitioner.jit(lambda key: self.cast_frozen(self.model.init_params(key)),
+                              out_shardings=self.state_shardings.params, in_context=False)
     return fn(jax.random.key(seed))
 
   def state_from_params(self, params: Any, step: int = 0) -> TrainState:
     """A train state around given (sharded) parameters, with a fresh optimizer state."""
     tx = self.optimizer.tx
+    if self.config.frozen_param_dtype is not None:
+      params = self.partitioner.jit(self.cast_frozen,
+                                    out_shardings=self.state_shardings.params)(params)
     fn = self.partitioner.jit(lambda p: tx.init(p), in_shardings=(self.state_shardings.params,),
                               out_shardings=self.state_shardings.opt_state)
     return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32),
@@ -267,10 +330,11 @@ class Trainer:
     model, opt = self.model, self.optimizer
     base_key = jax.random.key(self.config.seed)
 
+    grads_of = self._loss_and_grads
+
     def train_step(state: TrainState, batch):
       rng = jax.random.fold_in(base_key, state.step)
-      (_, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
-          state.params, batch, rng)
+      (_, metrics), grads = grads_of(state.params, batch, rng)
       updates, opt_state = opt.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       metrics["grad_norm"] = masked_global_norm(grads, opt.trainable_mask)
@@ -281,11 +345,42 @@ class Trainer:
         train_step, in_shardings=(self.state_shardings, self._batch_shardings(batch)),
         out_shardings=(self.state_shardings, self.partitioner.replicated), donate_argnums=(0,))
 
+  def _loss_and_grads(self, params: Any, batch: Mapping[str, Any], rng: jax.Array):
+    """``((loss, metrics), grads)``: one pass, or accumulated over microbatches."""
+    n = self.config.num_microbatches
+    if n == 1:
+      return jax.value_and_grad(self.model.loss_fn, has_aux=True)(params, batch, rng)
+    from moe_jax.train import losses, microbatch
+
+    loss_config = getattr(self.model, "loss_config", None)
+    token_weighted = (getattr(loss_config, "loss_normalizing_factor", losses.NUM_TARGET_TOKENS)
+                      == losses.NUM_TARGET_TOKENS)
+    axes = self.partitioner.batch_axes
+
+    def constrain(x):
+      spec = jax.sharding.PartitionSpec(None, axes, *([None] * (x.ndim - 2)))
+      return jax.lax.with_sharding_constraint(x, self.partitioner.sharding(spec))
+
+    return microbatch.accumulate_gradients(
+        self.model.loss_fn, params, batch, rng, num_microbatches=n,
+        trainable_mask=self.optimizer.trainable_mask, token_weighted=token_weighted,
+        constrain=constrain)
+
+  def _check_microbatches(self, batch: Mapping[str, Any]) -> None:
+    n, shards = self.config.num_microbatches, self.partitioner.num_batch_shards
+    rows = np.shape(next(iter(batch.values())))[0] * (
+        1 if isinstance(next(iter(batch.values())), jax.Array) else jax.process_count())
+    if n > 1 and rows % (n * shards):
+      raise ValueError(f"TrainerConfig.num_microbatches={n}: the global batch of {rows} rows "
+                       f"does not split into {n} microbatches over {shards} batch shards; use a "
+                       f"batch size that is a multiple of {n * shards}")
+
   def train_step(self, state: TrainState, batch: Mapping[str, Any]
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on a sharded (or per-process numpy) batch."""
     key, batch = self._prepare(batch)
     if key not in self._steps:
+      self._check_microbatches(batch)
       self._steps[key] = self._make_train_step(batch)
     return self._steps[key](state, batch)
 
