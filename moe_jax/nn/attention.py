@@ -29,6 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from moe_jax.nn.attention_kernels import AttentionMask, as_dense_mask, attention, check_impl
 from moe_jax.nn.embeddings import RopeScaling, apply_rope, rope_inverse_frequencies
 from moe_jax.nn.linear import Linear
 from moe_jax.nn.norms import RMSNorm
@@ -50,14 +51,16 @@ class KVCache:
 
 
 def dot_product_attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *,
-                          mask_BLS: Array | None = None, bias_BHLS: Array | None = None,
+                          mask_BLS: Array | AttentionMask | None = None,
+                          bias_BHLS: Array | None = None,
                           scale: float = 1.0, logit_softcap: float | None = None) -> Array:
   """Softmax attention with grouped kv heads; softmax in float32.
 
   Args:
     q_BLHD: queries.
     k_BSKD, v_BSKD: keys and values with ``K`` dividing ``H``.
-    mask_BLS: boolean, broadcastable to ``[B, L, S]``; True where attention is allowed.
+    mask_BLS: boolean, broadcastable to ``[B, L, S]``; True where attention is allowed
+      (an :class:`AttentionMask` is made dense).
     bias_BHLS: additive logit bias broadcastable to ``[B, H, L, S]`` (T5 relative bias).
     scale: multiplier on ``q · k`` (``Dh**-0.5`` for Llama, 1 for T5).
     logit_softcap: ``c`` of ``c * tanh(logits / c)`` applied to the scaled
@@ -71,6 +74,7 @@ def dot_product_attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *,
   if h % kv:
     raise ValueError(f"query heads {h} not divisible by kv heads {kv}")
   g = h // kv
+  mask_BLS = as_dense_mask(mask_BLS, l)
   q_BLKGD = q_BLHD.reshape(b, l, kv, g, dh)
   logits = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD,
                       preferred_element_type=jnp.float32) * scale
@@ -111,6 +115,9 @@ class Attention(nn.Module):
       and key head after projection, before RoPE (Qwen3, Gemma 3).
     qk_norm_eps, qk_norm_offset: that norm's epsilon and scale offset (1 for
       Gemma's ``1 + w``).
+    attention_impl: ``"auto"`` | ``"xla"`` | ``"splash"`` | ``"flash"`` |
+      ``"cudnn"`` (:mod:`moe_jax.nn.attention_kernels`). Kernels need an
+      :class:`AttentionMask` and no KV cache; other calls use ``"xla"``.
   """
 
   num_heads: int
@@ -131,8 +138,10 @@ class Attention(nn.Module):
   qk_norm: bool = False
   qk_norm_eps: float = 1e-6
   qk_norm_offset: float = 0.0
+  attention_impl: str = "auto"
 
   def setup(self):
+    check_impl(self.attention_impl, f"{type(self).__name__}.attention_impl")
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.q = Linear((self.num_heads, self.head_dim), ("embed", "heads", "kv"),
                     use_bias=self.qkv_bias,
@@ -186,7 +195,8 @@ class Attention(nn.Module):
       k = apply_rope(k, positions_BS, self._inv_freq())
     return KVCache(k=k, v=v)
 
-  def __call__(self, x_BLD: Array, *, mask_BLS: Array | None, positions_BL: Array | None = None,
+  def __call__(self, x_BLD: Array, *, mask_BLS: Array | AttentionMask | None,
+               positions_BL: Array | None = None,
                kv_source_BSD: Array | None = None, kv: KVCache | None = None,
                cache: KVCache | None = None, cache_index: Array | None = None,
                bias_BHLS: Array | None = None, context: Any = None
@@ -201,7 +211,8 @@ class Attention(nn.Module):
     slots.
 
     ``context`` is handed to the projection hooks (``project_q`` ...) and
-    ignored by this class.
+    ignored by this class. ``mask_BLS`` is a boolean ``[B, L, S]`` or an
+    :class:`AttentionMask` (what the fused kernels need; see ``attention_impl``).
 
     Returns:
       ``(out_BLD, updated cache or None)``.
@@ -214,6 +225,7 @@ class Attention(nn.Module):
         raise ValueError("RoPE attention needs positions_BL")
       q = apply_rope(q, positions_BL, self._inv_freq())
     new_cache = None
+    decoding = cache is not None or kv is not None
     if kv is None:
       if kv_source_BSD is not None:  # cross-attention; positions are the source's
         kv = self.project_kv(kv_source_BSD, positions_BL, context)
@@ -230,7 +242,9 @@ class Attention(nn.Module):
             v=jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), start))
         kv = KVCache(k=new_cache.k.astype(q.dtype), v=new_cache.v.astype(q.dtype))
     scale = self.head_dim ** -0.5 if self.scale is None else self.scale
-    out = dot_product_attention(q, kv.k, kv.v, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS,
-                                scale=scale, logit_softcap=self.logit_softcap)
+    # KV-cached decoding (a cache, or precomputed keys) keeps its own path.
+    impl = "xla" if decoding else self.attention_impl
+    out = attention(q, kv.k, kv.v, mask=mask_BLS, bias_BHLS=bias_BHLS, scale=scale,
+                    logit_softcap=self.logit_softcap, impl=impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return self.project_out(out, context), new_cache
