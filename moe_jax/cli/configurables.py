@@ -39,6 +39,7 @@ Command line (shared by ``python -m moe_jax.train``, ``eval`` and ``plan``)::
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import inspect
 import logging
@@ -83,10 +84,15 @@ def _register(target: Callable, module: str, name: str | None = None,
                                                   module=module)
 
 
-def _write_operative_config_of_run(kwargs: dict[str, Any]) -> None:
-  """Writes ``config.gin`` into a gin-configured ``train``'s ``model_dir`` before it starts."""
-  if kwargs.get("model_dir") is not None:
-    write_operative_config(kwargs["model_dir"])
+def _pass_operative_config_to_run(kwargs: dict[str, Any]) -> None:
+  """Hands gin's operative config to a gin-configured ``train``.
+
+  ``train`` writes it to ``model_dir/config.gin`` only once it has checked
+  that the directory's run (if any) is compatible, and refuses a changed
+  config for an existing run with a diff (nothing is written here).
+  """
+  if kwargs.get("model_dir") is not None and kwargs.get("operative_config") is None:
+    kwargs["operative_config"] = gin.operative_config_str()
 
 
 def register_all() -> None:
@@ -117,7 +123,7 @@ def register_all() -> None:
              orbax.CheckpointConfig, assignment.InitFromCheckpoint,
              evaluation.InferEvalConfig):
     _register(fn, "train")
-  _register(run.train, "train", "train", before=_write_operative_config_of_run)
+  _register(run.train, "train", "train", before=_pass_operative_config_to_run)
   _register(run.evaluate, "train", "evaluate")
   try:
     from moe_jax import peft
@@ -210,6 +216,53 @@ def _undefined_macro_error(message: str, files, bindings, paths) -> str | None:
           f"--gin.{macro}=VALUE{hint}.\n" + "\n".join(where))
 
 
+def _macro_references(value: Any, out: set[str]) -> None:
+  """Adds the names of the macros ``value`` (a parsed gin value) refers to."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    selector = value.scoped_selector
+    if selector.endswith("/gin.macro"):
+      out.add(selector[:-len("/gin.macro")])
+  elif isinstance(value, dict):
+    for k, v in value.items():
+      _macro_references(k, out)
+      _macro_references(v, out)
+  elif isinstance(value, (list, tuple, set)):
+    for v in value:
+      _macro_references(v, out)
+
+
+def _unused_macros_error(files, bindings, paths, allow_unused=()) -> str | None:
+  """An error naming every macro that is defined but never used (a typo, e.g. TRAIN_STEPZ).
+
+  gin accepts ``NAME = VALUE`` for any NAME: a mistyped macro would be
+  silently ignored, and the run would use the default it meant to change.
+  """
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  defined, used = [], set()
+  for (scope, selector), params in config.items():
+    if selector == "gin.macro":
+      defined.append(scope)
+    for v in params.values():
+      _macro_references(v, used)
+  unused = sorted(set(defined) - used - set(allow_unused))
+  if not unused:
+    return None
+  lines = []
+  sources = _sources(files, paths)
+  for macro in unused:
+    pattern = re.compile(r"\s*" + re.escape(macro) + r"\s*=")
+    where = [f'In file "{path}", line {i + 1}: {line.strip()}'
+             for path, lines_ in sources for i, line in enumerate(lines_) if pattern.match(line)]
+    where += [f"on the command line (--gin.{macro}=... / --gin_bindings): {b.strip()}"
+              for b in bindings if pattern.match(b)]
+    close = difflib.get_close_matches(macro, sorted(used), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    lines.append(f"gin macro {macro} is set but never used{hint}\n  "
+                 + ("\n  ".join(where) or "(set by a binding)"))
+  return ("every gin binding must be used (a mistyped name would be ignored):\n"
+          + "\n".join(lines))
+
+
 class _GinProbeFilter(logging.Filter):
   """Drops gin's per-candidate file-probe messages ("Path not found" is not an error)."""
 
@@ -245,8 +298,14 @@ def _quiet_gin_probes() -> None:
 
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str] = (),
-              extra_search_paths: Sequence[str] = (), *, finalize: bool = True) -> None:
-  """Clears gin and parses ``files`` then ``bindings``; errors name file and line."""
+              extra_search_paths: Sequence[str] = (), *, finalize: bool = True,
+              allow_unused: Sequence[str] = ()) -> None:
+  """Clears gin and parses ``files`` then ``bindings``; errors name file and line.
+
+  With ``finalize`` (a complete config), every macro set must be used
+  somewhere (else a typo such as ``--gin.TRAIN_STEPZ=3`` would be ignored),
+  except those in ``allow_unused``.
+  """
   register_all()
   _quiet_gin_probes()
   paths = search_paths(extra_search_paths)
@@ -262,7 +321,10 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str] = (),
     resolved.append(str(path))
   try:
     gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
-    if finalize:
+    if finalize:  # a complete config (a lone component file may set macros for others)
+      unused = _unused_macros_error(resolved, bindings, paths, allow_unused)
+      if unused:
+        raise GinConfigError(unused)
       gin.finalize()
   except (ValueError, TypeError, SyntaxError) as e:  # gin's ParseError is a SyntaxError
     message = str(e)
@@ -281,9 +343,11 @@ def write_operative_config(model_dir: str | Path, name: str = "config.gin") -> P
   text = gin.operative_config_str()
   if not text.strip():
     return None
+  from moe_jax.checkpoints.io import write_text_atomic
+
   path = Path(model_dir) / name
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(text)
+  write_text_atomic(path, text)
   return path
 
 
@@ -308,6 +372,8 @@ def parse_flags(argv: Sequence[str] | None, *, prog: str, checkpoint_flag: bool 
   p.add_argument("--coordinator_address", default=None, help="multi-host: host:port of process 0")
   p.add_argument("--process_count", type=int, default=None, help="multi-host: number of processes")
   p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's rank")
+  p.add_argument("--verbose", action="store_true",
+                 help="print tracebacks with errors (default: one 'error: ...' line)")
   p.add_argument("--no_tpu_auto_detect", action="store_true",
                  help="do not call jax.distributed.initialize() on TPU pods automatically")
   args, rest = p.parse_known_args(argv)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from moe_jax.models import stack
 from moe_jax.nn.attention import Attention, KVCache
+from moe_jax.nn.attention_kernels import AttentionMask, check_impl
 from moe_jax.nn.embeddings import Embed, RopeScaling
 from moe_jax.nn.linear import Linear
 from moe_jax.nn.mlp import Mlp
@@ -81,6 +82,9 @@ class DecoderConfig:
       alternate local and global layers); ``None``: all of them.
     local_rope_theta: RoPE base of the sliding-window layers, which then use no
       ``rope_scaling`` (Gemma 3's local base); ``None``: same as global layers.
+    attention_impl: ``"auto"`` (fused kernel by backend: splash on TPU, cuDNN
+      on GPU, xla on CPU) | ``"xla"`` | ``"splash"`` | ``"flash"`` | ``"cudnn"``
+      (:mod:`moe_jax.nn.attention_kernels`); decoding with a cache always uses xla.
     remat_policy: per-block rematerialisation (:data:`moe_jax.models.stack.REMAT_POLICIES`);
       ``"none"`` keeps every activation.
     scan_layers: run the blocks as one ``nn.scan`` with parameters stacked
@@ -121,10 +125,12 @@ class DecoderConfig:
   qk_norm: bool = False
   sliding_window_layers: tuple[int, ...] | None = None
   local_rope_theta: float | None = None
+  attention_impl: str = "auto"
   remat_policy: str = "none"
   scan_layers: bool = False
 
   def __post_init__(self):
+    check_impl(self.attention_impl, "DecoderConfig.attention_impl")
     stack.check_remat_policy(self.remat_policy, type(self).__name__)
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
       if getattr(self, name) <= 0:
@@ -223,17 +229,19 @@ def attention_mask(valid_BS: Array, q_slots_L: Array, sliding_window: int | None
   return causal_LS[None] & valid_BS[:, None, :]
 
 
-def layer_masks(c: DecoderConfig, valid_BS: Array, q_slots_L: Array,
-                segment_ids_BL: Array | None = None) -> dict[bool, Array]:
-  """``{is_sliding_layer: mask_BLS}`` for the kinds of layers ``c`` has."""
+def layer_masks(c: DecoderConfig, valid_BS: Array, q_slots_L: Array | None,
+                segment_ids_BL: Array | None = None) -> dict[bool, AttentionMask]:
+  """``{is_sliding_layer: mask}`` for the kinds of layers ``c`` has.
+
+  Structured masks (``AttentionMask.dense`` is :func:`attention_mask` with the
+  segments): fused attention kernels read them without a ``[B, L, S]`` array.
+  ``q_slots_L`` ``None``: the queries are the keys, at slots ``0..L-1`` (no cache).
+  """
   kinds = {c.is_sliding_layer(i) for i in range(c.num_layers)}
-  masks = {}
-  for sliding in kinds:
-    mask = attention_mask(valid_BS, q_slots_L, c.sliding_window if sliding else None)
-    if segment_ids_BL is not None:
-      mask &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-    masks[sliding] = mask
-  return masks
+  return {sliding: AttentionMask(
+      kv_valid_BS=valid_BS, q_valid_BL=valid_BS if q_slots_L is None else None,
+      q_segment_ids_BL=segment_ids_BL, kv_segment_ids_BS=segment_ids_BL, q_slots_L=q_slots_L,
+      causal=True, window=c.sliding_window if sliding else None) for sliding in kinds}
 
 
 def positions_from_segments(segment_ids_BL: Array) -> Array:
@@ -272,7 +280,7 @@ def attention_options(c: DecoderConfig, layer: int | None) -> dict[str, Any]:
       rope_scaling=None if local else c.rope_scaling,
       scale=None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar ** -0.5,
       logit_softcap=c.attn_logit_softcap, qk_norm=c.qk_norm, qk_norm_eps=c.norm_eps,
-      qk_norm_offset=c.norm_scale_offset)
+      qk_norm_offset=c.norm_scale_offset, attention_impl=c.attention_impl)
 
 
 def softcap(x: Array, cap: float | None) -> Array:
@@ -425,7 +433,8 @@ class Decoder(nn.Module):
     if positions_BL is None:
       positions_BL = (positions_from_valid(valid_BL, prior) if segment_ids_BL is None
                       else positions_from_segments(segment_ids_BL))
-    masks = layer_masks(c, valid_BS, index + jnp.arange(l), segment_ids_BL)
+    masks = layer_masks(c, valid_BS, None if cache is None else index + jnp.arange(l),
+                        segment_ids_BL)
 
     x = self.embed(tokens_BL)
     if c.scale_embeddings:  # sqrt(D) rounded to the parameter dtype, as HF's Gemma

@@ -38,8 +38,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moe_jax.models.decoder import attention_mask, positions_from_segments
+from moe_jax.models.decoder import positions_from_segments
 from moe_jax.nn.attention import Attention, KVCache
+from moe_jax.nn.attention_kernels import AttentionMask, check_impl
 from moe_jax.nn.embeddings import Embed
 from moe_jax.nn.linear import Linear
 from moe_jax.nn.mlp import Mlp
@@ -74,6 +75,9 @@ class T5Config:
     dtype, param_dtype: compute and storage dtype names.
     pad_token_id, eos_token_id, decoder_start_token_id: special tokens.
     max_seq_len: default decoder cache size.
+    attention_impl: fused attention by backend (``"auto"``; see
+      :mod:`moe_jax.nn.attention_kernels`): on TPU the flash kernel, which takes
+      the relative-position bias; ``"xla"`` materialises the scores.
   """
 
   vocab_size: int
@@ -94,8 +98,10 @@ class T5Config:
   eos_token_id: int | tuple[int, ...] = 1
   decoder_start_token_id: int = 0
   max_seq_len: int = 512
+  attention_impl: str = "auto"
 
   def __post_init__(self):
+    check_impl(self.attention_impl, "T5Config.attention_impl")
     for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
                  "max_seq_len"):
       if getattr(self, name) <= 0:
@@ -216,7 +222,7 @@ def _attention(c: T5Config) -> Attention:
                                             in_axis=0, out_axis=(1, 2))
   return Attention(num_heads=c.num_heads, num_kv_heads=c.num_heads, head_dim=c.d_kv,
                    out_features=c.d_model, scale=1.0, rope_theta=None, q_kernel_init=q_init,
-                   dtype=c.dtype, param_dtype=c.param_dtype)
+                   dtype=c.dtype, param_dtype=c.param_dtype, attention_impl=c.attention_impl)
 
 
 def _norm(c: T5Config) -> RMSNorm:
@@ -333,9 +339,9 @@ class T5Encoder(nn.Module):
     l = x_BLD.shape[1]
     pos = jnp.arange(l) if segment_ids_BL is None else positions_from_segments(segment_ids_BL)
     bias_BHLS = self.relpos_bias(pos, pos)
-    mask_BLS = encoder_mask(valid_BL, l)
-    if segment_ids_BL is not None:
-      mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    # Structured: .dense(l) is encoder_mask(valid_BL, l) & same-segment.
+    mask_BLS = AttentionMask(kv_valid_BS=valid_BL, q_valid_BL=valid_BL,
+                             q_segment_ids_BL=segment_ids_BL, kv_segment_ids_BS=segment_ids_BL)
     for layer in self.layers:
       x_BLD = layer(x_BLD, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS)
     return self.final_norm(x_BLD)
@@ -383,17 +389,22 @@ class T5Decoder(nn.Module):
                ) -> tuple[Array, tuple[KVCache | None, ...]]:
     l = x_BLD.shape[1]
     q_slots_L = index + jnp.arange(l)
-    self_mask_BLS = attention_mask(valid_BS, q_slots_L, None)
-    cross_mask_BLS = encoder_mask(enc_valid_BS, l)
+    # Structured masks (fused kernels); without caches the queries sit at slots 0..L-1.
+    self_mask_BLS = AttentionMask(kv_valid_BS=valid_BS,
+                                  q_valid_BL=valid_BS if caches is None else None,
+                                  q_slots_L=None if caches is None else q_slots_L, causal=True)
+    cross_mask_BLS = AttentionMask(kv_valid_BS=enc_valid_BS)
     if segment_ids_BL is None:
       bias_BHLS = self.relpos_bias(q_slots_L, jnp.arange(valid_BS.shape[1]))
     else:  # packed rows: positions restart per segment; attend within the segment only
       pos_BL = positions_from_segments(segment_ids_BL)
       bias_BHLS = self.relpos_bias(pos_BL, pos_BL)
-      self_mask_BLS &= segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+      self_mask_BLS = self_mask_BLS.replace(q_segment_ids_BL=segment_ids_BL,
+                                            kv_segment_ids_BS=segment_ids_BL)
       if enc_segment_ids_BS is None:
         raise ValueError("packed decoding needs the encoder's segment ids too")
-      cross_mask_BLS &= segment_ids_BL[:, :, None] == enc_segment_ids_BS[:, None, :]
+      cross_mask_BLS = cross_mask_BLS.replace(q_segment_ids_BL=segment_ids_BL,
+                                              kv_segment_ids_BS=enc_segment_ids_BS)
     new_caches = []
     for i, layer in enumerate(self.layers):
       x_BLD, new_cache = layer(

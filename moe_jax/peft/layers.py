@@ -61,6 +61,7 @@ import jax.numpy as jnp
 from moe_jax.models import registry
 from moe_jax.moe.attention_mixture import AttentionMixture
 from moe_jax.nn.attention import Attention
+from moe_jax.nn.attention_kernels import as_dense_mask
 from moe_jax.nn.mlp import Mlp
 from moe_jax.peft.adapters import ADAPTERS, Projection
 from moe_jax.peft.config import ADAPTER_PREFIX, PeftConfig
@@ -232,7 +233,7 @@ class _Interceptor:
 
   def _attention_context(self, path, x_BLD: Array, kwargs) -> RouteContext:
     kv_source, kv = kwargs.get("kv_source_BSD"), kwargs.get("kv")
-    mask = kwargs.get("mask_BLS")
+    mask = as_dense_mask(kwargs.get("mask_BLS"), x_BLD.shape[1])  # AttentionMask -> [B, L, S]
     if mask is None:
       s = x_BLD.shape[1] if kv_source is None and kv is None else (
           kv_source.shape[1] if kv_source is not None else kv.k.shape[1])

@@ -175,3 +175,16 @@ def test_adapted_modules_keep_their_fields_and_methods():
   assert isinstance(model, Decoder) and model.config == DENSE
   assert type(model).__name__ == "PeftDecoder"
   assert peft.adapt(Decoder(config=DENSE), peft.PeftConfig(method="lora")) == model
+
+
+# ----------------------------------------------------------------------------- stacks
+
+
+@pytest.mark.parametrize("stack", [dict(remat_policy="full"),
+                                   dict(scan_layers=True, remat_policy="sublayer_outputs")])
+def test_adapters_in_rematerialised_and_scanned_stacks(stack):
+  module = Decoder(config=DENSE.replace(**stack))
+  cfg = peft.PeftConfig(method="mov", num_experts=3, router="sentence")
+  _, params = check_adapted(module, random_params(module), cfg, *_tokens())
+  if stack.get("scan_layers"):  # adapters are stacked over the layers like the backbone
+    assert params["layers"]["attn"]["peft_k"]["scale"].shape == (2, 3, 2, 4)
