@@ -21,14 +21,70 @@ import numpy as np
 from moe_jax.checkpoints.hf_common import CheckpointError
 
 
+def current_umask() -> int:
+  """The process's umask (read without changing it for long)."""
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+  """Gives ``root`` and everything under it the modes a plain ``mkdir`` / ``open`` would.
+
+  ``tempfile`` creates owner-only directories and files (0700 / 0600)
+  whatever the umask; a checkpoint written through one must still be
+  readable by the group on a shared cluster filesystem when the user's
+  umask says so.
+  """
+  mask = current_umask()
+  root = Path(root)
+  os.chmod(root, 0o777 & ~mask)
+  for parent, dirs, files in os.walk(root):
+    for d in dirs:
+      os.chmod(os.path.join(parent, d), 0o777 & ~mask)
+    for f in files:
+      path = os.path.join(parent, f)
+      if not os.path.islink(path):
+        os.chmod(path, 0o666 & ~mask)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+  """Writes ``path`` through a temp file and a rename (readers never see half a file)."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+
+
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-  """Yields a temp dir next to ``target``; on success it replaces ``target``."""
+def atomic_directory(target: str | os.PathLike, *, lock: bool = True) -> Iterator[Path]:
+  """Yields a temp dir next to ``target``; on success it replaces ``target``.
+
+  The target's lock (:mod:`moe_jax.checkpoints.lock`) is held throughout
+  (``lock=False`` when the caller holds it): an export never replaces a
+  directory a training is writing, nor races another export. Files and
+  directories get the user's umask (:func:`apply_umask`).
+  """
   target = Path(target)
+  if lock:
+    from moe_jax.checkpoints.lock import DirectoryLock
+    with DirectoryLock(target, purpose="an export"):
+      with atomic_directory(target, lock=False) as tmp:
+        yield tmp
+    return
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
   try:
     yield tmp
+    apply_umask(tmp)
     if target.exists():
       backup = target.parent / f".{target.name}.old-{os.getpid()}"
       os.rename(target, backup)

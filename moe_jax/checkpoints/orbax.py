@@ -29,8 +29,10 @@ export work on a training directory. Partial restore into a different model
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +86,84 @@ def write_model_config(model_dir: str | os.PathLike, config: Any) -> Path:
   data = {"format_version": FORMAT_VERSION, "kind": registry.kind_of(config),
           "config": registry.config_to_dict(config),
           "metadata": {"checkpoint_format": ORBAX_FORMAT, "checkpoints_dir": CHECKPOINTS_DIR}}
-  tmp = file.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, file)
+  from moe_jax.checkpoints.io import write_text_atomic
+
+  write_text_atomic(file, json.dumps(data, indent=2, sort_keys=True) + "\n")
   return file
+
+
+OPERATIVE_CONFIG_FILE = "config.gin"
+
+
+def _has_checkpoints(model_dir: Path) -> bool:
+  ckpts = model_dir / CHECKPOINTS_DIR
+  return ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def _diff(old: str, new: str, old_name: str, new_name: str) -> str:
+  lines = difflib.unified_diff(old.splitlines(), new.splitlines(), old_name, new_name,
+                               lineterm="", n=1)
+  return "\n".join(list(lines)[:60])
+
+
+#: Operative-config lines a resumed run may change: the training length (training
+#: longer continues the run).
+_MAY_CHANGE = re.compile(r"\s*(TRAIN_STEPS|TrainerConfig\.num_train_steps)\s*=")
+
+
+def _comparable(text: str) -> list[str]:
+  return [line.rstrip() for line in text.strip().splitlines() if not _MAY_CHANGE.match(line)]
+
+
+def check_run_compatible(model_dir: str | os.PathLike, config: Any,
+                         operative_config: str | None = None) -> None:
+  """Refuses, before anything is written, a run that does not match ``model_dir``'s run.
+
+  A directory with checkpoints belongs to its run: its ``model_config.json``
+  must describe the same model, and its ``config.gin`` (when both runs come
+  from gin) must be the same config, but for the training length
+  (``TRAIN_STEPS``: a rerun may train longer). Raises ``CheckpointError``
+  with a diff.
+  (Optimizer-tree and data-feature mismatches are caught by the restore,
+  which also runs before anything is written.)
+  """
+  model_dir = Path(model_dir)
+  if not _has_checkpoints(model_dir):
+    return
+  file = model_dir / CONFIG_FILE
+  if file.exists():
+    from moe_jax.checkpoints.io import read_json
+    old = read_json(file)
+    new = json.loads(json.dumps({"kind": registry.kind_of(config),  # tuples -> lists
+                                 "config": registry.config_to_dict(config)}))
+    old = {"kind": old.get("kind"), "config": old.get("config")}
+    if old != new:
+      dump = lambda d: json.dumps(d, indent=1, sort_keys=True, default=str)  # noqa: E731
+      raise CheckpointError(
+          f"{model_dir}: holds checkpoints of another model; this run's model differs "
+          f"from {file.name}:\n{_diff(dump(old), dump(new), 'existing', 'this run')}\n"
+          "Use a new --model_dir (start from the old run with InitFromCheckpoint if "
+          "intended). Nothing was changed.")
+  gin_file = model_dir / OPERATIVE_CONFIG_FILE
+  if operative_config is not None and gin_file.exists():
+    old_text = gin_file.read_text()
+    if _comparable(old_text) != _comparable(operative_config):
+      raise CheckpointError(
+          f"{model_dir}: its run was configured differently ({gin_file.name}):\n"
+          f"{_diff(old_text, operative_config, 'existing', 'this run')}\n"
+          "Re-run with the same flags to resume, or use a new --model_dir (to continue from "
+          f"these weights with a new config, start from them with InitFromCheckpoint, or "
+          f"delete {gin_file} to accept the new config). Nothing was changed.")
+
+
+def write_run_files(model_dir: str | os.PathLike, config: Any,
+                    operative_config: str | None = None) -> None:
+  """Writes ``model_config.json`` and ``config.gin`` (atomically, process 0)."""
+  from moe_jax.checkpoints.io import write_text_atomic
+
+  write_model_config(model_dir, config)
+  if operative_config and operative_config.strip() and jax.process_index() == 0:
+    write_text_atomic(Path(model_dir) / OPERATIVE_CONFIG_FILE, operative_config)
 
 
 def is_training_dir(path: str | os.PathLike) -> bool:

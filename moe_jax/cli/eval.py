@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-  from moe_jax.cli import configurables
+  from moe_jax.cli import configurables, errors
   from moe_jax.train import run
 
   try:
@@ -32,8 +32,10 @@ def main(argv=None) -> int:
   except configurables.GinConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  results = configurables.run(run.evaluate)
-  if args.model_dir:
-    configurables.write_operative_config(Path(args.model_dir), name="eval_config.gin")
-  print(results)
-  return 0
+  def body():
+    results = configurables.run(run.evaluate)
+    if args.model_dir:
+      configurables.write_operative_config(Path(args.model_dir), name="eval_config.gin")
+    print(results)
+
+  return errors.guarded(body, argv)

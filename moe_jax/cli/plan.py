@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from moe_jax.plan import Plan, parse_mesh, plan_run
 from moe_jax.train.partitioner import PartitionerConfig
@@ -25,13 +25,17 @@ _RUNTIME_MACROS = ("MODEL_DIR", "INIT_CHECKPOINT")
 
 def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
                   meshes: Sequence[PartitionerConfig] = (), num_devices: int | None = None,
-                  search_paths: Sequence[str] = ()) -> Plan:
+                  search_paths: Sequence[str] = (), topology: str | None = None) -> Any:
   """:func:`plan_run` for the objects a ``python -m moe_jax.train`` config builds.
 
   The bindings of ``train`` (``train.model``, ``train.train_dataset``,
-  ``train.optimizer``, ``train.partitioner``, ``train.trainable``) are
-  evaluated exactly as the train entry point would receive them. ``meshes``
-  defaults to the config's own partitioner.
+  ``train.trainer``, ``train.optimizer``, ``train.partitioner``,
+  ``train.trainable``) are evaluated exactly as the train entry point would
+  receive them. ``meshes`` defaults to the config's own partitioner. With a
+  ``topology`` (``"v5p-128"``), the trainer's train step is compiled for that
+  TPU slice instead (:func:`moe_jax.plan.compiled.compile_train_step`, on the
+  first of ``meshes`` or the config's partitioner) and a ``CompiledPlan``
+  returned.
   """
   import gin
 
@@ -45,15 +49,24 @@ def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
       gin.query_parameter(f"{macro}/gin.macro.value")
     except ValueError:
       extra.append(f"{macro} = None")
-  configurables.parse_gin(files, extra + list(bindings), search_paths)
+  configurables.parse_gin(files, extra + list(bindings), search_paths,
+                          allow_unused=_RUNTIME_MACROS)
   b = gin.get_bindings(configurables.configured(run.train))
   for name in ("model", "train_dataset"):
     if name not in b:
       raise configurables.GinConfigError(f"the gin config binds no train.{name}; plan a config "
                                          "that python -m moe_jax.train would run")
+  if topology is not None:
+    from moe_jax.plan.compiled import compile_train_step
+
+    return compile_train_step(b["model"], dataset=b["train_dataset"], topology=topology,
+                              trainer=b.get("trainer"), optimizer=b.get("optimizer"),
+                              partitioner=meshes[0] if meshes else b.get("partitioner"),
+                              trainable=b.get("trainable"))
   return plan_run(b["model"], dataset=b["train_dataset"], optimizer=b.get("optimizer"),
                   partitioners=tuple(meshes) or (b.get("partitioner") or PartitionerConfig(),),
-                  num_devices=num_devices, trainable=b.get("trainable"))
+                  num_devices=num_devices, trainable=b.get("trainable"),
+                  trainer=b.get("trainer"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,22 +79,36 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--num_devices", type=int, default=None)
   p.add_argument("--peak_tflops", type=float, default=275.0)
   p.add_argument("--mfu", type=float, default=0.4)
+  p.add_argument("--compile", action="store_true")
+  p.add_argument("--topology", default=None)
   own, rest = p.parse_known_args(argv)
   if "-h" in rest or "--help" in rest:
     print(plan_lib.__doc__ + "\nPlan flags: --mesh=data=D,expert=E,model=M (repeatable), "
           "--num_devices=N, --peak_tflops=F (per device, default 275: TPU v4 bf16), "
-          "--mfu=F (default 0.4); "
-          "gin flags as python -m moe_jax.train.")
+          "--mfu=F (default 0.4); --compile --topology=v5p-128 (v4-N, v5e-N, v6e-N, "
+          "GEN:AxBxC) compiles the trainer's train step for that TPU slice (needs "
+          "moe-jax[tpu]); gin flags as python -m moe_jax.train.")
     return 0
   try:
     args = configurables.parse_flags(rest, prog="python -m moe_jax.plan",
                                      description=plan_lib.__doc__)
     meshes = [parse_mesh(m) for m in own.mesh]
+    if own.compile != (own.topology is not None):
+      raise ValueError("--compile and --topology=NAME go together")
+    if own.compile and len(meshes) > 1:
+      raise ValueError("--compile compiles one mesh: give at most one --mesh")
     plan = plan_from_gin(args.gin_file, args.bindings, meshes=meshes,
-                         num_devices=own.num_devices, search_paths=args.search_paths)
-  except (configurables.GinConfigError, ValueError) as e:
+                         num_devices=own.num_devices, search_paths=args.search_paths,
+                         topology=own.topology)
+  except (configurables.GinConfigError, ValueError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if own.compile:
+    print(plan.format())
+    if not plan.fits:
+      print(f"error: {plan.overflow_message()}", file=sys.stderr)
+      return 1
+    return 0
   print(plan.format(peak_tflops=own.peak_tflops, mfu=own.mfu))
   return 0
 

@@ -23,7 +23,7 @@ import sys
 
 
 def main(argv=None) -> int:
-  from moe_jax.cli import configurables
+  from moe_jax.cli import configurables, errors
   from moe_jax.train import run
 
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -33,5 +33,4 @@ def main(argv=None) -> int:
   except configurables.GinConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  configurables.run(run.train)
-  return 0
+  return errors.guarded(lambda: configurables.run(run.train) and None, argv)

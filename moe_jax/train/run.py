@@ -23,6 +23,10 @@ resume from model_dir  ``CheckpointConfig.restore`` (True)           ``resume``
 log period             ``TrainerConfig.log_every`` (100)             ``log_every`` (1)
 seed                   ``TrainerConfig.seed``, ``DatasetConfig.seed``  ``seed``
 mesh                   ``PartitionerConfig`` (data parallel)         ``mesh``
+FSDP (ZeRO-3)          ``PartitionerConfig.fsdp`` (False)            ``mesh={"fsdp": True}``
+grad accumulation      ``TrainerConfig.num_microbatches`` (1)        ``num_microbatches``
+frozen params dtype    ``TrainerConfig.frozen_param_dtype`` (None)   ``frozen_param_dtype``
+remat / scan layers    model config ``remat_policy``, ``scan_layers``  (the model's config)
 =====================  ============================================  =====================
 
 The gin run files bind the same fields through macros (``OPTIMIZER``,
@@ -48,6 +52,7 @@ import numpy as np
 
 from moe_jax.checkpoints import assignment, orbax
 from moe_jax.checkpoints.hf_common import CheckpointError
+from moe_jax.checkpoints.lock import model_dir_lock
 from moe_jax.train.evaluation import InferEvalConfig, make_eval_fn
 from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
 from moe_jax.train.partitioner import Partitioner, PartitionerConfig
@@ -140,8 +145,16 @@ def train(*, model: BaseModel, train_dataset: DatasetConfig, trainer: TrainerCon
           checkpoint: orbax.CheckpointConfig | None = None,
           eval_dataset: DatasetConfig | None = None, infer_eval: InferEvalConfig | None = None,
           init_from: Any = None, params: Any = None, trainable: Any = None,
-          metrics_writer: MetricsWriter | None = None) -> TrainState:
+          metrics_writer: MetricsWriter | None = None,
+          operative_config: str | None = None) -> TrainState:
   """Trains ``model`` on ``train_dataset``; resumes from ``model_dir`` if it has checkpoints.
+
+  ``model_dir`` is locked for the whole run (a second run on it stops with
+  an error naming the holder, :mod:`moe_jax.checkpoints.lock`). Nothing in
+  it changes until the run is known to fit it: the model config (and the
+  operative gin config) must match an existing run's, and the restore
+  (optimizer tree, data features) must succeed; only then are
+  ``model_config.json`` and ``config.gin`` written, atomically.
 
   Args:
     model: a model wrapper (:mod:`moe_jax.train.wrappers`).
@@ -162,34 +175,40 @@ def train(*, model: BaseModel, train_dataset: DatasetConfig, trainer: TrainerCon
     trainable: trainable-parameter regexes, a bool pytree, or a callable
       ``params -> mask``; overrides ``optimizer.trainable_regexes``.
     metrics_writer: default ``MetricsWriter(model_dir)`` (printed and
-      appended to ``metrics.jsonl``).
+      appended to ``metrics.jsonl``; rows of steps after the resumed
+      checkpoint, left by a killed run, are dropped).
+    operative_config: gin's operative config, written to ``config.gin``
+      (the CLI passes it).
 
   Returns:
     The final :class:`~moe_jax.train.trainer.TrainState`.
   """
   if params is not None and init_from is not None:
     raise ValueError("train: give params or init_from, not both")
-  if model_dir is not None:
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    orbax.write_model_config(model_dir, model.config)
   check_vocabulary(model, train_dataset)
-  tr = build_trainer(model, trainer=trainer, optimizer=optimizer, partitioner=partitioner,
-                     trainable=trainable,
-                     metrics_writer=metrics_writer or MetricsWriter(model_dir))
-  logger.info("%s", tr.partitioner)
-  data = make_data_iterator(train_dataset, model)
-  ckpt = None if model_dir is None else orbax.Checkpointer(
-      model_dir, checkpoint or orbax.CheckpointConfig())
-  try:
-    state = initial_state(tr, checkpointer=ckpt, data_iterator=data, init_from=init_from,
-                          params=params)
-    eval_fn = make_eval_fn(tr, eval_dataset=eval_dataset, infer_eval=infer_eval,
-                           eval_steps=trainer.eval_steps)
-    state = tr.train(state, data, checkpointer=ckpt, eval_fn=eval_fn)
-  finally:
-    if ckpt is not None:
-      ckpt.close()
+  model_dir = None if model_dir is None else Path(model_dir)
+  with model_dir_lock(model_dir, "training"):
+    if model_dir is not None:
+      orbax.check_run_compatible(model_dir, model.config, operative_config)
+    tr = build_trainer(model, trainer=trainer, optimizer=optimizer, partitioner=partitioner,
+                       trainable=trainable,
+                       metrics_writer=metrics_writer or MetricsWriter(model_dir))
+    logger.info("%s", tr.partitioner)
+    data = make_data_iterator(train_dataset, model)
+    ckpt = None if model_dir is None else orbax.Checkpointer(
+        model_dir, checkpoint or orbax.CheckpointConfig())
+    try:
+      state = initial_state(tr, checkpointer=ckpt, data_iterator=data, init_from=init_from,
+                            params=params)
+      if model_dir is not None:  # the run fits the directory: now it may change
+        orbax.write_run_files(model_dir, model.config, operative_config)
+        tr.writer.drop_rows_after(int(jax.device_get(state.step)))
+      eval_fn = make_eval_fn(tr, eval_dataset=eval_dataset, infer_eval=infer_eval,
+                             eval_steps=trainer.eval_steps)
+      state = tr.train(state, data, checkpointer=ckpt, eval_fn=eval_fn)
+    finally:
+      if ckpt is not None:
+        ckpt.close()
   return state
 
 
