@@ -14,8 +14,8 @@
 The composed model is a :class:`~moe_jax.checkpoints.LoadedModel` whose config
 is a :class:`~calm_jax.model.CompositionConfig` and whose module is a
 :class:`~calm_jax.model.ComposedModel`, built by
-:func:`calm_jax.composition.compose` (the function ``python -m calm_jax.repro``
-uses).
+:func:`calm_jax.composition.compose_modules`. ``moe_jax.compose`` is this
+:func:`compose` (registered by :mod:`calm_jax.plugin`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def compose(anchor: LoadedModel, augments: Sequence[LoadedModel], *,
     The composed model; at initialisation it computes exactly the anchor
     (the composition output projections start at zero).
   """
-  from calm_jax.composition import compose as compose_modules
+  from calm_jax.composition import compose_modules
 
   module, params = compose_modules(anchor, list(augments),
                                    num_composition_layers=num_composition_layers,

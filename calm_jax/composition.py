@@ -1,6 +1,6 @@
 """Building, freezing and saving compositions.
 
-* :func:`compose` turns loaded checkpoints into a composed model with the
+* :func:`compose_modules` turns loaded checkpoints into a composed model with the
   frozen models' weights in place and fresh composition layers.
 * :func:`composition_config_from_checkpoints` and :func:`init_from_checkpoints`
   do the same for the gin-configured trainer (architecture from the
@@ -55,13 +55,14 @@ def check_tokenizers_agree(anchor_dir: str | os.PathLike | None,
                        f"({anchor_dir}); first differences (token, id): {diff}")
 
 
-def compose(anchor: Any, augments: Sequence[Any], *, num_composition_layers: int = 2,
-            layer_pairs=None, num_heads: int | None = None, zero_init_output: bool = True,
-            seed: int = 0) -> tuple[ComposedModel, dict]:
+def compose_modules(anchor: Any, augments: Sequence[Any], *, num_composition_layers: int = 2,
+                    layer_pairs=None, num_heads: int | None = None,
+                    zero_init_output: bool = True, seed: int = 0) -> tuple[ComposedModel, dict]:
   """Composes loaded models (``LoadedModel`` from ``moe_jax.checkpoints.load_checkpoint``).
 
   Returns ``(module, params)`` with the frozen models' parameters in place and
-  freshly initialised composition layers.
+  freshly initialised composition layers (:func:`calm_jax.api.compose` wraps
+  them in a ``LoadedModel``).
   """
   for m in [anchor, *augments]:
     if not isinstance(m.config, DecoderConfig):

@@ -205,15 +205,18 @@ class ComposedModel(nn.Module):
             param_dtype=c.anchor.param_dtype)
         for j, ps in enumerate(c.pairs) for a, b in ps}
 
-  def init_cache(self, batch: int, max_len: int) -> ComposedCache:
-    """Empty caches for every model (needs no parameters)."""
+  @nn.nowrap
+  def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None
+                 ) -> ComposedCache:
+    """Empty caches for every model (needs no parameters); the decoders' cache protocol."""
     c = self.config
-    dtype = jnp.dtype(c.anchor.dtype)
+    max_len = max_len or c.anchor.max_seq_len
     d_head = c.anchor.d_model // c.heads
+    comp_dtype = jnp.dtype(dtype or c.anchor.dtype)
     return ComposedCache(
-        anchor=init_decoder_cache(c.anchor, batch, max_len),
-        augments=tuple(init_decoder_cache(a, batch, max_len) for a in c.augments),
-        composition=tuple(tuple(KVCache.zeros(batch, max_len, c.heads, d_head, dtype)
+        anchor=init_decoder_cache(c.anchor, batch, max_len, dtype),
+        augments=tuple(init_decoder_cache(a, batch, max_len, dtype) for a in c.augments),
+        composition=tuple(tuple(KVCache.zeros(batch, max_len, c.heads, d_head, comp_dtype)
                                 for _ in ps) for ps in c.pairs))
 
   def __call__(self, tokens_BL: Array, *, valid_BL: Array | None = None,

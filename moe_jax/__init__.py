@@ -8,12 +8,15 @@ The notebook API (:mod:`moe_jax.api`) is available at the top level::
     mj.predict(run.model, ["..."])
 
 Importing ``moe_jax`` is cheap: the API (and with it jax, seqio and
-TensorFlow) is imported on first use of one of its names.
+TensorFlow) is imported on first use of one of its names. Installed plugins
+add names too (:mod:`moe_jax.plugins`): ``mj.compose`` is CALM's
+(:func:`calm_jax.api.compose`).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 __version__ = "0.1.0"
@@ -22,7 +25,6 @@ __version__ = "0.1.0"
 _API = {name: "moe_jax.api" for name in (
     "Data", "LoadedModel", "TrainResult", "add_adapters", "encode_prompts", "evaluate",
     "export_hf", "finetune", "load", "predict", "router_probabilities", "save", "upcycle_model")}
-_API["compose"] = "calm_jax.api"
 
 __all__ = sorted(_API)
 
@@ -30,10 +32,19 @@ __all__ = sorted(_API)
 def __getattr__(name: str) -> Any:
   if name in _API:
     value = getattr(importlib.import_module(_API[name]), name)
-    globals()[name] = value  # later lookups skip this hook
-    return value
-  raise AttributeError(f"module 'moe_jax' has no attribute {name!r}")
+  elif name.startswith("__") or importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    # dunders, and subpackages not imported yet (``from moe_jax import peft`` asks first)
+    raise AttributeError(f"module 'moe_jax' has no attribute {name!r}")
+  else:  # names plugins add, e.g. compose (calm_jax)
+    plugins = importlib.import_module("moe_jax.plugins")
+    path = plugins.api_names().get(name)
+    if path is None:
+      raise AttributeError(f"module 'moe_jax' has no attribute {name!r}")
+    value = plugins.resolve(path)
+  globals()[name] = value  # later lookups skip this hook
+  return value
 
 
 def __dir__() -> list[str]:
-  return sorted(set(globals()) | set(_API))
+  plugins = importlib.import_module("moe_jax.plugins")
+  return sorted(set(globals()) | set(_API) | set(plugins.api_names()))

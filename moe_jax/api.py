@@ -98,47 +98,33 @@ def add_adapters(model: LoadedModel, method: str = "mov", *, num_experts: int | 
 
 
 def upcycle_model(models: LoadedModel | Sequence[LoadedModel], *, method: str = "sparse",
-            num_experts: int | None = None, top_k: int | None = None,
-            capacity_factor: float | None = None, moe_layout: str | Sequence[int] = "every",
-            seed: int = 0, **options: Any) -> LoadedModel:
+                  num_experts: int | None = None, top_k: int | None = None,
+                  capacity_factor: float | None = None, moe_layout: str | Sequence[int] = "every",
+                  seed: int = 0, **options: Any) -> LoadedModel:
   """Dense decoder(s) -> MoE, as ``python -m moe_jax.upcycle`` does.
 
   Args:
     models: one dense model (``sparse``) or the branches (``btx``, ``bam``).
-    method: ``"sparse"`` (FFN copied into ``num_experts`` experts), ``"btx"``
-      (branch FFNs become experts, the rest is averaged) or ``"bam"`` (FFN and
-      attention experts).
+    method: a method of :mod:`moe_jax.upcycle.methods`: ``"sparse"`` (FFN
+      copied into ``num_experts`` experts), ``"btx"`` (branch FFNs become
+      experts, the rest is averaged) or ``"bam"`` (FFN and attention experts).
     num_experts: experts for ``sparse``; one per branch otherwise.
-    top_k: experts per token (default 2, or E if fewer).
+    top_k: experts per token (default the method's: 2, BAM 1; at most E).
     capacity_factor: ``None`` is dropless.
     moe_layout: ``"every"``, ``"every_other"`` or layer indices.
     seed: router initialisation (and ``noise_std`` noise for ``sparse``).
     **options: method options (``noise_std`` for sparse; ``shared_kv``,
       ``attention_top_k`` for bam).
   """
-  from moe_jax import upcycle as up
   from moe_jax.models import registry
+  from moe_jax.upcycle import methods
 
   inputs = [models] if isinstance(models, LoadedModel) else list(models)
-  configs, params = [m.config for m in inputs], [m.params for m in inputs]
-  e = num_experts or len(inputs)
-  moe = up.upcycled_moe_config(e, top_k or min(2, e), capacity_factor=capacity_factor)
-  if method == "sparse":
-    if len(inputs) != 1:
-      raise ValueError(f"upcycle_model(method='sparse') takes one model, got {len(inputs)}")
-    if num_experts is None:
-      raise ValueError("upcycle_model(method='sparse') needs num_experts")
-    config, out = up.sparse_upcycle(configs[0], params[0], num_experts=e, moe=moe,
-                                    moe_layout=moe_layout, seed=seed, **options)
-  elif method in ("btx", "bam"):
-    if len(inputs) < 2 or num_experts not in (None, len(inputs)):
-      raise ValueError(f"upcycle_model(method={method!r}) takes one model per expert (>= 2), got "
-                       f"{len(inputs)} models and num_experts={num_experts}")
-    merge = up.btx_merge if method == "btx" else up.bam_merge
-    config, out = merge(configs, params, moe=moe, moe_layout=moe_layout, seed=seed,
-                        names=[m.source for m in inputs], **options)
-  else:
-    raise ValueError(f"upcycle_model: method must be 'sparse', 'btx' or 'bam', got {method!r}")
+  config, out = methods.upcycle(method, [m.config for m in inputs], [m.params for m in inputs],
+                                num_experts=num_experts, top_k=top_k,
+                                capacity_factor=capacity_factor, moe_layout=moe_layout,
+                                seed=seed, names=[m.source for m in inputs],
+                                owner="upcycle_model", **options)
   return LoadedModel(config=config, module=registry.build_module(config), params=out,
                      source=f"{method}({', '.join(m.source for m in inputs)})",
                      tokenizer_dir=inputs[0].tokenizer_dir)
@@ -198,7 +184,7 @@ def _wrapper(model: LoadedModel, task: str | None = None) -> tuple[Any, str | No
   """The trainer's model wrapper and feature converter for ``model`` on ``task``.
 
   Decoder-only models train seq2seq tasks through seqio's prefix-LM features
-  (the loss on the targets only), as ``calm_jax.repro`` does.
+  (the loss on the targets only), as ``experiments.calm_kv_arithmetic`` does.
   """
   from moe_jax.train.wrappers import DecoderOnlyModel, EncoderDecoderModel
 
@@ -210,15 +196,14 @@ def _wrapper(model: LoadedModel, task: str | None = None) -> tuple[Any, str | No
 
 
 def _default_trainable(model: LoadedModel) -> Any:
-  """Adapters only for an adapted model, composition layers only for CALM, else everything."""
+  """Adapters only for an adapted model, else the model kind's ``trainable_mask`` hook
+  (CALM: the composition layers only), else everything."""
   from moe_jax import peft
+  from moe_jax.models import registry
 
   if peft.peft_config_of(model.module) is not None:
     return peft.trainable_mask
-  if any(str(k).startswith("composition_") for k in model.params):
-    from calm_jax.composition import trainable_mask
-    return trainable_mask
-  return None
+  return registry.hook(model.config, "trainable_mask")
 
 
 def _partitioner_config(mesh: Any) -> Any:
@@ -532,12 +517,14 @@ def save(model: LoadedModel, path: str | os.PathLike, *, base_checkpoint: str | 
   * adapted models: only the adapters and routers
     (:func:`moe_jax.peft.save_adapters`), with a reference to the base
     checkpoint (``base_checkpoint``, default ``model.source``);
-  * CALM compositions: only the composition layers
-    (:func:`calm_jax.save_composition`);
+  * models whose kind has a ``save`` hook (:mod:`moe_jax.models.registry`):
+    what it writes (CALM compositions: only the composition layers,
+    :func:`calm_jax.save_composition`);
   * anything else: config + parameters (:func:`moe_jax.checkpoints.save_model`).
   """
   from moe_jax import peft
   from moe_jax.checkpoints import save_model
+  from moe_jax.models import registry
 
   cfg = peft.peft_config_of(model.module)
   if cfg is not None:
@@ -546,9 +533,9 @@ def save(model: LoadedModel, path: str | os.PathLike, *, base_checkpoint: str | 
       raise ValueError(f"save: the adapters' base checkpoint {base!r} is not a directory; pass "
                        "base_checkpoint= (save the base with save() first if it was made here)")
     return peft.save_adapters(path, model.params, cfg, base_checkpoint=str(base))
-  if any(str(k).startswith("composition_") for k in model.params):
-    from calm_jax.composition import save_composition
-    return save_composition(path, model.config, model.params)
+  save_hook = registry.hook(model.config, "save")
+  if save_hook is not None:
+    return save_hook(model, path)
   return save_model(path, model.config, model.params)
 
 

@@ -1,8 +1,12 @@
 """Batched autoregressive decoding with a KV cache: greedy and sampling.
 
-Works for decoder-only models (:class:`moe_jax.models.decoder.Decoder` and
-anything with its call contract) and encoder-decoders (a module with
-``encode`` / ``init_decode_cache`` / ``decode``, like :class:`moe_jax.models.t5.T5`).
+Works for every registered model kind (:mod:`moe_jax.models.registry`), adapted
+ones too, through one cache protocol: ``module.init_cache(batch, max_len)``
+gives an empty cache without parameters (decoders, MoE / BAM decoders, T5,
+CALM compositions). Decoder-only models then take ``(tokens, valid_BL=,
+cache=)`` and return ``(logits, cache)``; encoder-decoders (the registry's
+two-input kinds, :class:`moe_jax.models.t5.T5`) ``encode`` the prompt and
+``decode`` with the cache, the first call storing the encoder output in it.
 
 Legend: B batch, P prompt length, N new tokens, V vocab.
 
@@ -27,6 +31,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from moe_jax.models import registry
 
 Array = jax.Array
 
@@ -111,10 +117,6 @@ def _last_valid_index(valid_BP: Array) -> Array:
   return jnp.max(jnp.where(valid_BP, jnp.arange(p)[None, :], -1), axis=1)
 
 
-def _is_encoder_decoder(module) -> bool:
-  return hasattr(module, "encode") and hasattr(module, "init_decode_cache")
-
-
 @functools.lru_cache(maxsize=64)
 def _build_generate(module, sampling: SamplingConfig, prompt_shape: tuple[int, int],
                     decoder_start_id: int):
@@ -122,7 +124,8 @@ def _build_generate(module, sampling: SamplingConfig, prompt_shape: tuple[int, i
   b, p = prompt_shape
   n = sampling.max_new_tokens
   eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
-  encdec = _is_encoder_decoder(module)
+  encdec = registry.is_encoder_decoder(module.config)
+  step_method = "decode" if encdec else None  # None: __call__
 
   def choose(logits_BV, key):
     return sample_logits(logits_BV, key, temperature=sampling.temperature,
@@ -131,25 +134,17 @@ def _build_generate(module, sampling: SamplingConfig, prompt_shape: tuple[int, i
   def prefill(params, prompt_BP, valid_BP):
     if encdec:
       enc = module.apply({"params": params}, prompt_BP, valid_BP, method="encode")
-      cache = module.apply({"params": params}, enc, valid_BP, n + 1,
-                           method="init_decode_cache")
       start = jnp.full((b, 1), decoder_start_id, jnp.int32)
-      logits, cache = module.apply({"params": params}, start, cache=cache, method="decode")
+      logits, cache = module.apply({"params": params}, start, enc_BLD=enc, enc_valid_BL=valid_BP,
+                                   cache=module.init_cache(b, n + 1), method="decode")
       return logits[:, -1], cache
-    if hasattr(module, "init_cache"):  # composed models know their own cache layout
-      cache = module.init_cache(b, p + n)
-    else:
-      from moe_jax.models.decoder import init_cache
-      cache = init_cache(module.config, b, p + n)
-    logits, cache = module.apply({"params": params}, prompt_BP, valid_BL=valid_BP, cache=cache)
+    logits, cache = module.apply({"params": params}, prompt_BP, valid_BL=valid_BP,
+                                 cache=module.init_cache(b, p + n))
     return logits[jnp.arange(b), _last_valid_index(valid_BP)], cache
 
   def step(params, tokens_B, cache):
-    tokens = tokens_B[:, None]
-    if encdec:
-      logits, cache = module.apply({"params": params}, tokens, cache=cache, method="decode")
-    else:
-      logits, cache = module.apply({"params": params}, tokens, cache=cache)
+    logits, cache = module.apply({"params": params}, tokens_B[:, None], cache=cache,
+                                 method=step_method)
     return logits[:, -1], cache
 
   def generate(params, prompt_BP, valid_BP, key):

@@ -18,7 +18,8 @@ Registered (use them in ``gin_configs/``; the module prefix is optional)::
     train  evaluate                                   (moe_jax.train.run's entry points;
                                                       train writes config.gin into model_dir)
     calm.composition_config_from_checkpoints  calm.init_from_checkpoints
-    calm.trainable_mask  calm.kv_task                 (CALM composition training)
+    calm.trainable_mask  calm.kv_task                 (CALM composition training: registered
+                                                      by the calm_jax plugin, moe_jax.plugins)
 
 Registration wraps each class in a factory with the class's own signature,
 so gin checks parameter names when it parses (a typo is an error naming the
@@ -135,12 +136,10 @@ def register_all() -> None:
       _register(peft.adapted_model, "peft", "adapted_model")
   except ImportError:
     pass
-  from calm_jax import composition as calm_composition
-  from calm_jax import tasks as calm_tasks
-  for fn in (calm_composition.composition_config_from_checkpoints,
-             calm_composition.init_from_checkpoints, calm_composition.trainable_mask,
-             calm_tasks.kv_task):
-    _register(fn, "calm")
+  from moe_jax import plugins
+  for module, paths in plugins.configurables().items():  # e.g. calm.* (calm_jax.plugin)
+    for path in paths:
+      _register(plugins.resolve(path), module)
 
 
 def configured(fn: Callable) -> Callable:

@@ -39,13 +39,15 @@ from pathlib import Path
 
 from moe_jax.checkpoints.hf_common import CheckpointError
 
-DEFAULT_TOP_K = {"sparse": 2, "btx": 2, "bam": 1}
+PROG = "python -m moe_jax.upcycle"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m moe_jax.upcycle", description=__doc__,
+  from moe_jax.upcycle.methods import METHODS
+
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--method", required=True, choices=("sparse", "btx", "bam"))
+  p.add_argument("--method", required=True, choices=tuple(METHODS))
   p.add_argument("--checkpoints", required=True, nargs="+", metavar="DIR",
                  help="dense inputs (sparse: exactly one)")
   p.add_argument("--out", required=True, help="output directory (replaced atomically)")
@@ -96,48 +98,37 @@ def _capacity_factor(text: str) -> float | None:
     raise CheckpointError(f"--capacity_factor {text!r}: a number or 'none'") from None
 
 
+def _method_options(args) -> dict:
+  """The method-specific flags that were given (the registry checks they fit the method)."""
+  given = {"noise_std": args.noise_std or None, "shared_kv": args.shared_kv or None,
+           "attention_top_k": args.attention_top_k}
+  return {k: v for k, v in given.items() if v is not None}
+
+
 def build(args) -> tuple:
   """``(config, params, loaded inputs)`` for parsed arguments."""
-  from moe_jax import upcycle
-  from moe_jax.upcycle.common import upcycled_moe_config
+  from moe_jax.upcycle import methods
   from moe_jax.upcycle.io import load_dense
 
-  method, dirs = args.method, args.checkpoints
-  if method == "sparse" and len(dirs) != 1:
-    raise CheckpointError(f"--method sparse takes exactly one checkpoint, got {len(dirs)}")
-  if method != "sparse" and len(dirs) < 2:
-    raise CheckpointError(f"--method {method} mixes several dense models; got {len(dirs)}")
-  if method != "bam" and (args.shared_kv or args.attention_top_k is not None):
-    raise CheckpointError("--shared_kv and --attention_top_k are BAM options (--method bam)")
-  if method != "sparse" and args.noise_std:
-    raise CheckpointError("--noise_std is a sparse-upcycling option (--method sparse)")
-  if method == "sparse" and args.num_experts is None:
-    raise CheckpointError("--method sparse needs --num_experts")
-  if method != "sparse" and args.num_experts not in (None, len(dirs)):
-    raise CheckpointError(f"--method {method}: one expert per checkpoint; --num_experts "
-                          f"{args.num_experts} but {len(dirs)} checkpoints")
+  dirs, options = args.checkpoints, _method_options(args)
+  try:  # before loading anything
+    methods.check(args.method, len(dirs), num_experts=args.num_experts, options=options,
+                  owner=PROG)
+    for flag in ("top_k", "attention_top_k"):  # explicit numbers are taken literally
+      value = getattr(args, flag)
+      if value is not None and value < 1:
+        raise ValueError(f"{PROG}: --{flag} must be a positive integer, got {value}")
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
   loaded = [load_dense(d, dtype=args.dtype) for d in dirs]
-  e = args.num_experts or len(dirs)
-  k = args.top_k or min(DEFAULT_TOP_K[method], e)
-  moe = upcycled_moe_config(e, k, capacity_factor=_capacity_factor(args.capacity_factor),
-                            renormalize=not args.no_renormalize)
-  layout = _layout(args.moe_layout)
-  configs = [m.config for m in loaded]
-  params = [m.params for m in loaded]
-  if method == "sparse":
-    config, out = upcycle.sparse_upcycle(configs[0], params[0], num_experts=e, moe=moe,
-                                         moe_layout=layout, noise_std=args.noise_std,
-                                         seed=args.seed)
-  elif method == "btx":
-    config, out = upcycle.btx_merge(configs, params, moe=moe, moe_layout=layout,
-                                    seed=args.seed, names=dirs)
-  else:
-    config, out = upcycle.bam_merge(configs, params, moe=moe, moe_layout=layout,
-                                    shared_kv=args.shared_kv,
-                                    attention_top_k=args.attention_top_k, seed=args.seed,
-                                    names=dirs)
+  config, out = methods.upcycle(
+      args.method, [m.config for m in loaded], [m.params for m in loaded],
+      num_experts=args.num_experts, top_k=args.top_k,
+      capacity_factor=_capacity_factor(args.capacity_factor),
+      renormalize=not args.no_renormalize, moe_layout=_layout(args.moe_layout), seed=args.seed,
+      names=dirs, owner=PROG, **options)
   if args.router_init == "prompts":
-    out = _prompt_routers(args, loaded, out, e)
+    out = _prompt_routers(args, loaded, out, config.moe.num_experts)
   elif args.prompts:
     raise CheckpointError("--prompts needs --router_init prompts")
   return config, out, loaded

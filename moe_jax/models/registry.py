@@ -1,9 +1,16 @@
 """Model kinds: config dataclass <-> name <-> flax module, and config (de)serialisation.
 
 Our own checkpoints store ``{"kind": NAME, "config": {...}}`` beside the
-weights so a directory alone rebuilds the model. Later model families (MoE
-decoders, BAM, CALM compositions) register themselves here with
-:func:`register_model`; nothing else in the checkpoint code needs to change.
+weights so a directory alone rebuilds the model. Model families of other
+packages (CALM compositions, ``calm_jax.plugin``) register themselves here
+with :func:`register_model` from their ``moe_jax.plugins`` entry point
+(:mod:`moe_jax.plugins`, loaded on the first lookup this module cannot
+answer); nothing else in the checkpoint code needs to change.
+
+A kind may also name *hooks* the Python API calls for models of that kind
+(:func:`hook`): ``trainable_mask`` (``params -> bool tree``: what
+``moe_jax.api.finetune`` trains by default) and ``save`` (``(model, path) ->
+Path``: what ``moe_jax.api.save`` writes).
 """
 
 from __future__ import annotations
@@ -22,20 +29,49 @@ _KINDS: dict[str, tuple[str, str]] = {
                     "moe_jax.models.moe_decoder:MoeDecoder"),
     "bam_decoder": ("moe_jax.models.bam_decoder:BamDecoderConfig",
                     "moe_jax.models.bam_decoder:BamDecoder"),
-    "calm": ("calm_jax.model:CompositionConfig", "calm_jax.model:ComposedModel"),
 }
 # How many ``[B, L]`` token arrays the module's ``__call__`` takes positionally
 # (1 for decoder-only, 2 for encoder-decoder); used to derive parameter shapes.
-_TOKEN_INPUTS: dict[str, int] = {"decoder": 1, "t5": 2, "calm": 1, "moe_decoder": 1,
-                                 "bam_decoder": 1}
+_TOKEN_INPUTS: dict[str, int] = {"decoder": 1, "t5": 2, "moe_decoder": 1, "bam_decoder": 1}
+#: kind -> {hook name: "pkg.mod:function"} (see the module docstring).
+_HOOKS: dict[str, dict[str, str]] = {}
+HOOKS = ("trainable_mask", "save")
 
 
-def register_model(kind: str, config_cls: str, factory: str, token_inputs: int = 1) -> None:
-  """Registers a model kind by import paths (``"pkg.mod:Name"``)."""
+def register_model(kind: str, config_cls: str, factory: str, token_inputs: int = 1, *,
+                   hooks: dict[str, str] | None = None) -> None:
+  """Registers a model kind by import paths (``"pkg.mod:Name"``); idempotent.
+
+  ``hooks``: ``{name: "pkg.mod:function"}`` for names in :data:`HOOKS`.
+  """
   if kind in _KINDS and _KINDS[kind] != (config_cls, factory):
     raise ValueError(f"model kind {kind!r} is already registered as {_KINDS[kind]}")
+  unknown = sorted(set(hooks or {}) - set(HOOKS))
+  if unknown:
+    raise ValueError(f"model kind {kind!r}: unknown hooks {unknown}; known: {HOOKS}")
   _KINDS[kind] = (config_cls, factory)
   _TOKEN_INPUTS[kind] = token_inputs
+  _HOOKS[kind] = dict(hooks or {})
+
+
+def _load_plugins() -> None:
+  from moe_jax import plugins
+  plugins.load()
+
+
+def hook(config: Any, name: str) -> Callable | None:
+  """The ``name`` hook of ``config``'s model kind, or ``None`` (none, or not a registered kind)."""
+  try:
+    kind = kind_of(config)
+  except ValueError:
+    return None
+  path = _HOOKS.get(kind, {}).get(name)
+  return None if path is None else _resolve(path)
+
+
+def is_encoder_decoder(config: Any) -> bool:
+  """Whether ``config``'s model takes the prompt in an encoder (``encode`` / ``decode``)."""
+  return _TOKEN_INPUTS[kind_of(config)] == 2
 
 
 def param_shapes(module: Any, kind: str) -> dict:
@@ -65,21 +101,35 @@ def _resolve(path: str) -> Any:
 
 
 def kinds() -> list[str]:
+  _load_plugins()
   return sorted(_KINDS)
 
 
-def kind_of(config: Any) -> str:
+def _find_kind(config: Any) -> str | None:
   for kind, (cls_path, _) in _KINDS.items():
     module, name = cls_path.split(":")
     if type(config).__name__ == name and type(config).__module__ == module:
       return kind
+  return None
+
+
+def kind_of(config: Any) -> str:
+  kind = _find_kind(config)
+  if kind is None:
+    _load_plugins()
+    kind = _find_kind(config)
+  if kind is not None:
+    return kind
   raise ValueError(f"{type(config).__name__} is not a registered model config; "
                    f"known kinds: {kinds()}")
 
 
 def build_module(config: Any, kind: str | None = None) -> Any:
   """The flax module for ``config``."""
-  factory = _resolve(_KINDS[kind or kind_of(config)][1])
+  kind = kind or kind_of(config)
+  if kind not in _KINDS:
+    _load_plugins()
+  factory = _resolve(_KINDS[kind][1])
   return factory(config=config)
 
 
@@ -98,6 +148,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def config_from_dict(kind: str, data: dict[str, Any], source: str = "config") -> Any:
   """Rebuilds a registered config from :func:`config_to_dict` output."""
+  if kind not in _KINDS:
+    _load_plugins()
   if kind not in _KINDS:
     raise ValueError(f"{source}: unknown model kind {kind!r}; known: {kinds()}")
   return _build(_resolve(_KINDS[kind][0]), data, source)

@@ -429,6 +429,7 @@ class T5(nn.Module):
 
   Methods (use ``model.apply(variables, ..., method=T5.encode)`` etc.):
     ``encode(tokens_BL, valid_BL=None) -> enc_BLD``
+    ``init_cache(batch, max_len=None, dtype=None) -> T5DecodeCache`` (empty; no parameters)
     ``init_decode_cache(enc_BLD, enc_valid_BL=None, max_len=None) -> T5DecodeCache``
     ``decode(tokens_BL, *, enc_BLD=None, enc_valid_BL=None, valid_BL=None, cache=None)
       -> (logits_BLV, new cache or None)``
@@ -477,20 +478,30 @@ class T5(nn.Module):
     valid_BL = _bool_or_ones(valid_BL, tokens_BL.shape)
     return self.encoder(self._embed(tokens_BL), valid_BL, segment_ids_BL)
 
+  @nn.nowrap
+  def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None
+                 ) -> T5DecodeCache:
+    """Empty decoder cache (no parameters needed; every LM's cache protocol). The first
+    :meth:`decode` with it takes ``enc_BLD`` (and ``enc_valid_BL``) and stores their kv."""
+    c = self.config
+    slots = max_len or c.max_seq_len
+    dtype = jnp.dtype(dtype or c.dtype)
+    self_attn = tuple(KVCache.zeros(batch, slots, c.num_heads, c.d_kv, dtype)
+                      for _ in range(c.decoder_layers))
+    return T5DecodeCache(
+        self_attn=self_attn,
+        cross_attn=(), enc_valid_BS=jnp.zeros((batch, 0), bool),
+        valid_BS=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
+
   def init_decode_cache(self, enc_BLD: Array, enc_valid_BL: Array | None = None,
                         max_len: int | None = None) -> T5DecodeCache:
-    """Empty decoder cache of ``max_len`` slots with the cross-attention kv precomputed."""
-    c = self.config
-    b, s = enc_BLD.shape[:2]
-    slots = max_len or c.max_seq_len
-    dtype = jnp.dtype(c.dtype)
-    return T5DecodeCache(
-        self_attn=tuple(KVCache.zeros(b, slots, c.num_heads, c.d_kv, dtype)
-                        for _ in range(c.decoder_layers)),
-        cross_attn=self.decoder.cross_kv(enc_BLD),
-        enc_valid_BS=_bool_or_ones(enc_valid_BL, (b, s)),
-        valid_BS=jnp.zeros((b, slots), bool),
-        index=jnp.zeros((), jnp.int32))
+    """:meth:`init_cache` with the cross-attention keys/values precomputed."""
+    return self._with_encoder(self.init_cache(enc_BLD.shape[0], max_len), enc_BLD, enc_valid_BL)
+
+  def _with_encoder(self, cache: T5DecodeCache, enc_BLD: Array,
+                    enc_valid_BL: Array | None) -> T5DecodeCache:
+    return cache.replace(cross_attn=self.decoder.cross_kv(enc_BLD),
+                         enc_valid_BS=_bool_or_ones(enc_valid_BL, enc_BLD.shape[:2]))
 
   def decode(self, tokens_BL: Array, *, enc_BLD: Array | None = None,
              enc_valid_BL: Array | None = None, valid_BL: Array | None = None,
@@ -501,7 +512,8 @@ class T5(nn.Module):
     Without a cache, ``enc_BLD`` (and optionally ``enc_valid_BL``) is required
     and the decoder is causal over ``tokens_BL``. With a cache, the tokens are
     written at slots ``cache.index ..`` and the cached encoder keys/values are
-    used; ``enc_BLD`` must then be omitted. The caller keeps
+    used; ``enc_BLD`` must then be omitted, except with a cache fresh from
+    :meth:`init_cache`, which stores the ones of ``enc_BLD``. The caller keeps
     ``cache.index + L <= slots`` (as with any fixed-size cache, writes past
     the end are clamped by ``dynamic_update_slice``).
     """
@@ -522,7 +534,12 @@ class T5(nn.Module):
       return self._logits(h), None
     if segment_ids_BL is not None:
       raise ValueError("segment_ids_BL (packing) is for training; it cannot be used with a cache")
-    if enc_BLD is not None or enc_valid_BL is not None:
+    if not cache.cross_attn:  # fresh from init_cache: store the encoder's keys/values
+      if enc_BLD is None:
+        raise ValueError("T5.decode: a cache fresh from init_cache needs enc_BLD (and "
+                         "enc_valid_BL) with the first tokens")
+      cache = self._with_encoder(cache, enc_BLD, enc_valid_BL)
+    elif enc_BLD is not None or enc_valid_BL is not None:
       raise ValueError("T5.decode with a cache uses the cached encoder keys/values; "
                        "do not pass enc_BLD / enc_valid_BL (give them to init_decode_cache)")
     index = cache.index

@@ -12,7 +12,9 @@ Pure functions over parameter trees (NumPy, on the host), each returning
 * :func:`prompt_router_vectors` / :func:`init_routers_from_vectors` --
   mergekit-style router initialisation from positive/negative prompts.
 
-``python -m moe_jax.upcycle`` runs them on checkpoints (see :mod:`moe_jax.cli.upcycle`).
+The methods are registered in :mod:`moe_jax.upcycle.methods` (``METHODS``,
+``check``, ``upcycle``), which ``python -m moe_jax.upcycle`` (see
+:mod:`moe_jax.cli.upcycle`) and ``moe_jax.upcycle_model`` both read.
 """
 
 from moe_jax.upcycle.bam import bam_merge

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from calm_jax import (ComposedModel, CompositionConfig, compose, load_composition,
+from calm_jax import (ComposedModel, CompositionConfig, compose_modules, load_composition,
                       save_composition, select_layer_pairs, trainable_mask)
 from calm_jax.composition import init_composition_params
 from moe_jax import decoding
@@ -57,7 +57,7 @@ def test_tokenizers_must_agree():
 
 def test_zero_init_equals_anchor(models):
   anchor, aug = models
-  module, params = compose(anchor, [aug], num_composition_layers=2)
+  module, params = compose_modules(anchor, [aug], num_composition_layers=2)
   tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, V)
   ours, _ = module.apply({"params": params}, tokens)
   ref, _ = anchor.module.apply({"params": anchor.params}, tokens)
@@ -66,7 +66,7 @@ def test_zero_init_equals_anchor(models):
 
 def test_no_future_leak(models):
   anchor, aug = models
-  module, params = compose(anchor, [aug], zero_init_output=False)
+  module, params = compose_modules(anchor, [aug], zero_init_output=False)
   params = _nonzero(module, params)
   tokens = jax.random.randint(jax.random.key(0), (1, 9), 0, V)
   base, _ = module.apply({"params": params}, tokens)
@@ -81,8 +81,8 @@ def test_no_future_leak(models):
 
 def test_padding_and_cache_equal_full(models):
   anchor, aug = models
-  module, params = compose(anchor, [aug, aug], zero_init_output=False,
-                           layer_pairs=(((0, 1), (1, 3)), ((1, 2),)))
+  module, params = compose_modules(anchor, [aug, aug], zero_init_output=False,
+                                   layer_pairs=(((0, 1), (1, 3)), ((1, 2),)))
   params = _nonzero(module, params)
   tokens = jax.random.randint(jax.random.key(3), (2, 8), 1, V)
   full, _ = module.apply({"params": params}, tokens)
@@ -102,7 +102,7 @@ def test_padding_and_cache_equal_full(models):
 
 def test_generation_with_caches_equals_recompute(models):
   anchor, aug = models
-  module, params = compose(anchor, [aug], zero_init_output=False)
+  module, params = compose_modules(anchor, [aug], zero_init_output=False)
   params = _nonzero(module, params, seed=9)
   prompts = [[3, 4, 5, 6], [7, 8]]
   out = decoding.generate(module, params, prompts, max_new_tokens=6)
@@ -117,7 +117,7 @@ def test_generation_with_caches_equals_recompute(models):
 def test_packed_segments_equal_separate_sequences(models):
   # Training packs examples; each segment must see only itself, at positions from 0.
   anchor, aug = models
-  module, params = compose(anchor, [aug], zero_init_output=False)
+  module, params = compose_modules(anchor, [aug], zero_init_output=False)
   params = _nonzero(module, params, seed=4)
   a = jax.random.randint(jax.random.key(1), (1, 5), 1, V)
   b = jax.random.randint(jax.random.key(2), (1, 4), 1, V)
@@ -130,7 +130,7 @@ def test_packed_segments_equal_separate_sequences(models):
 
 def test_one_step_moves_only_composition(models):
   anchor, aug = models
-  module, params = compose(anchor, [aug])
+  module, params = compose_modules(anchor, [aug])
   mask = trainable_mask(params)
   tx = optax.multi_transform({True: optax.adam(1e-2), False: optax.set_to_zero()},
                              jax.tree.map(lambda m: m, mask))
@@ -163,7 +163,7 @@ def test_save_and_load_composition(models, tmp_path):
   save_model(tmp_path / "anchor", anchor.config, anchor.params)
   save_model(tmp_path / "aug", aug.config, aug.params)
   a, g = load_checkpoint(tmp_path / "anchor"), load_checkpoint(tmp_path / "aug")
-  module, params = compose(a, [g], zero_init_output=False)
+  module, params = compose_modules(a, [g], zero_init_output=False)
   params = _nonzero(module, params)
   save_composition(tmp_path / "comp", module.config, params,
                    anchor_checkpoint=str(tmp_path / "anchor"),
