@@ -263,7 +263,8 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
              clip_grad_norm: float | None = None, trainable: Any = "auto",
              model_dir: str | os.PathLike | None = None, checkpoint_every: int | None = 1000,
              keep_checkpoints: int | None = 3, resume: bool = True, log_every: int = 1,
-             seed: int = 0, mesh: Any = None, pack: bool = True, vocabulary: Any = None,
+             seed: int = 0, mesh: Any = None, num_microbatches: int = 1,
+             frozen_param_dtype: str | None = None, pack: bool = True, vocabulary: Any = None,
              progress_bar: bool = False, echo: bool = False) -> TrainResult:
   """Trains ``model`` for ``steps`` steps with :func:`moe_jax.train.run.train`.
 
@@ -304,7 +305,11 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
     log_every: record metrics every this many steps (``history``).
     seed: data shuffling and per-step RNG.
     mesh: a ``PartitionerConfig`` or ``{"data": ..., "expert": ..., "model": ...}``
-      (default: data parallel over every device).
+      (default: data parallel over every device); ``"fsdp": True`` also shards
+      parameters and optimizer state over the data axis.
+    num_microbatches: gradient accumulation (``TrainerConfig.num_microbatches``).
+    frozen_param_dtype: e.g. ``"bfloat16"``: frozen parameters in that dtype
+      (``TrainerConfig.frozen_param_dtype``).
     pack: pack several examples per row.
     vocabulary: the seqio vocabulary of in-memory examples (default the
       model's tokenizer, or bytes).
@@ -326,7 +331,9 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
                                   schedule=schedule, warmup_steps=warmup_steps, end_lr=end_lr,
                                   weight_decay=weight_decay, clip_grad_norm=clip_grad_norm),
       trainer=TrainerConfig(num_train_steps=steps, log_every=log_every, seed=seed,
-                            eval_steps=None, progress_bar=progress_bar),
+                            eval_steps=None, progress_bar=progress_bar,
+                            num_microbatches=num_microbatches,
+                            frozen_param_dtype=frozen_param_dtype),
       partitioner=_partitioner_config(mesh), metrics_writer=writer,
       checkpoint=CheckpointConfig(save_every=checkpoint_every, keep=keep_checkpoints,
                                   restore=resume),
