@@ -49,9 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from moe_jax.train.partitioner import MODEL_RULES, Partitioner, PartitionerConfig
-from moe_jax.train.partitioning import (DEFAULT_RULES, MESH_AXES, merge_rules, mesh_axes_size,
-                                        mesh_axis_for, validate_rules)
+from moe_jax.train.partitioner import Partitioner, PartitionerConfig
+from moe_jax.train.partitioning import MESH_AXES, mesh_axes_size, mesh_axis_for, validate_rules
 
 GIB = 1024 ** 3
 
@@ -177,7 +176,7 @@ class AbstractPartitioner(Partitioner):
                          "--num_devices or a mesh without -1")
       sizes = config.mesh_shape(num_devices)
     self.mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
-    self.rules = merge_rules(merge_rules(DEFAULT_RULES, MODEL_RULES), config.rules)
+    self.rules = config.all_rules()
     validate_rules(self.rules, self.mesh)
 
   @property
@@ -377,7 +376,8 @@ def activation_bytes(partitioner: Partitioner, avals: Sequence[Any], boxed: Any,
 
 def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
              partitioners: Sequence[PartitionerConfig] = (PartitionerConfig(data=1),),
-             num_devices: int | None = None, trainable: Any = None) -> Plan:
+             num_devices: int | None = None, trainable: Any = None,
+             trainer: Any = None) -> Plan:
   """Plans a training run for each mesh; nothing is allocated.
 
   Args:
@@ -389,20 +389,24 @@ def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
     partitioners: one ``PartitionerConfig`` per mesh to plan.
     num_devices: devices for meshes with a ``-1`` axis.
     trainable: as ``train(trainable=...)``: regexes, a mask, or a callable.
+    trainer: the run's :class:`~moe_jax.train.trainer.TrainerConfig`
+      (``num_microbatches``: activations of one microbatch, plus a float32
+      gradient accumulator; ``frozen_param_dtype``: frozen parameters' bytes).
 
   Raises:
     ValueError: a mesh that does not divide a parameter or the batch (named).
   """
   from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
+  from moe_jax.train.trainer import cast_frozen
 
+  micro = getattr(trainer, "num_microbatches", 1)
   boxed = model.abstract_boxed_params()
-  abstract = nn.meta.unbox(boxed)
-  opt = make_optimizer(optimizer or OptimizerConfig(), abstract, trainable=trainable)
+  opt = make_optimizer(optimizer or OptimizerConfig(), nn.meta.unbox(boxed), trainable=trainable)
   mask = opt.trainable_mask
+  abstract = cast_frozen(nn.meta.unbox(boxed), mask, getattr(trainer, "frozen_param_dtype", None))
   abstract_opt = jax.eval_shape(opt.tx.init, abstract)
   counts = parameter_counts(model, mask, boxed=boxed)
-  one_row, row_tokens = _dummy_batch(model, dataset)
-  row_residuals = residuals(model, abstract, mask, one_row)
+  _, row_tokens = _dummy_batch(model, dataset)
   tokens = {k: v * dataset.batch_size for k, v in row_tokens.items()}
   flops = _matmul_flops(model, boxed, mask, tokens)
   trainable_params = jax.tree.map(lambda x, m: x if m else None, abstract, mask)
@@ -415,18 +419,37 @@ def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
     grad_specs = jax.tree.map(lambda s, m: s if m else None, specs, mask,
                               is_leaf=lambda x: isinstance(x, PartitionSpec))
     shards = mesh_axes_size(part.mesh, mesh_axis_for("batch", part.rules))
-    if dataset.batch_size % shards:
+    if dataset.batch_size % (shards * micro):
       raise ValueError(f"mesh {part.mesh_shape}: global batch size {dataset.batch_size} is not "
-                       f"divisible by the {shards} batch shards")
+                       f"divisible by the {shards} batch shards x {micro} microbatches")
     rows = dataset.batch_size / shards
+    grad_bytes = sharded_bytes(part, trainable_params, grad_specs)
     meshes.append(MeshPlan(
         mesh=part.mesh_shape, batch_per_device=rows,
         param_bytes=sharded_bytes(part, abstract, specs),
         opt_bytes=sharded_bytes(part, abstract_opt, opt_specs),
-        grad_bytes=sharded_bytes(part, trainable_params, grad_specs),
-        activation_bytes=activation_bytes(part, row_residuals, boxed, specs, rows),
+        grad_bytes=grad_bytes * (2 if micro > 1 else 1),  # the accumulator and one microbatch's
+        activation_bytes=mesh_activation_bytes(part, model, abstract, mask, boxed, specs,
+                                               dataset, rows / micro),
         flops_per_device=flops / part.mesh.size))
   return Plan(model=_describe(model.config), counts=counts, tokens=tokens, meshes=tuple(meshes))
+
+
+def mesh_activation_bytes(part: "AbstractPartitioner", model: Any, abstract: Any, mask: Any,
+                          boxed: Any, specs: Any, dataset: Any, rows: float) -> int:
+  """Activation bytes per device for ``rows`` rows per batch shard, traced on the mesh.
+
+  The loss is traced with one row per batch shard under the abstract mesh and
+  the rules, so layers that switch path on a mesh (the expert-parallel MoE:
+  padded capacity buffers and ``all_to_all`` instead of ``ragged_dot``) are
+  sized as they will run. Residuals are global arrays: one row's share is
+  their bytes over the batch shards.
+  """
+  shards = part.num_batch_shards
+  batch, _ = _dummy_batch(model, dataset, rows=shards)
+  with jax.sharding.use_abstract_mesh(part.mesh), nn.logical_axis_rules(part.rules):
+    avals = residuals(model, abstract, mask, batch)
+  return activation_bytes(part, avals, boxed, specs, rows / shards)
 
 
 def _describe(config: Any) -> str:

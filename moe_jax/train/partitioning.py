@@ -87,8 +87,16 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) ->
   if n > len(devices):
     raise ValueError(f"make_mesh: mesh {dict(zip(MESH_AXES, sizes))} needs {n} devices, "
                      f"only {len(devices)} available")
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices[:n])
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  try:
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices[:n])
+  except (ValueError, NotImplementedError):
+    # A TPU slice whose physical axes do not factor into the mesh (data=8 x expert=8
+    # on a 4x4x4 v5p-128): let mesh_utils split a physical axis across two mesh axes.
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(sizes, devices[:n], allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def _as_tuple(mesh_axes: MeshAxes) -> tuple[str, ...]:

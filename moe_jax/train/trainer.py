@@ -167,6 +167,21 @@ def make_data_iterator(config: DatasetConfig, model: BaseModel, *,
   return pipeline.DataIterator(ds, rows=rows)
 
 
+def cast_frozen(params: Any, trainable_mask: Any, dtype: Any) -> Any:
+  """Floating leaves of ``params`` (arrays or shapes) that the mask freezes, in ``dtype``."""
+  if dtype is None:
+    return params
+
+  def cast(x, trainable):
+    if trainable or not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding)
+    return x.astype(dtype)
+
+  return jax.tree.map(cast, params, trainable_mask)
+
+
 class MetricsWriter:
   """Appends JSON lines to ``model_dir/metrics.jsonl`` and prints them (process 0)."""
 
@@ -259,18 +274,9 @@ class Trainer:
 
   def cast_frozen(self, params: Any) -> Any:
     """``params`` (arrays or shapes) with frozen leaves in ``config.frozen_param_dtype``."""
-    dtype = self.config.frozen_param_dtype
-    if dtype is None or self.optimizer is None:
+    if self.optimizer is None:
       return params
-
-    def cast(x, trainable):
-      if trainable or not jnp.issubdtype(x.dtype, jnp.floating):
-        return x
-      if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding)
-      return x.astype(dtype)
-
-    return jax.tree.map(cast, params, self.optimizer.trainable_mask)
+    return cast_frozen(params, self.optimizer.trainable_mask, self.config.frozen_param_dtype)
 
   def create_state(self, seed: int | None = None) -> TrainState:
     """Freshly initialised, sharded train state at step 0."""
