@@ -14,7 +14,8 @@ token, C capacity, A assignments (G·S·K).
   ``[S, E, C]`` tensor exists. The backward pass turns the gathers into
   scatter-adds of the same sizes.
 * ``"ragged"`` (dropless; the GPU/TPU path): sort all A assignments by
-  expert, ``ragged_dot`` over the sorted rows with per-expert group sizes,
+  expert, a grouped matmul (megablox ``gmm`` on TPU, ``ragged_dot`` on GPU;
+  ``experts.RAGGED_KERNELS``) over the sorted rows with per-expert group sizes,
   un-sort by the inverse permutation and weight-sum. Ignores capacity: no
   token is ever dropped and no slot is padded. On CPU ``ragged_dot`` is a
   dense masked matmul (E times the FLOPs), so it is the slow path here.
@@ -155,7 +156,8 @@ def ragged_permutation(expert_GSK: Array) -> tuple[Array, Array, Array]:
 
 
 def moe_ragged(x_GSD: Array, routing: TokensChooseRouting, params: Params, *,
-               activation: str, gated: bool, dtype: Any) -> Array:
+               activation: str, gated: bool, dtype: Any, kernel: str = "ragged_dot",
+               interpret: bool = False) -> Array:
   """Tokens-choose MoE with ``ragged_dot``: every choice is computed, none padded.
 
   Dropless when the routing was made dropless (``capacity_factor=None``, which
@@ -169,7 +171,7 @@ def moe_ragged(x_GSD: Array, routing: TokensChooseRouting, params: Params, *,
   group_sizes_E = jnp.bincount(e_A, length=e).astype(jnp.int32)
   x_AD = jnp.take(x_GSD.reshape(g * s, d), order_A // k, axis=0, mode="clip")
   y_AD = expert_ffn_ragged(params, x_AD, group_sizes_E, activation=activation, gated=gated,
-                           dtype=dtype)
+                           dtype=dtype, kernel=kernel, interpret=interpret)
   y_GSKD = jnp.take(y_AD, inverse_A, axis=0, mode="clip").reshape(g, s, k, d)
   return jnp.einsum("GSK,GSKD->GSD", routing.weight_GSK.astype(y_GSKD.dtype), y_GSKD)
 
@@ -178,13 +180,19 @@ def moe_ragged(x_GSD: Array, routing: TokensChooseRouting, params: Params, *,
 
 
 def moe_apply(x_GSD: Array, routing: Routing, params: Params, *, method: str = "sorted",
-              activation: str = "silu", gated: bool = True, dtype: Any = jnp.float32) -> Array:
-  """``[G, S, D] -> [G, S, D]``: route, run experts, combine (single device / GSPMD)."""
+              activation: str = "silu", gated: bool = True, dtype: Any = jnp.float32,
+              ragged_kernel: str = "ragged_dot", interpret: bool = False) -> Array:
+  """``[G, S, D] -> [G, S, D]``: route, run experts, combine (single device / GSPMD).
+
+  ``ragged_kernel`` (``"ragged_dot"`` | ``"gmm"``) is the grouped matmul of
+  ``"ragged"``; ``interpret`` runs ``gmm`` in Pallas interpret mode (CPU).
+  """
   check_method(method, routing)
   s = x_GSD.shape[1]
   x_GSD = x_GSD.astype(dtype)
   if method == "ragged":
-    return moe_ragged(x_GSD, routing, params, activation=activation, gated=gated, dtype=dtype)
+    return moe_ragged(x_GSD, routing, params, activation=activation, gated=gated, dtype=dtype,
+                      kernel=ragged_kernel, interpret=interpret)
   x_GECD = dispatch(x_GSD, routing, method)
   g, e, c, d = x_GECD.shape
   y_END = expert_ffn(params, x_GECD.transpose(1, 0, 2, 3).reshape(e, g * c, d),

@@ -20,14 +20,23 @@ Two ways to apply them, same math:
 * ``expert_ffn``: a batched einsum over padded ``[E, N, D]`` buffers
   (capacity dispatch). Dense MXU/BLAS-friendly matmuls; padding costs
   ``cf - 1`` extra FLOPs.
-* ``expert_ffn_ragged``: ``jax.lax.ragged_dot`` over expert-sorted rows and
-  per-expert group sizes: no padding, no drops. Grouped-GEMM kernels on GPU
-  and TPU; on CPU XLA lowers it to a dense masked matmul over all E experts
-  (E times the FLOPs), which the benchmark shows.
+* ``expert_ffn_ragged``: a grouped matmul over expert-sorted rows and
+  per-expert group sizes: no padding, no drops. Two kernels
+  (``RAGGED_KERNELS``, picked by backend with ``"auto"``):
+
+  - ``"gmm"``: the Pallas megablox grouped matmul (``gmm``, and ``tgmm`` for
+    the weight gradient through its VJP), the TPU path. Tiles are chosen for
+    the MXU (:func:`gmm_tiling`: 512 / 256 / 128) and the rows are padded to a
+    multiple of the row tile here, so callers pass any row count. On CPU it
+    runs in Pallas interpret mode (tests only).
+  - ``"ragged_dot"``: ``jax.lax.ragged_dot``, the GPU path (grouped GEMM). On
+    CPU XLA lowers it to a dense masked matmul over all E experts (E times the
+    FLOPs), which the benchmark shows; on TPU it costs the active FLOPs.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -67,16 +76,70 @@ def expert_ffn(params: Params, x_END: Array, *, activation: str = "silu", gated:
   return jnp.einsum("ENF,EFD->END", h_ENF, p["wo"])
 
 
+RAGGED_KERNELS = ("auto", "ragged_dot", "gmm")
+
+
+def resolve_ragged_kernel(kernel: str, platform: str) -> str:
+  """``"auto"``: megablox ``gmm`` on TPU, ``ragged_dot`` elsewhere."""
+  if kernel not in RAGGED_KERNELS:
+    raise ValueError(f"ragged kernel {kernel!r} unknown; known: {RAGGED_KERNELS}")
+  if kernel == "auto":
+    return "gmm" if platform == "tpu" else "ragged_dot"
+  return kernel
+
+
+def _tile(n: int) -> int:
+  """MXU tile of a contracted / output dim: 512, 256 or 128 dividing ``n`` (small: ``n``)."""
+  for t in (512, 256, 128):
+    if n % t == 0:
+      return t
+  return n if n < 128 else 128  # megablox masks an irregular last tile of k / n
+
+
+def gmm_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+  """``(tm, tk, tn)`` for megablox: 512-row tiles for big problems, 128 for small ones."""
+  return (512 if m >= 4096 else 128), _tile(k), _tile(n)
+
+
+def grouped_matmul(x_MK: Array, w_EKN: Array, group_sizes_E: Array, *, kernel: str,
+                   interpret: bool = False) -> Array:
+  """``[M, K] x [E, K, N] -> [M, N]``: rows of group e times ``w[e]`` (rows past the groups: 0).
+
+  ``"gmm"`` pads M to a multiple of the row tile (megablox's constraint) and
+  slices the padding off; its ``custom_vjp`` gives ``gmm`` / ``tgmm`` backward.
+  """
+  if kernel == "ragged_dot":
+    return jax.lax.ragged_dot(x_MK, w_EKN, group_sizes_E)
+  from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+  m, k = x_MK.shape
+  tiling = gmm_tiling(m, k, w_EKN.shape[2])
+  mp = -(-m // tiling[0]) * tiling[0]
+  # megablox leaves rows outside every group (and their input gradients)
+  # unwritten: select them away on both sides, so neither garbage leaks.
+  in_group_M = (jnp.arange(mp) < jnp.sum(group_sizes_E))[:, None]
+  x_pad = jnp.pad(x_MK, ((0, mp - m), (0, 0))) if mp != m else x_MK
+  x_pad = jnp.where(in_group_M, x_pad, jnp.zeros((), x_pad.dtype))
+  y = megablox.gmm(x_pad, w_EKN.astype(x_MK.dtype), group_sizes_E.astype(jnp.int32),
+                   x_MK.dtype, tiling, None, None, False, interpret)
+  return jnp.where(in_group_M, y, jnp.zeros((), y.dtype))[:m]
+
+
 def expert_ffn_ragged(params: Params, x_AD: Array, group_sizes_E: Array, *,
                       activation: str = "silu", gated: bool = True,
-                      dtype: Any = jnp.float32) -> Array:
-  """``[A, D] -> [A, D]`` for rows sorted by expert, ``group_sizes_E`` rows each."""
+                      dtype: Any = jnp.float32, kernel: str = "ragged_dot",
+                      interpret: bool = False) -> Array:
+  """``[A, D] -> [A, D]`` for rows sorted by expert, ``group_sizes_E`` rows each.
+
+  ``kernel``: ``"ragged_dot"`` or ``"gmm"`` (megablox; ``interpret`` on CPU).
+  Rows past ``sum(group_sizes_E)`` come out as zeros.
+  """
   dtype = jnp.dtype(dtype)
   act = get_activation(activation)
   p = {k: v.astype(dtype) for k, v in params.items()}
-  mm = lambda x, w: jax.lax.ragged_dot(x, w, group_sizes_E)
+  mm = functools.partial(grouped_matmul, group_sizes_E=group_sizes_E, kernel=kernel,
+                         interpret=interpret)
   h_AF = _hidden(x_AD.astype(dtype), p, act, gated, mm)
-  return jax.lax.ragged_dot(h_AF, p["wo"], group_sizes_E)
+  return mm(h_AF, p["wo"])
 
 
 def expert_kernel_init(scale: float = 1.0) -> Callable[..., Array]:

@@ -59,10 +59,12 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.moe.dispatch import DISPATCH_METHODS, moe_apply
-from moe_jax.moe.experts import RoutedExperts
+from moe_jax.moe.experts import RAGGED_KERNELS, RoutedExperts, resolve_ragged_kernel
 from moe_jax.moe.parallel import expert_parallel_apply, plan_from_context, route_local
+from moe_jax.moe.ragged_parallel import EXCHANGES, resolve_exchange
 from moe_jax.moe.routing import (compute_capacity, experts_choose_route, router_stats,
                                  tokens_choose_route)
+from moe_jax.nn.attention_kernels import target_platform
 from moe_jax.nn.mlp import Mlp
 # The collections and their total are shared by every router (nn.router); re-exported here.
 from moe_jax.nn.router import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, router_logits,
@@ -95,10 +97,19 @@ class MoeConfig:
       used when a ``"jitter"`` rng is supplied.
     batch_prioritized: BPR -- confident tokens claim slots first.
     dispatch: ``"sorted"`` (gather into capacity buffers; default),
-      ``"ragged"`` (dropless ``ragged_dot``; GPU/TPU), ``"onehot"`` (GShard
-      einsum baseline). See ``dispatch.py``. Under expert parallelism the
-      all_to_all needs fixed-size buffers, so ``"ragged"`` runs as dropless
-      padded buffers (C = S) there (``ragged_all_to_all`` has no CPU kernel).
+      ``"ragged"`` (dropless grouped matmul; GPU/TPU), ``"onehot"`` (GShard
+      einsum baseline). See ``dispatch.py``.
+    ragged_kernel: grouped matmul of ``"ragged"``: ``"auto"`` (megablox
+      ``gmm`` on TPU, ``ragged_dot`` elsewhere), ``"gmm"`` (Pallas interpret
+      mode on CPU: tests) or ``"ragged_dot"``.
+    ragged_exchange: how ``"ragged"`` moves tokens under expert parallelism:
+      ``"auto"`` (``ragged_all_to_all`` on TPU / GPU; on CPU, which has no
+      ragged all-to-all, padded buffers with C = S), ``"ragged"``,
+      ``"padded"``, or ``"emulated"`` (the ragged path's exact semantics over a
+      padded all_to_all: the CPU check of it). See ``ragged_parallel.py``.
+    ragged_buffer_factor: receive buffer of the ragged exchange in units of a
+      device's own assignments; ``None``: the worst case, truly dropless;
+      ``f``: ``f·A`` rows, overflow dropped (less memory).
     num_groups: routing groups; ``None``: one per sequence.
     expert_dim: F of each expert; ``None``: the backbone's ``d_ff`` (upcycling).
     shared_expert_dim: F of an always-on dense expert added to the output;
@@ -120,6 +131,9 @@ class MoeConfig:
   jitter_noise: float = 0.0
   batch_prioritized: bool = False
   dispatch: str = "sorted"
+  ragged_kernel: str = "auto"
+  ragged_exchange: str = "auto"
+  ragged_buffer_factor: float | None = None
   num_groups: int | None = None
   expert_dim: int | None = None
   shared_expert_dim: int | None = None
@@ -138,6 +152,15 @@ class MoeConfig:
     if self.dispatch not in DISPATCH_METHODS:
       raise ValueError(f"MoeConfig.dispatch {self.dispatch!r} unknown; known: "
                        f"{DISPATCH_METHODS}")
+    if self.ragged_kernel not in RAGGED_KERNELS:
+      raise ValueError(f"MoeConfig.ragged_kernel {self.ragged_kernel!r} unknown; known: "
+                       f"{RAGGED_KERNELS}")
+    if self.ragged_exchange not in EXCHANGES:
+      raise ValueError(f"MoeConfig.ragged_exchange {self.ragged_exchange!r} unknown; known: "
+                       f"{EXCHANGES}")
+    if self.ragged_buffer_factor is not None and self.ragged_buffer_factor <= 0:
+      raise ValueError(f"MoeConfig.ragged_buffer_factor must be > 0 or None, got "
+                       f"{self.ragged_buffer_factor}")
     if self.dispatch == "ragged" and self.router == "experts_choose":
       raise ValueError("MoeConfig: dispatch 'ragged' needs router 'tokens_choose'")
     if self.capacity_factor is not None and self.capacity_factor <= 0:
@@ -223,11 +246,7 @@ class MoeLayer(nn.Module):
                            gated=self.gated, param_dtype=self.param_dtype,
                            kernel_init=self.kernel_init, name="experts")(d)
     common = dict(activation=self.activation, gated=self.gated, dtype=self.dtype)
-    if plan is not None:
-      y_GSD = expert_parallel_apply(x_GSD, routing, params, plan=plan,
-                                    method="sorted" if method == "ragged" else method, **common)
-    else:
-      y_GSD = moe_apply(x_GSD, routing, params, method=method, **common)
+    y_GSD = self._apply_experts(x_GSD, routing, params, plan, common)
     y_GSD = nn.with_logical_constraint(y_GSD.astype(self.dtype), ("batch", None, "embed"))
     y = y_GSD.reshape(x.shape)
     if c.shared_expert_dim is not None:
@@ -235,6 +254,28 @@ class MoeLayer(nn.Module):
                   gated=self.gated, dtype=self.dtype, param_dtype=self.param_dtype,
                   name="shared_expert")(x)
     return y
+
+  def _apply_experts(self, x_GSD, routing, params, plan, common) -> Array:
+    """The dispatch path for this backend: one device, padded or ragged expert parallelism."""
+    c = self.config
+    method = c.dispatch
+    platform = target_platform()
+    kernel = resolve_ragged_kernel(c.ragged_kernel, platform)
+    if kernel == "gmm" and platform not in ("tpu", "cpu"):
+      raise ValueError(f"MoeConfig.ragged_kernel='gmm' is a TPU kernel (building for "
+                       f"{platform}); use 'ragged_dot' or 'auto'")
+    ragged = dict(kernel=kernel, interpret=platform == "cpu")
+    if plan is None:
+      return moe_apply(x_GSD, routing, params, method=method, ragged_kernel=kernel,
+                       interpret=ragged["interpret"], **common)
+    if method == "ragged":
+      exchange = resolve_exchange(c.ragged_exchange, platform)
+      if exchange == "padded":  # dropless padded buffers (C = S): the CPU path
+        method = "sorted"
+      else:
+        ragged.update(exchange=exchange, buffer_factor=c.ragged_buffer_factor)
+    return expert_parallel_apply(x_GSD, routing, params, plan=plan, method=method,
+                                 ragged=ragged, **common)
 
   def _sow_stats(self, logits_GSE: Array, routing) -> None:
     c = self.config

@@ -23,10 +23,11 @@ One layer on one device (``expert_parallel_body``)::
     [g, E, C, D]  all_to_all back, combine into [g, S, D]
 
 Each ``all_to_all`` moves ``E·C·D = S·K·cf·D`` elements per group (the C
-slots are padded, which is why ``jax.lax.ragged_all_to_all`` -- not
-implemented on CPU -- would be the next step on GPU/TPU): per token
-``2·K·cf·D`` elements per forward pass, checked against the compiled HLO in
-the tests.
+slots are padded): per token ``2·K·cf·D`` elements per forward pass, checked
+against the compiled HLO in the tests. The dropless ``"ragged"`` dispatch
+moves only real rows with ``jax.lax.ragged_all_to_all`` on TPU / GPU
+(:mod:`moe_jax.moe.ragged_parallel`); XLA:CPU has no ragged all-to-all, so
+on CPU it stays these padded buffers with C = S.
 
 Without expert axes (a data- and/or tensor-parallel mesh) the same body runs
 with no ``all_to_all``: every device routes, dispatches and computes its own
@@ -51,7 +52,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.moe.dispatch import combine, dispatch
+from moe_jax.moe.dispatch import combine, dispatch, moe_ragged
+from moe_jax.moe.ragged_parallel import ragged_expert_parallel_body
 from moe_jax.moe.experts import Params, expert_ffn
 from moe_jax.moe.routing import Routing
 
@@ -174,19 +176,27 @@ def expert_parallel_body(x_GSD: Array, routing: Routing, params: Params, *,
   return combine(y_EGCD.transpose(1, 0, 2, 3), routing, s, method)
 
 
+def local_ragged_body(x_GSD: Array, routing: Routing, params: Params, *,
+                      model_axes: tuple[str, ...], **kw) -> Array:
+  """Dropless body without expert axes: each device runs all experts on its own tokens."""
+  y = moe_ragged(x_GSD.astype(kw["dtype"]), routing, params, **kw)
+  return jax.lax.psum(y, model_axes) if model_axes else y
+
+
 def expert_parallel_apply(x_GSD: Array, routing: Routing, params: Params, *,
                           plan: ExpertParallelPlan, method: str = "sorted",
                           activation: str = "silu", gated: bool = True,
-                          dtype: Any = jax.numpy.float32) -> Array:
+                          dtype: Any = jax.numpy.float32, ragged: dict | None = None) -> Array:
   """``moe_apply`` with experts split over ``plan.expert_axes`` (one ``shard_map``).
 
-  ``method`` is ``"sorted"`` or ``"onehot"`` (local dispatch inside the
-  body); ``"ragged"`` should be routed dropless and passed as ``"sorted"``:
-  the all-to-all needs fixed-size buffers.
+  ``method`` is ``"sorted"`` or ``"onehot"`` (padded capacity buffers and
+  ``all_to_all``), or ``"ragged"``: dropless, tokens moved with a ragged
+  all-to-all (:mod:`moe_jax.moe.ragged_parallel`). ``ragged`` holds that
+  path's options: ``kernel``, ``interpret``, ``exchange`` (``"ragged"`` or
+  ``"emulated"``), ``buffer_factor``.
   """
-  if method not in ("sorted", "onehot"):
-    raise ValueError(f"expert_parallel_apply: method {method!r}; expert parallelism uses "
-                     "padded capacity buffers ('sorted' or 'onehot')")
+  if method not in ("sorted", "onehot", "ragged"):
+    raise ValueError(f"expert_parallel_apply: method {method!r}; known: sorted, onehot, ragged")
   g = x_GSD.shape[0]
   e = routing.num_experts
   n_tok, n_exp = plan.num_token_shards, plan.num_expert_shards
@@ -208,8 +218,21 @@ def expert_parallel_apply(x_GSD: Array, routing: Routing, params: Params, *,
   ex = plan.expert_axes or None
   param_specs = {name: (P(ex, f_axis, None) if name == "wo" else P(ex, None, f_axis))
                  for name in params}
-  body = functools.partial(expert_parallel_body, expert_axes=plan.expert_axes,
-                           model_axes=plan.model_axes, method=method, activation=activation,
-                           gated=gated, dtype=dtype)
-  return jax.shard_map(body, mesh=plan.mesh, in_specs=(tok, tok, param_specs),
-                       out_specs=tok)(x_GSD, routing, params)
+  common = dict(model_axes=plan.model_axes, activation=activation, gated=gated, dtype=dtype)
+  if method == "ragged" and plan.expert_axes:
+    r = dict(ragged or {})
+    body = functools.partial(ragged_expert_parallel_body, expert_axes=plan.expert_axes,
+                             num_expert_shards=n_exp, kernel=r.get("kernel", "ragged_dot"),
+                             interpret=r.get("interpret", False),
+                             exchange=r.get("exchange", "ragged"),
+                             buffer_factor=r.get("buffer_factor"), **common)
+  elif method == "ragged":
+    r = dict(ragged or {})
+    body = functools.partial(local_ragged_body, kernel=r.get("kernel", "ragged_dot"),
+                             interpret=r.get("interpret", False), **common)
+  else:
+    body = functools.partial(expert_parallel_body, expert_axes=plan.expert_axes, method=method,
+                             **common)
+  # Pallas kernels (megablox) declare no varying-manual-axes types: unchecked there.
+  return jax.shard_map(body, mesh=plan.mesh, in_specs=(tok, tok, param_specs), out_specs=tok,
+                       check_vma=method != "ragged")(x_GSD, routing, params)
