@@ -22,14 +22,26 @@ __all__ = ["CheckpointError", "LoadedModel", "export_hf", "load_checkpoint", "lo
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
-                    revision: str | None = None) -> LoadedModel:
+                    revision: str | None = None, scan_layers: bool | None = None,
+                    remat_policy: str | None = None) -> LoadedModel:
   """Loads an HF directory (``config.json``), one of ours (``model_config.json`` +
   ``params.safetensors``) or a training directory (newest orbax step).
 
   ``path`` may also be a Hugging Face Hub id ``namespace/name[@revision]``
   (see :mod:`moe_jax.checkpoints.hub`; a local path that exists always wins);
-  ``revision`` picks its branch, tag or commit.
+  ``revision`` picks its branch, tag or commit. ``scan_layers`` /
+  ``remat_policy`` (default: the checkpoint's) rebuild the model with that
+  stack layout / remat policy; the parameters are relaid out to match
+  (:mod:`moe_jax.checkpoints.layout`), whichever layout the checkpoint has.
   """
+  from moe_jax.checkpoints import layout
+
+  loaded = _load_checkpoint(path, dtype=dtype, revision=revision)
+  return layout.with_stack_options(loaded, scan_layers=scan_layers, remat_policy=remat_policy)
+
+
+def _load_checkpoint(path: str | os.PathLike, *, dtype: str | None,
+                     revision: str | None) -> LoadedModel:
   directory = resolve_checkpoint(path, revision=revision)
   if not directory.is_dir():
     raise CheckpointError(f"{directory}: no such checkpoint directory")

@@ -99,7 +99,8 @@ def apply_assignment_map(target: Mapping, source: Mapping[str, Any],
 
   Args:
     target: the target parameter tree (arrays or ``ShapeDtypeStruct``).
-    source: flat ``{name: array}`` source parameters.
+    source: flat ``{name: array}`` source parameters, in either stack layout
+      (:mod:`moe_jax.checkpoints.layout`); rules name the target's layout.
     assignment_map: ``(target_regex, source_name_or_None)`` rules.
     fallback_to_init: targets whose source tensor is missing stay fresh
       instead of raising.
@@ -110,6 +111,10 @@ def apply_assignment_map(target: Mapping, source: Mapping[str, Any],
     value (a numpy array in the target's dtype) or ``None`` (keep fresh) at
     each leaf.
   """
+  from moe_jax.checkpoints.layout import match_layout
+
+  # Stack layouts (unrolled layers_{i} / scanned layers) follow the target's first.
+  source = flatten(match_layout(unflatten(dict(source)), target))
   compiled = [(re.compile(t), s) for t, s in assignment_map]
   flat_target = flatten(target, leaf=lambda x: x)
   chosen: dict[str, Any] = {}

@@ -86,7 +86,8 @@ def _cast(params, dtype: str):
 
 
 def load_hf(path: str | os.PathLike, *, dtype: str | None = None,
-            compute_dtype: str | None = None) -> LoadedModel:
+            compute_dtype: str | None = None, scan_layers: bool | None = None,
+            remat_policy: str | None = None) -> LoadedModel:
   """Loads an HF checkpoint directory into our model.
 
   Args:
@@ -94,6 +95,8 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None,
     dtype: parameter dtype (``float32``/``bfloat16``/``float16``); default: the
       file's floating dtype.
     compute_dtype: activation dtype; default ``float32``.
+    scan_layers, remat_policy: stack options of the model (default: unrolled,
+      no remat); a scanned model gets its layers stacked on load.
 
   Raises:
     CheckpointError: unreadable files, unsupported architecture, missing,
@@ -126,8 +129,12 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None,
   config = dataclasses.replace(config, param_dtype=dtype, dtype=compute_dtype or "float32")
   params = _cast(params, dtype)
   tok = str(directory) if (directory / "tokenizer.json").exists() else None
-  return LoadedModel(config=config, module=conv.module(config), params=params,
-                     source=str(directory), tokenizer_dir=tok)
+  from moe_jax.checkpoints.layout import with_stack_options
+
+  return with_stack_options(
+      LoadedModel(config=config, module=conv.module(config), params=params,
+                  source=str(directory), tokenizer_dir=tok),
+      scan_layers=scan_layers, remat_policy=remat_policy)
 
 
 def export_hf(path: str | os.PathLike, config: Any, params: Mapping, *,
@@ -137,7 +144,8 @@ def export_hf(path: str | os.PathLike, config: Any, params: Mapping, *,
 
   Args:
     path: target directory (replaced only once the new one is complete).
-    config, params: our config and (unboxed) parameter tree.
+    config, params: our config and (unboxed) parameter tree, unrolled or
+      scanned (``scan_layers``; unrolled on the way out).
     dtype: tensor dtype in the file; default the config's ``param_dtype``.
     max_shard_bytes: shard the weights with an index file above this size.
     tokenizer_dir: copy the tokenizer files found there alongside.
@@ -149,7 +157,9 @@ def export_hf(path: str | os.PathLike, config: Any, params: Mapping, *,
     raise CheckpointError(f"unsupported export dtype {dtype!r}; use one of {sorted(_NP_DTYPES)}")
   hf_config["torch_dtype"] = dtype
   hf_config["dtype"] = dtype
-  tensors = conv.params_to_hf(unbox(params), config)
+  from moe_jax.checkpoints.layout import unrolled
+
+  tensors = conv.params_to_hf(unrolled(unbox(params)), config)
   tensors = {k: np.asarray(v).astype(_NP_DTYPES[dtype]) for k, v in tensors.items()}
   with atomic_directory(path) as tmp:
     write_json(tmp / "config.json", hf_config)

@@ -127,6 +127,32 @@ def match_layout(tree: Any, target: Any) -> Any:
   return {k: match_layout(v, target[k]) if k in target else v for k, v in tree.items()}
 
 
+def with_stack_options(loaded: Any, *, scan_layers: bool | None = None,
+                       remat_policy: str | None = None) -> Any:
+  """A ``LoadedModel`` rebuilt with the given stack options, its parameters relaid out.
+
+  ``None`` keeps the checkpoint's own value. Configs without these fields
+  (a CALM composition: set them on its ``anchor`` / ``augments``) refuse.
+  """
+  import dataclasses
+
+  from moe_jax.models import registry
+
+  changes = {k: v for k, v in (("scan_layers", scan_layers), ("remat_policy", remat_policy))
+             if v is not None and getattr(loaded.config, k, None) != v}
+  if not changes:
+    return loaded
+  missing = [k for k in changes if not hasattr(loaded.config, k)]
+  if missing:
+    raise ValueError(f"{type(loaded.config).__name__} has no {missing} field; set it on the "
+                     "configs of the models it holds")
+  config = dataclasses.replace(loaded.config, **changes)
+  kind = registry.kind_of(config)
+  module = registry.build_module(config, kind)
+  params = match_layout(loaded.params, registry.param_shapes(module, kind))
+  return dataclasses.replace(loaded, config=config, module=module, params=params)
+
+
 def unrolled(tree: Any) -> Any:
   """``tree`` with every scanned stack unrolled (the layout HF export and upcycling read)."""
   if not isinstance(tree, Mapping):

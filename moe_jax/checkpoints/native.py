@@ -83,10 +83,17 @@ def load_model_config(path: str | os.PathLike) -> tuple[str, Any]:
 
 
 def load_params(path: str | os.PathLike, expected: Mapping | None = None) -> dict:
-  """Reads the parameter tree; with ``expected`` (a shape tree) checks names and shapes."""
+  """Reads the parameter tree; with ``expected`` (a shape tree) checks names and shapes.
+
+  The stored tree is first relaid out to ``expected``'s stack layout
+  (unrolled ``layers_{i}`` or scanned ``layers``), so either loads into either.
+  """
+  from moe_jax.checkpoints.layout import match_layout
+
   names, read, source = open_safetensors(Path(path), PARAMS_STEM)
   flat = {name: read(name) for name in sorted(names)}
   if expected is not None:
+    flat = flatten(match_layout(unflatten(flat), expected))
     want = flatten(expected, leaf=lambda x: tuple(x.shape))
     missing = sorted(set(want) - set(flat))
     if missing:

@@ -38,6 +38,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from moe_jax.models import stack
 from moe_jax.models.decoder import positions_from_segments
 from moe_jax.nn.attention import Attention, KVCache
 from moe_jax.nn.attention_kernels import AttentionMask, check_impl
@@ -78,6 +79,11 @@ class T5Config:
     attention_impl: fused attention by backend (``"auto"``; see
       :mod:`moe_jax.nn.attention_kernels`): on TPU the flash kernel, which takes
       the relative-position bias; ``"xla"`` materialises the scores.
+    remat_policy: per-block rematerialisation of both stacks
+      (:data:`moe_jax.models.stack.REMAT_POLICIES`).
+    scan_layers: run each stack as one ``nn.scan`` (parameters stacked along
+      ``layers``: ``encoder/layers/...``); the decode cache's per-layer
+      tuples then hold one stacked ``KVCache``.
   """
 
   vocab_size: int
@@ -99,8 +105,11 @@ class T5Config:
   decoder_start_token_id: int = 0
   max_seq_len: int = 512
   attention_impl: str = "auto"
+  remat_policy: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
+    stack.check_remat_policy(self.remat_policy, "T5Config")
     check_impl(self.attention_impl, "T5Config.attention_impl")
     for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
                  "max_seq_len"):
@@ -238,6 +247,7 @@ class T5EncoderBlock(nn.Module):
   """Pre-norm block: ``x += attn(norm(x)); x += mlp(norm(x))``."""
 
   config: T5Config
+  layer: int | None = None
 
   def setup(self):
     c = self.config
@@ -248,7 +258,7 @@ class T5EncoderBlock(nn.Module):
 
   @property
   def layer_index(self) -> int:
-    return int(self.name.rsplit("_", 1)[1])
+    return self.layer if self.layer is not None else int(self.name.rsplit("_", 1)[1])
 
   def make_attention(self) -> nn.Module:
     """The self-attention of this block; PEFT variants override this."""
@@ -260,8 +270,8 @@ class T5EncoderBlock(nn.Module):
 
   def __call__(self, x_BLD: Array, *, mask_BLS: Array, bias_BHLS: Array) -> Array:
     h, _ = self.attn(self.pre_attn_norm(x_BLD), mask_BLS=mask_BLS, bias_BHLS=bias_BHLS)
-    x_BLD = x_BLD + h
-    x_BLD = x_BLD + self.mlp(self.pre_mlp_norm(x_BLD))
+    x_BLD = x_BLD + stack.checkpoint_name(h, "attn_out")
+    x_BLD = x_BLD + stack.checkpoint_name(self.mlp(self.pre_mlp_norm(x_BLD)), "ffn_out")
     return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
 
 
@@ -269,6 +279,7 @@ class T5DecoderBlock(nn.Module):
   """Pre-norm block: causal self-attention, cross-attention to the encoder, FFN."""
 
   config: T5Config
+  layer: int | None = None
 
   def setup(self):
     c = self.config
@@ -281,7 +292,7 @@ class T5DecoderBlock(nn.Module):
 
   @property
   def layer_index(self) -> int:
-    return int(self.name.rsplit("_", 1)[1])
+    return self.layer if self.layer is not None else int(self.name.rsplit("_", 1)[1])
 
   def make_self_attention(self) -> nn.Module:
     """Causal self-attention; PEFT variants override this."""
@@ -299,6 +310,9 @@ class T5DecoderBlock(nn.Module):
     """Cross-attention keys/values of the encoder output (computed once per sequence)."""
     return self.cross_attn.project_kv(enc_BSD)
 
+  def stack_side(self, enc_BSD: Array) -> KVCache:  # a scanned stack's per-layer side call
+    return self.cross_kv(enc_BSD)
+
   def __call__(self, x_BLD: Array, *, self_mask_BLS: Array, bias_BHLS: Array,
                cross_mask_BLS: Array, enc_BSD: Array | None = None,
                cross_kv: KVCache | None = None, cache: KVCache | None = None,
@@ -307,11 +321,11 @@ class T5DecoderBlock(nn.Module):
       raise ValueError("T5DecoderBlock needs enc_BSD or a precomputed cross_kv")
     h, new_cache = self.self_attn(self.pre_self_attn_norm(x_BLD), mask_BLS=self_mask_BLS,
                                   bias_BHLS=bias_BHLS, cache=cache, cache_index=cache_index)
-    x_BLD = x_BLD + h
+    x_BLD = x_BLD + stack.checkpoint_name(h, "attn_out")
     h, _ = self.cross_attn(self.pre_cross_attn_norm(x_BLD), mask_BLS=cross_mask_BLS,
                            kv_source_BSD=enc_BSD, kv=cross_kv)
-    x_BLD = x_BLD + h
-    x_BLD = x_BLD + self.mlp(self.pre_mlp_norm(x_BLD))
+    x_BLD = x_BLD + stack.checkpoint_name(h, "cross_attn_out")
+    x_BLD = x_BLD + stack.checkpoint_name(self.mlp(self.pre_mlp_norm(x_BLD)), "ffn_out")
     return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed")), new_cache
 
 
@@ -330,7 +344,8 @@ class T5Encoder(nn.Module):
 
   def setup(self):
     c = self.config
-    self.layers = [self.block_cls(config=c, name=f"layers_{i}") for i in range(c.num_layers)]
+    self.layers = stack.make_blocks(self.block_cls, c, c.num_layers, scan=c.scan_layers,
+                                    remat_policy=c.remat_policy)
     self.relpos_bias = _relpos(c, bidirectional=True)
     self.final_norm = _norm(c)
 
@@ -342,6 +357,9 @@ class T5Encoder(nn.Module):
     # Structured: .dense(l) is encoder_mask(valid_BL, l) & same-segment.
     mask_BLS = AttentionMask(kv_valid_BS=valid_BL, q_valid_BL=valid_BL,
                              q_segment_ids_BL=segment_ids_BL, kv_segment_ids_BS=segment_ids_BL)
+    if self.config.scan_layers:
+      shared = dict(mask_BLS=mask_BLS, bias_BHLS=bias_BHLS)
+      return self.final_norm(stack.run_scanned(self.layers, x_BLD, None, shared)[0])
     for layer in self.layers:
       x_BLD = layer(x_BLD, mask_BLS=mask_BLS, bias_BHLS=bias_BHLS)
     return self.final_norm(x_BLD)
@@ -352,8 +370,10 @@ class T5DecodeCache:
   """Decoder state for incremental decoding.
 
   Attributes:
-    self_attn: per decoder layer, self-attention ``KVCache`` ``[B, S, H, Dh]``.
-    cross_attn: per decoder layer, the encoder's keys/values ``[B, S_enc, H, Dh]``.
+    self_attn: per decoder layer, self-attention ``KVCache`` ``[B, S, H, Dh]``
+      (scanned stacks: one ``KVCache`` ``[N, B, S, H, Dh]``).
+    cross_attn: per decoder layer, the encoder's keys/values ``[B, S_enc, H, Dh]``
+      (scanned stacks: one, stacked the same way).
     enc_valid_BS: which encoder positions are real tokens.
     valid_BS: which decoder slots hold real tokens.
     index: next decoder slot to write (int32 scalar, shared by the batch).
@@ -374,12 +394,14 @@ class T5Decoder(nn.Module):
 
   def setup(self):
     c = self.config
-    self.layers = [self.block_cls(config=c, name=f"layers_{i}")
-                   for i in range(c.decoder_layers)]
+    self.layers = stack.make_blocks(self.block_cls, c, c.decoder_layers, scan=c.scan_layers,
+                                    remat_policy=c.remat_policy)
     self.relpos_bias = _relpos(c, bidirectional=False)
     self.final_norm = _norm(c)
 
   def cross_kv(self, enc_BSD: Array) -> tuple[KVCache, ...]:
+    if self.config.scan_layers:
+      return self.layers.call_side(enc_BSD, ({},), (enc_BSD,))[1]
     return tuple(layer.cross_kv(enc_BSD) for layer in self.layers)
 
   def __call__(self, x_BLD: Array, *, valid_BS: Array, index: Array, enc_valid_BS: Array,
@@ -405,6 +427,14 @@ class T5Decoder(nn.Module):
         raise ValueError("packed decoding needs the encoder's segment ids too")
       cross_mask_BLS = cross_mask_BLS.replace(q_segment_ids_BL=segment_ids_BL,
                                               kv_segment_ids_BS=enc_segment_ids_BS)
+    if self.config.scan_layers:
+      layer_in = None if caches is None else ({"cache": caches[0], "cross_kv": (
+          None if cross_kvs is None else cross_kvs[0])},)
+      x_BLD, new_caches, _ = stack.run_scanned(
+          self.layers, x_BLD, layer_in,
+          dict(self_mask_BLS=self_mask_BLS, bias_BHLS=bias_BHLS, cross_mask_BLS=cross_mask_BLS,
+               enc_BSD=enc_BSD, cache_index=index))
+      return self.final_norm(x_BLD), new_caches
     new_caches = []
     for i, layer in enumerate(self.layers):
       x_BLD, new_cache = layer(
@@ -489,7 +519,7 @@ class T5(nn.Module):
     self_attn = tuple(KVCache.zeros(batch, slots, c.num_heads, c.d_kv, dtype)
                       for _ in range(c.decoder_layers))
     return T5DecodeCache(
-        self_attn=self_attn,
+        self_attn=(stack.stack_leading(self_attn),) if c.scan_layers else self_attn,
         cross_attn=(), enc_valid_BS=jnp.zeros((batch, 0), bool),
         valid_BS=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
 

@@ -38,8 +38,9 @@ class UpcycleError(CheckpointError):
 def flat_params(params: Mapping) -> dict[str, np.ndarray]:
   """``{"a/b/c": np.ndarray}`` of an (unboxed) parameter tree."""
   from moe_jax.checkpoints.hf import unbox
+  from moe_jax.checkpoints.layout import unrolled
 
-  return flatten(unbox(params))
+  return flatten(unrolled(unbox(params)))  # surgery reads layers_{i}, whatever the layout
 
 
 def check_compatible(configs: Sequence[DecoderConfig], params: Sequence[Mapping[str, Any]],
@@ -139,10 +140,16 @@ def check_against_model(config: Any, params: Mapping[str, Any], what: str) -> di
 
   A surgery bug (a missing router, a mis-stacked expert) surfaces here as an
   error naming the tensor rather than as a shape error deep inside ``apply``.
+  ``params`` are unrolled (``layers_{i}``); a scanned ``config`` gets them stacked.
   """
+  from moe_jax.checkpoints.layout import match_layout
   from moe_jax.models import registry
 
   kind = registry.kind_of(config)
+  if getattr(config, "scan_layers", False):
+    scanned = registry.param_shapes(registry.build_module(config, kind), kind)
+    tree = check_against_model(dataclasses.replace(config, scan_layers=False), params, what)
+    return match_layout(tree, scanned)
   want = flatten(registry.param_shapes(registry.build_module(config, kind), kind),
                  leaf=lambda s: tuple(s.shape))
   missing = sorted(set(want) - set(params))
