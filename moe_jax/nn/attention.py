@@ -29,7 +29,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moe_jax.nn.attention_kernels import AttentionMask, as_dense_mask, attention, check_impl
+# dot_product_attention (the xla path) lives with the kernels; re-exported here.
+from moe_jax.nn.attention_kernels import (AttentionMask, attention, check_impl,  # noqa: F401
+                                          dot_product_attention)
 from moe_jax.nn.embeddings import RopeScaling, apply_rope, rope_inverse_frequencies
 from moe_jax.nn.linear import Linear
 from moe_jax.nn.norms import RMSNorm
@@ -48,48 +50,6 @@ class KVCache:
   def zeros(cls, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
     shape = (batch, slots, kv_heads, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
-
-def dot_product_attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *,
-                          mask_BLS: Array | AttentionMask | None = None,
-                          bias_BHLS: Array | None = None,
-                          scale: float = 1.0, logit_softcap: float | None = None) -> Array:
-  """Softmax attention with grouped kv heads; softmax in float32.
-
-  Args:
-    q_BLHD: queries.
-    k_BSKD, v_BSKD: keys and values with ``K`` dividing ``H``.
-    mask_BLS: boolean, broadcastable to ``[B, L, S]``; True where attention is allowed
-      (an :class:`AttentionMask` is made dense).
-    bias_BHLS: additive logit bias broadcastable to ``[B, H, L, S]`` (T5 relative bias).
-    scale: multiplier on ``q · k`` (``Dh**-0.5`` for Llama, 1 for T5).
-    logit_softcap: ``c`` of ``c * tanh(logits / c)`` applied to the scaled
-      logits before bias and mask (Gemma 2); ``None``: no capping.
-
-  Returns:
-    ``[B, L, H, Dh]`` in the dtype of ``q``.
-  """
-  b, l, h, dh = q_BLHD.shape
-  kv = k_BSKD.shape[2]
-  if h % kv:
-    raise ValueError(f"query heads {h} not divisible by kv heads {kv}")
-  g = h // kv
-  mask_BLS = as_dense_mask(mask_BLS, l)
-  q_BLKGD = q_BLHD.reshape(b, l, kv, g, dh)
-  logits = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD,
-                      preferred_element_type=jnp.float32) * scale
-  if logit_softcap is not None:
-    logits = logit_softcap * jnp.tanh(logits / logit_softcap)
-  if bias_BHLS is not None:
-    bias = jnp.asarray(bias_BHLS, jnp.float32)
-    bias = jnp.broadcast_to(bias, (bias.shape[0], h) + bias.shape[2:])
-    logits = logits + bias.reshape(bias.shape[0], kv, g, *bias.shape[2:])
-  if mask_BLS is not None:
-    mask = jnp.asarray(mask_BLS, bool)[:, None, None, :, :]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
-  out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BSKD)
-  return out.reshape(b, l, h, dh)
 
 
 class Attention(nn.Module):

@@ -5,7 +5,7 @@ Legend: B batch, L query length, S key length, H query heads, K kv heads
 
 ``attention(q_BLHD, k_BSKD, v_BSKD, mask=..., impl=...)`` runs one of:
 
-* ``"xla"``: :func:`moe_jax.nn.attention.dot_product_attention`, the
+* ``"xla"``: :func:`dot_product_attention`, the
   reference: float32 ``[B, K, G, L, S]`` logits in memory. Works everywhere,
   for every mask, bias and KV cache.
 * ``"splash"`` (TPU): Pallas splash attention. Causal / sliding-window /
@@ -407,6 +407,48 @@ def cudnn_attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *, mask: Attent
       implementation="cudnn")
 
 
+def dot_product_attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *,
+                          mask_BLS: Array | AttentionMask | None = None,
+                          bias_BHLS: Array | None = None,
+                          scale: float = 1.0, logit_softcap: float | None = None) -> Array:
+  """Softmax attention with grouped kv heads; softmax in float32.
+
+  Args:
+    q_BLHD: queries.
+    k_BSKD, v_BSKD: keys and values with ``K`` dividing ``H``.
+    mask_BLS: boolean, broadcastable to ``[B, L, S]``; True where attention is allowed
+      (an :class:`AttentionMask` is made dense).
+    bias_BHLS: additive logit bias broadcastable to ``[B, H, L, S]`` (T5 relative bias).
+    scale: multiplier on ``q · k`` (``Dh**-0.5`` for Llama, 1 for T5).
+    logit_softcap: ``c`` of ``c * tanh(logits / c)`` applied to the scaled
+      logits before bias and mask (Gemma 2); ``None``: no capping.
+
+  Returns:
+    ``[B, L, H, Dh]`` in the dtype of ``q``.
+  """
+  b, l, h, dh = q_BLHD.shape
+  kv = k_BSKD.shape[2]
+  if h % kv:
+    raise ValueError(f"query heads {h} not divisible by kv heads {kv}")
+  g = h // kv
+  mask_BLS = as_dense_mask(mask_BLS, l)
+  q_BLKGD = q_BLHD.reshape(b, l, kv, g, dh)
+  logits = jnp.einsum("blkgd,bskd->bkgls", q_BLKGD, k_BSKD,
+                      preferred_element_type=jnp.float32) * scale
+  if logit_softcap is not None:
+    logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+  if bias_BHLS is not None:
+    bias = jnp.asarray(bias_BHLS, jnp.float32)
+    bias = jnp.broadcast_to(bias, (bias.shape[0], h) + bias.shape[2:])
+    logits = logits + bias.reshape(bias.shape[0], kv, g, *bias.shape[2:])
+  if mask_BLS is not None:
+    mask = jnp.asarray(mask_BLS, bool)[:, None, None, :, :]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BSKD)
+  return out.reshape(b, l, h, dh)
+
+
 # ----------------------------------------------------------------------------- front
 
 
@@ -419,7 +461,6 @@ def attention(q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *,
   ``mask`` may be a dense boolean ``[B, L, S]`` (xla only), an
   :class:`AttentionMask`, or ``None`` (everything visible).
   """
-  from moe_jax.nn.attention import dot_product_attention
   platform = platform or target_platform()
   chosen = resolve_impl(impl, platform)
   if impl == "auto" and chosen == "splash" and bias_BHLS is not None:
