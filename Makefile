@@ -15,14 +15,16 @@ $(VENV_STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(VENV_STAMP)
 
-# The CALM KV-arithmetic reproduction (about 14 minutes on 2 CPU cores):
+# The CALM KV-arithmetic reproduction (experiments/calm_kv_arithmetic, run from the
+# repository root; about 14 minutes on 2 CPU cores):
 # progress bars, the accuracy table, out/calm_repro/accuracy.png.
 demo: $(VENV_STAMP)
-	$(PY) -m calm_jax.repro --out out/calm_repro
+	$(PY) -m experiments.calm_kv_arithmetic --out out/calm_repro
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -n 2 tests
 
+# Timing benchmarks only (experiments/ holds the paper reproductions).
 bench: $(VENV_STAMP)
 	@for script in benchmarks/[!_]*.py; do echo "== $$script"; $(PY) $$script --quick || exit 1; done
 

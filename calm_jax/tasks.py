@@ -353,7 +353,7 @@ def _register_once(gen: KVArithmetic, prefix: str, num_train: int, num_eval: int
   # A gin macro bound to @calm.kv_task() is evaluated once per reference
   # (train data, eval data, metric eval): generate and register only once, but
   # again if other code has since registered other tasks under these names
-  # (e.g. calm_jax.repro with its own generator and the same prefix).
+  # (e.g. experiments.calm_kv_arithmetic with its own generator and the same prefix).
   import seqio
 
   key = (gen, prefix, num_train, num_eval)

@@ -37,8 +37,11 @@ and after training, and as its last line a JSON object. The paper's 590M
 result is BTX 10.72 vs BAM 9.70 average perplexity; the ``bam_lt_btx`` keys
 say whether that ordering holds here.
 
-    python benchmarks/upcycle_bam.py            # ~5-10 minutes on 2 busy CPU cores
-    python benchmarks/upcycle_bam.py --quick    # a smoke run (not meaningful numbers)
+    python -m experiments.bam_vs_btx            # ~5-10 minutes on 2 busy CPU cores
+    python -m experiments.bam_vs_btx --quick    # a smoke run (not meaningful numbers)
+
+(from the repository root; ``python experiments/bam_vs_btx/run.py`` works too).
+An experiment, not a timing benchmark: ``make bench`` does not run it.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from moe_jax.runtime import tune_cpu_allocator  # noqa: E402
 
@@ -269,7 +272,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m experiments.bam_vs_btx", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--quick", action="store_true", help="tiny step counts (smoke test)")
   p.add_argument("--seeds", type=int, default=1, help="repeat with this many seeds, average")

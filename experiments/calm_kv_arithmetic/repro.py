@@ -8,7 +8,10 @@
 4. Report exact-match accuracy of m_A, m_B and CALM on held-out test
    expressions of KV-SUBS, NUM-MATH and KV-MATH, print the table and plot it.
 
-``python -m calm_jax.repro [--out DIR] [--quick]``; ``make demo`` runs it.
+``python -m experiments.calm_kv_arithmetic [--out DIR] [--quick]`` from the
+repository root; ``make demo`` runs it. Built on the library's public API
+(:mod:`calm_jax`, :mod:`moe_jax.train.run`, :mod:`moe_jax.api`); the steps of
+:func:`run` are the functions below it.
 """
 
 from __future__ import annotations
@@ -172,6 +175,21 @@ def exact_match(model, examples, vocab, batch_size: int = 64, progress=None) -> 
   return 100.0 * correct / len(examples)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What every step of :func:`run` shares: settings, output directory, tasks, vocabulary."""
+
+  rc: ReproConfig
+  out_dir: Path
+  gen: Any  # calm_jax.tasks.KVArithmetic
+  vocab: Any
+  vocab_files: dict[str, bytes]
+  names: dict[str, str]  # task -> registered seqio task name
+  m_a_task: str
+  progress: bool
+  reuse: bool
+
+
 def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = False
         ) -> dict[str, dict[str, float]]:
   """Trains m_A, m_B and the composition, evaluates all three; writes everything to ``out_dir``.
@@ -181,20 +199,25 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
   ``reuse``, m_A and m_B already in ``out_dir`` (trained with the same
   recipe) are loaded instead of trained again.
   """
-  import jax
-
-  from calm_jax.composition import compose, save_composition, trainable_mask
-  from calm_jax.tasks import TASKS, KVArithmetic, register_kv_tasks
-  from moe_jax.data.tasks import register_mixture
-  from moe_jax.checkpoints import LoadedModel, load_checkpoint, save_model
-  from moe_jax.models import registry
-
   out_dir.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
   if rc.shared_base and (rc.d_model_a, rc.layers_a) != (rc.d_model_b, rc.layers_b):
     raise ValueError(f"shared_base: m_A is fine-tuned from m_B, so d_model_a/layers_a "
                      f"({rc.d_model_a}, {rc.layers_a}) must equal d_model_b/layers_b "
                      f"({rc.d_model_b}, {rc.layers_b})")
+  ctx = _setup_tasks(rc, out_dir, progress=progress, reuse=reuse)
+  m_a, m_b = _single_models(ctx)
+  models = {"m_A": m_a, "m_B": m_b, "CALM": _train_composition(ctx, m_b, m_a)}
+  results = _evaluate(ctx, models)
+  _report(ctx, models, results, t_start)
+  return results
+
+
+def _setup_tasks(rc: ReproConfig, out_dir: Path, *, progress: bool, reuse: bool) -> _Run:
+  """Step 1: keys -> values, the vocabulary (saved in ``out_dir``) and the seqio tasks."""
+  from calm_jax.tasks import TASKS, KVArithmetic, register_kv_tasks
+  from moe_jax.data.tasks import register_mixture
+
   gen = KVArithmetic(seed=rc.seed, num_keys=rc.num_keys, value_range=rc.value_range,
                      num_operands=rc.num_operands, ops=rc.ops, cover_digits=rc.cover_digits,
                      composition_key_fraction=rc.composition_key_fraction,
@@ -216,100 +239,141 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
   for task in names:
     ex = gen.examples(task, "train", 1)[0]
     print(f"  {task:9s} {ex['inputs']}  ->  {ex['targets']}")
+  return _Run(rc=rc, out_dir=out_dir, gen=gen, vocab=vocab, vocab_files=vocab_files,
+              names=names, m_a_task=m_a_task, progress=progress, reuse=reuse)
 
-  fields = dataclasses.asdict(rc)
 
-  def recipe_of(name: str) -> dict[str, Any]:  # what a saved m_A / m_B was trained with
-    return {k: fields[k] for k in _RECIPE[name]} | {"vocab_size": vocab.vocab_size}
+def _recipe(ctx: _Run, name: str) -> dict[str, Any]:
+  """What a saved m_A / m_B was trained with (``--reuse`` compares it)."""
+  fields = dataclasses.asdict(ctx.rc)
+  return {k: fields[k] for k in _RECIPE[name]} | {"vocab_size": ctx.vocab.vocab_size}
 
-  def train_single(name: str, task: str, d: int, layers: int, steps: int,
-                   loss_on_inputs: bool = False, init: LoadedModel | None = None,
-                   trainable=None) -> LoadedModel:
-    directory = out_dir / name
-    recipe = recipe_of(name)
-    if init is not None:  # fine-tuned from m_B: m_B's recipe is part of this one
-      recipe["init"] = recipe_of("m_b")
-    if reuse and (directory / "repro.json").exists():
-      saved = json.loads((directory / "repro.json").read_text())
-      if saved != json.loads(json.dumps(recipe)):
-        raise SystemExit(f"error: --reuse: {directory} was trained with {saved}, not {recipe}; "
-                         "drop --reuse or use another --out")
-      print(f"\n== reusing {name} from {directory}")
-      return load_checkpoint(directory)
-    config = _decoder_config(vocab.vocab_size, d, layers, rc)
-    module = registry.build_module(config)
-    trainer = _trainer(config, module, rc, steps, trainable=trainable, progress=progress)
-    start = "" if init is None else f", from {init.source}"
-    print(f"\n== training {name} on {task} ({steps} steps, d_model {d}, {layers} layers{start})")
-    state = (trainer.create_state() if init is None
-             else trainer.state_from_params(jax.device_put(init.params)))
-    state = trainer.train(state, _batches(trainer, task, rc, loss_on_inputs=loss_on_inputs))
-    params = jax.device_get(state.params)
-    save_model(directory, config, params,  # the vocabulary travels with the model
-               extra_files={"repro.json": json.dumps(recipe, indent=2).encode(), **vocab_files})
-    return LoadedModel(config=config, module=module, params=params, source=str(directory))
 
-  # m_B first: with shared_base it is also the pretrained LM m_A starts from.
-  m_b = train_single("m_b", names["num_math"], rc.d_model_b, rc.layers_b, rc.steps_b)
-  if rc.oracle_m_a:
-    m_a = oracle_augmenting_model(gen, vocab, rc.d_model_a, rc.layers_a, rc)
-    m_a = dataclasses.replace(m_a, source=str(save_model(
-        out_dir / "m_a_oracle", m_a.config, m_a.params, extra_files=vocab_files)))
-    print(f"\n== m_A is the oracle (each key's value digits one-hot at its token), "
-          f"saved to {m_a.source}")
-  else:
-    m_a = train_single("m_a", m_a_task, rc.d_model_a, rc.layers_a, rc.steps_a,
-                       loss_on_inputs=rc.m_a_hints, init=m_b if rc.shared_base else None,
-                       trainable=(r"(?!embed/).*",) if rc.freeze_m_a_embeddings else None)
+def _train_single(ctx: _Run, name: str, task: str, d: int, layers: int, steps: int, *,
+                  loss_on_inputs: bool = False, init: Any = None, trainable=None) -> Any:
+  """Steps 2a / 2b: trains (or, with ``reuse``, loads) one single model into ``out_dir/name``."""
+  import jax
 
-  module, params = compose(m_b, [m_a], num_composition_layers=rc.composition_layers,
-                           layer_pairs=None if rc.layer_pairs is None else (rc.layer_pairs,),
-                           seed=rc.seed)
+  from moe_jax.checkpoints import LoadedModel, load_checkpoint, save_model
+  from moe_jax.models import registry
+
+  directory, rc = ctx.out_dir / name, ctx.rc
+  recipe = _recipe(ctx, name)
+  if init is not None:  # fine-tuned from m_B: m_B's recipe is part of this one
+    recipe["init"] = _recipe(ctx, "m_b")
+  if ctx.reuse and (directory / "repro.json").exists():
+    saved = json.loads((directory / "repro.json").read_text())
+    if saved != json.loads(json.dumps(recipe)):
+      raise SystemExit(f"error: --reuse: {directory} was trained with {saved}, not {recipe}; "
+                       "drop --reuse or use another --out")
+    print(f"\n== reusing {name} from {directory}")
+    return load_checkpoint(directory)
+  config = _decoder_config(ctx.vocab.vocab_size, d, layers, rc)
+  module = registry.build_module(config)
+  trainer = _trainer(config, module, rc, steps, trainable=trainable, progress=ctx.progress)
+  start = "" if init is None else f", from {init.source}"
+  print(f"\n== training {name} on {task} ({steps} steps, d_model {d}, {layers} layers{start})")
+  state = (trainer.create_state() if init is None
+           else trainer.state_from_params(jax.device_put(init.params)))
+  state = trainer.train(state, _batches(trainer, task, rc, loss_on_inputs=loss_on_inputs))
+  params = jax.device_get(state.params)
+  save_model(directory, config, params,  # the vocabulary travels with the model
+             extra_files={"repro.json": json.dumps(recipe, indent=2).encode(),
+                          **ctx.vocab_files})
+  return LoadedModel(config=config, module=module, params=params, source=str(directory))
+
+
+def _single_models(ctx: _Run) -> tuple[Any, Any]:
+  """Step 2: ``(m_A, m_B)``; m_B first, as with ``shared_base`` m_A starts from it."""
+  rc = ctx.rc
+  m_b = _train_single(ctx, "m_b", ctx.names["num_math"], rc.d_model_b, rc.layers_b, rc.steps_b)
+  if not rc.oracle_m_a:
+    m_a = _train_single(ctx, "m_a", ctx.m_a_task, rc.d_model_a, rc.layers_a, rc.steps_a,
+                        loss_on_inputs=rc.m_a_hints, init=m_b if rc.shared_base else None,
+                        trainable=(r"(?!embed/).*",) if rc.freeze_m_a_embeddings else None)
+    return m_a, m_b
+  from moe_jax.checkpoints import save_model
+
+  m_a = oracle_augmenting_model(ctx.gen, ctx.vocab, rc.d_model_a, rc.layers_a, rc)
+  m_a = dataclasses.replace(m_a, source=str(save_model(
+      ctx.out_dir / "m_a_oracle", m_a.config, m_a.params, extra_files=ctx.vocab_files)))
+  print(f"\n== m_A is the oracle (each key's value digits one-hot at its token), "
+        f"saved to {m_a.source}")
+  return m_a, m_b
+
+
+def _train_composition(ctx: _Run, m_b: Any, m_a: Any) -> Any:
+  """Step 3: composes m_B (anchor) with m_A and trains only the composition layers."""
+  import jax
+
+  from calm_jax.composition import compose_modules, save_composition, trainable_mask
+  from moe_jax.checkpoints import LoadedModel
+
+  rc = ctx.rc
+  module, params = compose_modules(
+      m_b, [m_a], num_composition_layers=rc.composition_layers,
+      layer_pairs=None if rc.layer_pairs is None else (rc.layer_pairs,), seed=rc.seed)
   trainer = _trainer(module.config, module, rc, rc.steps_calm, trainable=trainable_mask,
-                     progress=progress)
-  print(f"\n== training CALM composition on KV-MATH over {len(gen.composition_keys)} keys "
+                     progress=ctx.progress)
+  print(f"\n== training CALM composition on KV-MATH over {len(ctx.gen.composition_keys)} keys "
         f"({rc.steps_calm} steps; pairs {module.config.pairs[0]})")
   state = trainer.train(trainer.state_from_params(jax.device_put(params)),
-                        _batches(trainer, names["kv_math"], rc))
+                        _batches(trainer, ctx.names["kv_math"], rc))
   calm_params = jax.device_get(state.params)
-  save_composition(out_dir / "calm", module.config, calm_params,
-                   anchor_checkpoint=str(out_dir / "m_b"), augment_checkpoints=[m_a.source])
+  save_composition(ctx.out_dir / "calm", module.config, calm_params,
+                   anchor_checkpoint=str(ctx.out_dir / "m_b"), augment_checkpoints=[m_a.source])
   for k in ("anchor", "augment_0"):  # frozen means frozen
     same = jax.tree.all(jax.tree.map(np.array_equal, calm_params[k], params[k]))
     assert same, f"frozen model {k} changed during composition training"
+  return LoadedModel(config=module.config, module=module, params=calm_params, source="CALM")
 
-  print("\n== evaluating (greedy exact match on held-out test expressions)")
-  from tqdm.auto import tqdm
 
-  results: dict[str, dict[str, float]] = {}
-  calm = LoadedModel(config=module.config, module=module, params=calm_params, source="CALM")
-  models = {"m_A": m_a, "m_B": m_b, "CALM": calm}
-  eval_sets = {task: gen.examples(task, "test", rc.num_eval) for task in TASKS[:3]}
+def _eval_sets(ctx: _Run) -> dict[str, list[dict[str, str]]]:
+  """The table's columns: held-out test expressions, and KV-MATH by composition keys."""
+  from calm_jax.tasks import TASKS
+
+  gen, n = ctx.gen, ctx.rc.num_eval
+  eval_sets = {task: gen.examples(task, "test", n) for task in TASKS[:3]}
   # KV-MATH over the composition keys only: the composition's training distribution.
-  eval_sets["kv_math_comp"] = gen.examples("kv_math", "train", rc.num_eval)
+  eval_sets["kv_math_comp"] = gen.examples("kv_math", "train", n)
   # ... and held-out KV-MATH with no composition key at all: only m_A knows every key.
   comp = {f"<{k}>" for k in gen.composition_keys}
   eval_sets["kv_math_new"] = [
-      ex for ex in gen.examples("kv_math", "test", 20 * rc.num_eval)
-      if not comp & set(re.findall(r"<[a-z]+>", ex["inputs"]))][:rc.num_eval]
+      ex for ex in gen.examples("kv_math", "test", 20 * n)
+      if not comp & set(re.findall(r"<[a-z]+>", ex["inputs"]))][:n]
   if not eval_sets["kv_math_new"]:
     raise RuntimeError("no held-out KV-MATH expression without a composition key; "
                        "lower composition_key_fraction")
+  return eval_sets
+
+
+def _evaluate(ctx: _Run, models: dict[str, Any]) -> dict[str, dict[str, float]]:
+  """Step 4: greedy exact match of every model on every evaluation set."""
+  from tqdm.auto import tqdm
+
+  print("\n== evaluating (greedy exact match on held-out test expressions)")
+  eval_sets = _eval_sets(ctx)
   with tqdm(total=len(models) * sum(map(len, eval_sets.values())), desc="eval", unit="ex",
-            disable=not progress) as bar:
-    for name, model in models.items():
-      results[name] = {task: exact_match(model, examples, vocab, progress=bar)
-                       for task, examples in eval_sets.items()}
-  probe = value_probe(m_a, gen, vocab)
+            disable=not ctx.progress) as bar:
+    return {name: {task: exact_match(model, examples, ctx.vocab, progress=bar)
+                   for task, examples in eval_sets.items()}
+            for name, model in models.items()}
+
+
+def _report(ctx: _Run, models: dict[str, Any], results: dict[str, dict[str, float]],
+            t_start: float) -> None:
+  """Step 5: m_A's value probe, sample outputs, the table; ``results.{md,json}``, the plot."""
+  from moe_jax.api import predict
+
+  probe = value_probe(models["m_A"], ctx.gen, ctx.vocab)
   print("\nLinear probe of m_A's states at the last token of each key (ridge, fit on the "
         "composition keys' values, tested on the other keys; chance ~10% / ~17%):")
   for layer, (units, tens) in enumerate(probe):
     print(f"  layer {layer}: units digit {100 * units:.0f}%, tens digit {100 * tens:.0f}%")
-  from moe_jax.api import predict
-  samples = gen.examples("kv_math", "test", 4)
+  samples = ctx.gen.examples("kv_math", "test", 4)
   print("\nKV-MATH test examples (target | m_A | m_B | CALM):")
   outs = {name: predict(model, [ex["inputs"] for ex in samples], max_new_tokens=16,
-                        vocabulary=vocab) for name, model in models.items()}
+                        vocabulary=ctx.vocab) for name, model in models.items()}
   for i, ex in enumerate(samples):
     print(f"  {ex['inputs']:<32} {ex['targets']:>6} | " +
           " | ".join(f"{outs[name][i]!r}" for name in models))
@@ -318,13 +382,13 @@ def run(rc: ReproConfig, out_dir: Path, *, progress: bool = True, reuse: bool = 
   print(table)
   print(f"(paper, KV-MATH: m_A {PAPER_KV_MATH['m_A']}, m_B {PAPER_KV_MATH['m_B']}, "
         f"CALM {PAPER_KV_MATH['CALM']}; total time {elapsed / 60:.1f} min)")
+  out_dir = ctx.out_dir
   (out_dir / "results.json").write_text(json.dumps(
-      {"results": results, "config": dataclasses.asdict(rc), "seconds": elapsed,
+      {"results": results, "config": dataclasses.asdict(ctx.rc), "seconds": elapsed,
        "value_probe_units_tens_by_layer": probe}, indent=2))
   (out_dir / "results.md").write_text(table + "\n")
   plot(results, out_dir / "accuracy.png")
   print(f"wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'accuracy.png'}")
-  return results
 
 
 def make_vocabulary(gen, tokens: str) -> tuple[Any, dict[str, bytes]]:
@@ -473,7 +537,7 @@ def _tuples(value):
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(prog="python -m calm_jax.repro", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m experiments.calm_kv_arithmetic", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="out/calm_repro", help="results directory")
   p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, ~1 min)")

@@ -2,8 +2,8 @@
 
 One command (Zadouri et al. 2023, arXiv 2309.05444, in miniature)::
 
-    python -m moe_jax.peft.sweep --out out/peft_sweep            # ~25 min on 2 CPU cores
-    python -m moe_jax.peft.sweep --out /tmp/peft_quick --quick   # ~1-2 min smoke version
+    python -m experiments.peft_sweep --out out/peft_sweep            # ~25 min on 2 CPU cores
+    python -m experiments.peft_sweep --out /tmp/peft_quick --quick   # ~1-2 min smoke version
 
 For each backbone (a tiny T5 and a tiny decoder):
 
@@ -15,7 +15,7 @@ For each backbone (a tiny T5 and a tiny decoder):
    same step budget, batch and data order (``python -m moe_jax.train`` runs
    the very same files);
 3. **evaluate** held-in tasks (validation entities) and the four held-out
-   tasks (zero-shot) by rank classification (:mod:`moe_jax.peft.analysis`),
+   tasks (zero-shot) by rank classification (:mod:`experiments.peft_sweep.analysis`),
    and, for the mixtures, the mean router weight per task, layer and expert.
 
 Nothing here trains: each run is :func:`moe_jax.train.run.train`, configured
@@ -133,7 +133,7 @@ def evaluate(model: Any, params: Any, config: SweepConfig) -> dict[str, float]:
   """Rank-classification accuracy of every instruction task (validation split)."""
   from moe_jax.data import instruct
   from moe_jax.data.tasks import default_vocabulary
-  from moe_jax.peft import analysis
+  from experiments.peft_sweep import analysis
   from moe_jax.train.run import build_trainer
   from moe_jax.train.trainer import TrainerConfig
 
@@ -170,7 +170,7 @@ def routing(model: Any, params: Any, config: SweepConfig, out: Path, name: str,
   """Routing statistics of a mixture run: writes ``<name>.json`` and ``<name>.png``."""
   from moe_jax.data import instruct
   from moe_jax.data.tasks import default_vocabulary
-  from moe_jax.peft import analysis
+  from experiments.peft_sweep import analysis
 
   r = analysis.routing_by_task(
       model, params, instruct.by_task(instruct.TASK_NAMES, "validation",
@@ -263,7 +263,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *,
 
 def instruct_chance(task: str, config: SweepConfig) -> float:
   from moe_jax.data import instruct
-  from moe_jax.peft import analysis
+  from experiments.peft_sweep import analysis
 
   return analysis.chance_accuracy(
       instruct.instruct_examples(task, "validation", num_examples=config.eval_examples))
@@ -318,7 +318,7 @@ def write_results(rows: Sequence[Mapping[str, Any]], out: Path, config: SweepCon
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m moe_jax.peft.sweep", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m experiments.peft_sweep", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="output directory (table, heatmaps, runs)")
   p.add_argument("--quick", action="store_true", help="the ~1-2 minute smoke version")

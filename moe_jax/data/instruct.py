@@ -3,7 +3,7 @@
 Ten generated tasks over five *skills*; each task is an instruction template
 plus answer choices, so it can be scored by rank classification (pick the
 choice the model gives the highest log-likelihood, see
-:mod:`moe_jax.peft.analysis`). Six tasks are **held in** (multi-task training),
+``experiments.peft_sweep.analysis``). Six tasks are **held in** (multi-task training),
 four are **held out** (evaluated zero-shot). Every held-out task needs a skill
 some held-in task trains *and* an answer format some held-in task uses, in a
 template no training example has; the knowledge itself is in the backbone's

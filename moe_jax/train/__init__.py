@@ -28,7 +28,7 @@ Modules (plain Python; gin names are registered in :mod:`moe_jax.cli.configurabl
 * :mod:`evaluation` -- validation loss and the tasks' seqio metric functions
   (``InferEvalConfig``, ``make_eval_fn``).
 * :mod:`run` -- ``build_trainer``, ``train``, ``evaluate``: the one way every
-  entry point (the CLIs, :mod:`moe_jax.api`, ``calm_jax.repro``) assembles a
+  entry point (the CLIs, :mod:`moe_jax.api`, the experiments) assembles a
   run; its docstring lists the options and their defaults.
 * ``__main__`` -- ``python -m moe_jax.train`` (:mod:`moe_jax.cli.train`).
 """

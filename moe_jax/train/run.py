@@ -3,7 +3,7 @@
 Every entry point goes through these functions: ``python -m moe_jax.train``
 and ``python -m moe_jax.eval`` (gin binds their arguments, in
 :mod:`moe_jax.cli`), the Python API (:func:`moe_jax.api.finetune`,
-:func:`moe_jax.api.evaluate`), ``calm_jax.repro`` and the PEFT sweep. Each
+:func:`moe_jax.api.evaluate`), the experiments (CALM, the PEFT sweep). Each
 option is a field of a plain dataclass, with its default in that dataclass:
 
 =====================  ============================================  =====================

@@ -26,7 +26,7 @@ FFN router learns from the balancing and z-losses (and its initialisation)
 only; Switch gates (``moe=upcycled_moe_config(N, 1, renormalize=False)``)
 let the LM loss train it at the price of an FFN scaled by its gate at the
 start -- see :func:`~moe_jax.upcycle.common.upcycled_moe_config` and the
-``bam_ekv_switch`` row of ``benchmarks/upcycle_bam.py``.
+``bam_ekv_switch`` row of ``experiments/bam_vs_btx``.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from calm_jax import repro
 from calm_jax.tasks import KVArithmetic, kv_task
+from experiments.calm_kv_arithmetic import repro
 from moe_jax.api import encode_prompts
 from moe_jax.checkpoints import LoadedModel
 from moe_jax.data import pipeline

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.peft_sweep import analysis, sweep
 from moe_jax import peft
 from moe_jax.cli import configurables
 from moe_jax.data import instruct
 from moe_jax.data.tasks import default_vocabulary
 from moe_jax.models.decoder import Decoder, DecoderConfig
 from moe_jax.models.t5 import T5, T5Config
-from moe_jax.peft import analysis, sweep
 from moe_jax.train.wrappers import DecoderOnlyModel, EncoderDecoderModel
 
 from peft_util import random_params, randomize_adapters, rng_key

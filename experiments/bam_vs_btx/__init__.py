@@ -1,0 +1,1 @@
+"""Seed -> domain branches -> mix: sparse upcycling vs BTX vs BAM at matched compute; see README.md."""
