@@ -153,6 +153,12 @@ def with_stack_options(loaded: Any, *, scan_layers: bool | None = None,
   return dataclasses.replace(loaded, config=config, module=module, params=params)
 
 
+def has_scanned(tree: Any) -> bool:
+  """Whether some subtree of ``tree`` is a scanned stack."""
+  return isinstance(tree, Mapping) and (is_scanned(tree) or any(
+      has_scanned(v) for v in tree.values()))
+
+
 def unrolled(tree: Any) -> Any:
   """``tree`` with every scanned stack unrolled (the layout HF export and upcycling read)."""
   if not isinstance(tree, Mapping):

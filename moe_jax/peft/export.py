@@ -116,8 +116,14 @@ def fold_adapters(params: Mapping, peft: PeftConfig) -> dict:
 
   Raises:
     ValueError: a mixture with more than one expert (see the module docstring).
+
+  A scanned stack (``scan_layers``) is folded layer by layer and comes back
+  scanned.
   """
-  return _fold_node(unbox(params), peft, "")
+  from moe_jax.checkpoints.layout import match_layout, unrolled
+
+  params = unbox(params)
+  return match_layout(_fold_node(unrolled(params), peft, ""), params)
 
 
 def merge_and_export_hf(path: str | os.PathLike, config: Any, params: Mapping,
@@ -209,9 +215,12 @@ def load_adapted(path: str | os.PathLike, *, dtype: str | None = None) -> Loaded
     CheckpointError: missing files, or adapters that do not fit the base
       (the message names the parameter).
   """
+  from moe_jax.checkpoints.layout import has_scanned
+
   saved = load_adapters(path)
   base_dir = _resolve_base(Path(path), saved.base_checkpoint)
-  base = load_checkpoint(base_dir, dtype=dtype)
+  # adapters saved from a scanned model: the base is relaid out to match
+  base = load_checkpoint(base_dir, dtype=dtype, scan_layers=has_scanned(saved.params) or None)
   module = adapt(base, saved.peft)
   _, want = split_params(param_shapes(module))
   check_tree(want, saved.params, f"{Path(path) / (ADAPTER_STEM + '.safetensors')}")
