@@ -18,6 +18,13 @@ and silently breaks at generation time; a test checks that no future token
 changes a past logit.) For the same reason the augmenting states are cached
 and advanced token by token alongside the anchor at generation time.
 
+Stack options of the frozen LMs (:mod:`moe_jax.models.stack`): each config's
+``remat_policy`` applies as in any decoder. An augmenting model may be
+scanned (``scan_layers=True``): the scan outputs every layer's hidden state
+and the paired ones are read from it. The anchor must stay unrolled: the
+composition layers add to its residual stream *between* its layers, which a
+single scan over the stack cannot do (the config refuses a scanned anchor).
+
 Parameter tree: ``{"anchor": <Decoder params>, "augment_0": <Decoder params>,
 ..., "composition_a{j}_l{a}_b{b}": {"proj", "norm", "cross_attn"}}``: the
 frozen models' subtrees are exactly their checkpoints' trees, and everything
@@ -94,6 +101,10 @@ class CompositionConfig:
           tuple((int(a), int(b)) for a, b in ps) for ps in self.layer_pairs))
     if not self.augments:
       raise ValueError("CompositionConfig needs at least one augmenting model")
+    if getattr(self.anchor, "scan_layers", False):
+      raise ValueError("CompositionConfig: the anchor must be unrolled (scan_layers=False): "
+                       "composition layers add to its residual stream between layers; "
+                       "augmenting models may be scanned")
     for j, aug in enumerate(self.augments):
       if aug.vocab_size != self.anchor.vocab_size:
         raise ValueError(f"augmenting model {j} has vocab_size {aug.vocab_size} but the anchor "
