@@ -314,6 +314,12 @@ def residuals(model: Any, params: Any, mask: Any, batch: Mapping[str, Any]) -> l
   trainable = [x for x, f in zip(flat, flags) if f]
   frozen = [x for x, f in zip(flat, flags) if not f]
   closed = jax.make_jaxpr(vjp_fn)(trainable, frozen, dict(batch))
+  out = _residual_avals(closed)
+  return out + remat_working_set(model, params, batch)
+
+
+def _residual_avals(closed: Any) -> list[Any]:
+  """Avals of a closed jaxpr's outputs that are not its inputs (a VJP closure's residuals)."""
   inputs = set(closed.jaxpr.invars)
   seen, out = set(), []
   for v in closed.jaxpr.outvars:
@@ -322,6 +328,45 @@ def residuals(model: Any, params: Any, mask: Any, batch: Mapping[str, Any]) -> l
     seen.add(v)
     out.append(v.aval)
   return out
+
+
+def _remat_blocks(jaxpr: Any) -> list[Any]:
+  """The ``checkpoint`` (remat) equations of a jaxpr and of the jaxprs inside it (scan bodies)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("checkpoint", "remat", "remat2"):
+      found.append(eqn)
+      continue
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found.extend(_remat_blocks(inner))
+  return found
+
+
+def remat_working_set(model: Any, params: Any, batch: Mapping[str, Any]) -> list[Any]:
+  """Residuals of the largest rematerialised block, as its backward pass recomputes them.
+
+  A block under ``remat_policy`` keeps only what its policy saves until the
+  backward pass reaches it; then its forward pass runs again and all of its
+  residuals (attention probabilities, FFN activations, MoE buffers) are alive
+  while its gradients are computed: the peak is the saved residuals plus one
+  block's. Without remat there is no such block and nothing is added.
+  """
+  closed = jax.make_jaxpr(lambda p, b: model.loss_fn(p, b)[0])(params, dict(batch))
+  best, best_bytes = [], -1
+  for eqn in _remat_blocks(closed.jaxpr):
+    inner = eqn.params["jaxpr"]
+    inner = inner if hasattr(inner, "consts") else jax.extend.core.ClosedJaxpr(inner, ())
+    fn = jax.extend.core.jaxpr_as_fun(inner)
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+    vjp = jax.make_jaxpr(lambda *xs: jax.vjp(lambda *ys: fn(*ys), *xs)[1])(*avals)
+    res = _residual_avals(vjp)
+    size = sum(_nbytes(a) for a in res)
+    if size > best_bytes:
+      best, best_bytes = res, size
+  return best
 
 
 def _model_axis_sizes(partitioner: Partitioner, boxed: Any) -> set[int]:

@@ -16,7 +16,9 @@ would run on that slice. XLA's TPU compiler then reports, per device:
   state, batch), outputs, the donated outputs that alias arguments, and
   temporaries (activations, gradients, collectives' buffers); the step's
   peak is ``arguments + outputs - aliased + temporaries``;
-* HLO FLOPs of one step (``compiled.cost_analysis()``), compared with the
+* HLO FLOPs of one step (``compiled.cost_analysis()``; XLA counts the body
+  of a while loop once, so with scanned layers or microbatches the HLO
+  figure covers one layer / one microbatch of those loops), compared with the
   model FLOPs ``2·N·T`` forward + ``2·N·T`` input gradients + ``2·N_trainable·T``
   weight gradients (``6·N·T`` when everything trains), plus one more forward
   (``2·N·T``) when the blocks rematerialise everything (``remat_policy="full"``);
@@ -166,7 +168,8 @@ class CompiledPlan:
         f"(aliased {g(self.alias_bytes)}), temporaries {g(self.temp_bytes)}, "
         f"total {g(self.total_bytes)} = {100 * self.hbm_fraction:.1f}% of HBM",
         f"FLOPs per device and step: HLO {self.hlo_flops / 1e12:.2f} TFLOP, model "
-        f"{self.model_flops / 1e12:.2f} TFLOP (HLO / model {ratio:.2f})",
+        f"{self.model_flops / 1e12:.2f} TFLOP (HLO / model {ratio:.2f}; XLA counts the body "
+        "of a loop -- scanned layers, microbatches -- once)",
         f"compile time: {self.compile_seconds:.1f} s",
     ])
 
