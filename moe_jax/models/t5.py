@@ -509,10 +509,8 @@ class T5(nn.Module):
     return self.encoder(self._embed(tokens_BL), valid_BL, segment_ids_BL)
 
   @nn.nowrap
-  def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None
-                 ) -> T5DecodeCache:
-    """Empty decoder cache (no parameters needed; every LM's cache protocol). The first
-    :meth:`decode` with it takes ``enc_BLD`` (and ``enc_valid_BL``) and stores their kv."""
+  def init_cache(self, batch: int, max_len: int | None = None, dtype: Any = None) -> T5DecodeCache:
+    """Empty decoder cache (no parameters); the first :meth:`decode` stores the encoder kv."""
     c = self.config
     slots = max_len or c.max_seq_len
     dtype = jnp.dtype(dtype or c.dtype)
@@ -566,8 +564,7 @@ class T5(nn.Module):
       raise ValueError("segment_ids_BL (packing) is for training; it cannot be used with a cache")
     if not cache.cross_attn:  # fresh from init_cache: store the encoder's keys/values
       if enc_BLD is None:
-        raise ValueError("T5.decode: a cache fresh from init_cache needs enc_BLD (and "
-                         "enc_valid_BL) with the first tokens")
+        raise ValueError("T5.decode: a cache fresh from init_cache needs enc_BLD")
       cache = self._with_encoder(cache, enc_BLD, enc_valid_BL)
     elif enc_BLD is not None or enc_valid_BL is not None:
       raise ValueError("T5.decode with a cache uses the cached encoder keys/values; "
