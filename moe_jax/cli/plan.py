@@ -12,6 +12,7 @@ parameter (see :mod:`moe_jax.plan` for what is counted and how).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any, Sequence
 
@@ -56,15 +57,19 @@ def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
     if name not in b:
       raise configurables.GinConfigError(f"the gin config binds no train.{name}; plan a config "
                                          "that python -m moe_jax.train would run")
+  base = b.get("partitioner") or PartitionerConfig()
+  # A --mesh gives axis sizes; the config's rules and fsdp stay as training would use them.
+  meshes = [dataclasses.replace(base, data=m.data, expert=m.expert, model=m.model)
+            for m in meshes]
   if topology is not None:
     from moe_jax.plan.compiled import compile_train_step
 
     return compile_train_step(b["model"], dataset=b["train_dataset"], topology=topology,
                               trainer=b.get("trainer"), optimizer=b.get("optimizer"),
-                              partitioner=meshes[0] if meshes else b.get("partitioner"),
+                              partitioner=meshes[0] if meshes else base,
                               trainable=b.get("trainable"))
   return plan_run(b["model"], dataset=b["train_dataset"], optimizer=b.get("optimizer"),
-                  partitioners=tuple(meshes) or (b.get("partitioner") or PartitionerConfig(),),
+                  partitioners=tuple(meshes) or (base,),
                   num_devices=num_devices, trainable=b.get("trainable"),
                   trainer=b.get("trainer"))
 
