@@ -28,7 +28,8 @@ __all__ = ["ATTENTION_TENSOR", "FFN_TENSOR", "UpcycleError", "assemble", "averag
 # Config fields that do not change the function of a dense model; they may
 # differ among the inputs (the first input's value is kept).
 NON_ARCHITECTURE_FIELDS = ("dtype", "param_dtype", "max_seq_len", "pad_token_id",
-                           "bos_token_id", "eos_token_id", "hf_model_type")
+                           "bos_token_id", "eos_token_id", "hf_model_type", "remat_policy",
+                           "scan_layers")
 
 
 class UpcycleError(CheckpointError):

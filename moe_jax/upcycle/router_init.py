@@ -89,10 +89,13 @@ def per_prompt_router_inputs(module: Any, params: Mapping, prompts: Sequence[Seq
   shape (one compilation): ``batch_size`` rows, as long as the longest prompt.
   """
   from moe_jax.checkpoints.hf import unbox
+  from moe_jax.checkpoints.layout import unrolled
   from moe_jax.decoding import pad_prompts
 
+  if getattr(module.config, "scan_layers", False):  # read per-layer norms of an unrolled copy
+    module = module.clone(config=module.config.replace(scan_layers=False))
   fn = _per_prompt_means_fn(module)
-  p = unbox(params)
+  p = unrolled(unbox(params))
   length = max(len(x) for x in prompts)
   outs: dict[str, list[np.ndarray]] = {"attn": [], "mlp": []}
   for start in range(0, len(prompts), batch_size):
@@ -145,11 +148,14 @@ def init_routers_from_vectors(params: Mapping, vectors: Mapping[str, np.ndarray]
   """Sets every ``layers_i/{mlp,attn}/router/kernel [D, E]`` to ``scale * vectors[.][i].T``.
 
   Routers absent from ``params`` are skipped (dense layers, BTX's attention);
-  a router whose E differs from the vectors' is an error naming it.
+  a router whose E differs from the vectors' is an error naming it. Scanned
+  ``params`` come back scanned.
   """
   from moe_jax.checkpoints.hf import unbox
+  from moe_jax.checkpoints.layout import match_layout, unrolled
 
-  flat = flatten(unbox(params))
+  original = unbox(params)
+  flat = flatten(unrolled(original))
   for key, v_LED in vectors.items():
     for i in range(v_LED.shape[0]):
       name = f"layers_{i}/{key}/router/kernel"
@@ -161,4 +167,4 @@ def init_routers_from_vectors(params: Mapping, vectors: Mapping[str, np.ndarray]
         raise ValueError(f"router {name!r} has shape {want}, the prompt vectors give "
                          f"{kernel.shape} ({v_LED.shape[1]} experts)")
       flat[name] = kernel.astype(flat[name].dtype)
-  return unflatten(flat)
+  return match_layout(unflatten(flat), original)
