@@ -42,6 +42,8 @@ gives them a uniform distribution. Valid rows agree exactly.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -143,8 +145,27 @@ def as_dense_mask(mask: Array | AttentionMask | None, q_len: int) -> Array | Non
 # ----------------------------------------------------------------------------- choice
 
 
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("platform", default=None)
+
+
+@contextlib.contextmanager
+def building_for(platform: str):
+  """Pick kernels (attention, MoE) for ``platform`` while tracing, whatever the devices.
+
+  For plans traced on an abstract mesh (``jax.eval_shape``) of a TPU or GPU
+  job: the traced program is then the one that job would run.
+  """
+  token = _PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _PLATFORM.reset(token)
+
+
 def target_platform() -> str:
-  """Platform of the devices the program is built for: the mesh in context, else default."""
+  """Platform the program is built for: :func:`building_for`, the mesh in context, the backend."""
+  if _PLATFORM.get() is not None:
+    return _PLATFORM.get()
   try:
     from jax._src import mesh as mesh_lib  # the concrete mesh set by jax.set_mesh
     mesh = mesh_lib.get_concrete_mesh()

@@ -1,4 +1,4 @@
-"""Dropless kernels: megablox ``gmm`` (Pallas interpret mode) and the ragged expert-parallel exchange.
+"""Dropless kernels: megablox ``gmm`` (Pallas interpret mode) and the ragged expert exchange.
 
 * ``grouped_matmul(kernel="gmm")`` equals ``ragged_dot`` and a per-group loop,
   with row padding to the tile handled inside (outputs and gradients).
@@ -134,3 +134,18 @@ def test_small_receive_buffer_drops_but_stays_finite(init_params):
     y_tight = jax.jit(tight.apply)(params, x)
   assert np.isfinite(np.asarray(y_tight)).all()
   assert not np.allclose(np.asarray(y_tight), np.asarray(y_full))  # rows past the buffer: 0
+
+
+@needs_8
+def test_traced_for_tpu_is_the_ragged_path(init_params):
+  """A plan traced for a TPU job (``building_for``) sees gmm and ragged_all_to_all, not padding."""
+  from moe_jax.nn.attention_kernels import building_for
+  x = jnp.ones((B, L, D), jnp.float32)
+  layer = _layer("ragged")
+  params = init_params(layer, x)
+  with jax.set_mesh(make_mesh({"data": 2, "expert": 4})), nn.logical_axis_rules(DEFAULT_RULES):
+    cpu_jaxpr = str(jax.make_jaxpr(layer.apply)(params, x))
+    with building_for("tpu"):
+      tpu_jaxpr = str(jax.make_jaxpr(layer.apply)(params, x))
+  assert "ragged_all_to_all" in tpu_jaxpr and "pallas_call" in tpu_jaxpr
+  assert "ragged_all_to_all" not in cpu_jaxpr and "all_to_all" in cpu_jaxpr

@@ -85,7 +85,7 @@ def test_splash_mqa_softcap():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_t5_bias_equals_xla(causal):
-  """T5: relative-position bias shared by the batch, padding, encoder (full) and decoder (causal)."""
+  """T5: a relative-position bias shared by the batch, padding, full (encoder) or causal."""
   q, k, v, r = _qkv(h=4, kv=4, seed=1)
   valid = _padded_valid()
   bias = jnp.asarray(np.random.default_rng(2).standard_normal((1, 4, L, L)), jnp.float32)
@@ -114,7 +114,8 @@ def test_unsupported_case_falls_back_to_xla_and_says_so(caplog):
     attention(q, k, v, mask=mask, bias_BHLS=bias, impl="splash")
   ref = attention(q, k, v, mask=mask, bias_BHLS=bias, impl="xla")
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
-  msgs = [r.getMessage() for r in caplog.records if "splash takes no additive bias" in r.getMessage()]
+  msgs = [r.getMessage() for r in caplog.records
+          if "splash takes no additive bias" in r.getMessage()]
   assert len(msgs) <= 1  # once per process (an earlier test may already have said it)
 
 
@@ -143,3 +144,12 @@ def test_module_kernel_matches_xla_and_cache_keeps_xla():
   # Dense mask: same numbers as before this module knew about kernels.
   ref_dense, _ = ref_mod.apply(params, x, mask_BLS=mask.dense(L), positions_BL=pos)
   np.testing.assert_array_equal(np.asarray(ref_dense), np.asarray(ref))
+
+
+def test_building_for_overrides_the_platform():
+  from moe_jax.nn.attention_kernels import building_for, target_platform
+  assert target_platform() == "cpu"
+  with building_for("tpu"):
+    assert target_platform() == "tpu"
+    assert resolve_impl("auto") == "splash"
+  assert target_platform() == "cpu"
