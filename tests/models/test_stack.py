@@ -173,3 +173,17 @@ def test_checkpoints_restore_in_the_other_layout(tmp_path):
   tree, report = apply_assignment_map(scanned.params, flatten(params))
   assert not report.fresh and not report.unused_source
   jax.tree.map(np.testing.assert_array_equal, tree, scanned.params)
+
+
+def test_orbax_training_checkpoint_restores_in_the_other_layout(tmp_path):
+  from moe_jax.checkpoints import load_checkpoint
+  from moe_jax.checkpoints.orbax import CheckpointConfig, Checkpointer, write_model_config
+
+  _, params = _init(DENSE)
+  write_model_config(tmp_path / "run", DENSE)
+  ckpt = Checkpointer(tmp_path / "run", CheckpointConfig(async_save=False))
+  ckpt.save(1, params=params, opt_state={"count": np.zeros((), np.int32)})
+  ckpt.close()
+  loaded = load_checkpoint(tmp_path / "run", scan_layers=True)
+  assert loaded.config.scan_layers and loaded.params["layers"]["attn"]["q"]["kernel"].shape[0] == 4
+  jax.tree.map(np.testing.assert_array_equal, layout.unrolled(loaded.params), params)
