@@ -24,8 +24,7 @@ from typing import Any, Mapping
 
 from moe_jax.checkpoints.hf_common import CheckpointError
 from moe_jax.checkpoints.hf_llama import (GELUS, LlamaConverter, _rope_from_hf,
-                                          base_config_fields, base_config_to_hf,
-                                          export_model_type, rope_to_hf)
+                                          base_config_fields, base_config_to_hf, rope_to_hf)
 from moe_jax.models.decoder import DecoderConfig
 
 _SLIDING, _FULL = "sliding_attention", "full_attention"
@@ -103,10 +102,7 @@ class GemmaConverter(LlamaConverter):
     return DecoderConfig(**fields)
 
   def config_to_hf(self, c: DecoderConfig) -> dict[str, Any]:
-    model_type = export_model_type(c)
-    if model_type not in self.model_types:
-      raise CheckpointError(f"GemmaConverter cannot write {model_type!r}; use "
-                            "moe_jax.checkpoints.export_hf")
+    model_type = self.export_model_type(c)
     hf = base_config_to_hf(c, model_type)
     hf.update(attention_bias=c.qkv_bias)
     if model_type == "gemma":

@@ -247,11 +247,16 @@ class LlamaConverter:
         qk_norm=model_type == "qwen3",
     )
 
-  def config_to_hf(self, c: DecoderConfig) -> dict[str, Any]:
+  def export_model_type(self, c: DecoderConfig) -> str:
+    """The HF ``model_type`` ``c`` exports as; an error when this converter cannot write it."""
     model_type = export_model_type(c)
     if model_type not in self.model_types:
       raise CheckpointError(f"{type(self).__name__} cannot write {model_type!r}; use "
                             "moe_jax.checkpoints.export_hf")
+    return model_type
+
+  def config_to_hf(self, c: DecoderConfig) -> dict[str, Any]:
+    model_type = self.export_model_type(c)
     hf = base_config_to_hf(c, model_type)
     rope = rope_to_hf(c)
     hf.update(hidden_act=c.activation, rope_theta=c.rope_theta, rope_parameters=rope)
