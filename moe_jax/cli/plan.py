@@ -26,7 +26,8 @@ _RUNTIME_MACROS = ("MODEL_DIR", "INIT_CHECKPOINT")
 
 def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
                   meshes: Sequence[PartitionerConfig] = (), num_devices: int | None = None,
-                  search_paths: Sequence[str] = (), topology: str | None = None) -> Any:
+                  search_paths: Sequence[str] = (), topology: str | None = None,
+                  compile: bool = True) -> Any:  # pylint: disable=redefined-builtin
   """:func:`plan_run` for the objects a ``python -m moe_jax.train`` config builds.
 
   The bindings of ``train`` (``train.model``, ``train.train_dataset``,
@@ -36,8 +37,15 @@ def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
   ``topology`` (``"v5p-128"``), the trainer's train step is compiled for that
   TPU slice instead (:func:`moe_jax.plan.compiled.compile_train_step`, on the
   first of ``meshes`` or the config's partitioner) and a ``CompiledPlan``
-  returned.
+  returned; with ``compile=False``, the eval_shape plan is traced on that
+  slice's devices (its platform's attention kernels and dispatch paths).
   """
+  devices = None
+  if topology is not None and not compile:
+    from moe_jax.plan.compiled import parse_topology, topology_devices
+
+    devices = topology_devices(parse_topology(topology))
+    num_devices = len(devices)
   import gin
 
   from moe_jax.cli import configurables
@@ -61,7 +69,7 @@ def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
   # A --mesh gives axis sizes; the config's rules and fsdp stay as training would use them.
   meshes = [dataclasses.replace(base, data=m.data, expert=m.expert, model=m.model)
             for m in meshes]
-  if topology is not None:
+  if topology is not None and compile:
     from moe_jax.plan.compiled import compile_train_step
 
     return compile_train_step(b["model"], dataset=b["train_dataset"], topology=topology,
@@ -71,7 +79,7 @@ def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
   return plan_run(b["model"], dataset=b["train_dataset"], optimizer=b.get("optimizer"),
                   partitioners=tuple(meshes) or (base,),
                   num_devices=num_devices, trainable=b.get("trainable"),
-                  trainer=b.get("trainer"))
+                  trainer=b.get("trainer"), devices=devices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,13 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = configurables.parse_flags(rest, prog="python -m moe_jax.plan",
                                      description=plan_lib.__doc__)
     meshes = [parse_mesh(m) for m in own.mesh]
-    if own.compile != (own.topology is not None):
-      raise ValueError("--compile and --topology=NAME go together")
+    if own.compile and own.topology is None:
+      raise ValueError("--compile needs --topology=NAME (the TPU slice to compile for)")
     if own.compile and len(meshes) > 1:
       raise ValueError("--compile compiles one mesh: give at most one --mesh")
     plan = plan_from_gin(args.gin_file, args.bindings, meshes=meshes,
                          num_devices=own.num_devices, search_paths=args.search_paths,
-                         topology=own.topology)
+                         topology=own.topology, compile=own.compile)
   except (configurables.GinConfigError, ValueError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

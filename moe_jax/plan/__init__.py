@@ -422,7 +422,7 @@ def activation_bytes(partitioner: Partitioner, avals: Sequence[Any], boxed: Any,
 def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
              partitioners: Sequence[PartitionerConfig] = (PartitionerConfig(data=1),),
              num_devices: int | None = None, trainable: Any = None,
-             trainer: Any = None) -> Plan:
+             trainer: Any = None, devices: Sequence[Any] | None = None) -> Plan:
   """Plans a training run for each mesh; nothing is allocated.
 
   Args:
@@ -437,6 +437,11 @@ def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
     trainer: the run's :class:`~moe_jax.train.trainer.TrainerConfig`
       (``num_microbatches``: activations of one microbatch, plus a float32
       gradient accumulator; ``frozen_param_dtype``: frozen parameters' bytes).
+    devices: the devices the run will use (e.g. a TPU slice's, from
+      :func:`moe_jax.plan.compiled.topology_devices`): activations are then
+      traced on their mesh, so platform-dependent paths (attention kernels on
+      TPU / GPU) are the ones that will run. Default: an abstract mesh (the
+      paths of this machine's backend).
 
   Raises:
     ValueError: a mesh that does not divide a parameter or the batch (named).
@@ -458,19 +463,20 @@ def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
 
   meshes = []
   for config in partitioners:
-    part = AbstractPartitioner(config, num_devices)
+    part = (AbstractPartitioner(config, num_devices) if devices is None
+            else Partitioner(config, devices=devices))
     specs = part.param_specs(boxed)
     opt_specs = part.derived_specs(abstract_opt, abstract, specs)
     grad_specs = jax.tree.map(lambda s, m: s if m else None, specs, mask,
                               is_leaf=lambda x: isinstance(x, PartitionSpec))
     shards = mesh_axes_size(part.mesh, mesh_axis_for("batch", part.rules))
     if dataset.batch_size % (shards * micro):
-      raise ValueError(f"mesh {part.mesh_shape}: global batch size {dataset.batch_size} is not "
-                       f"divisible by the {shards} batch shards x {micro} microbatches")
+      raise ValueError(f"mesh {dict(part.mesh.shape)}: global batch size {dataset.batch_size} "
+                       f"is not divisible by the {shards} batch shards x {micro} microbatches")
     rows = dataset.batch_size / shards
     grad_bytes = sharded_bytes(part, trainable_params, grad_specs)
     meshes.append(MeshPlan(
-        mesh=part.mesh_shape, batch_per_device=rows,
+        mesh=dict(part.mesh.shape), batch_per_device=rows,
         param_bytes=sharded_bytes(part, abstract, specs),
         opt_bytes=sharded_bytes(part, abstract_opt, opt_specs),
         grad_bytes=grad_bytes * (2 if micro > 1 else 1),  # the accumulator and one microbatch's
@@ -492,7 +498,11 @@ def mesh_activation_bytes(part: "AbstractPartitioner", model: Any, abstract: Any
   """
   shards = part.num_batch_shards
   batch, _ = _dummy_batch(model, dataset, rows=shards)
-  with jax.sharding.use_abstract_mesh(part.mesh), nn.logical_axis_rules(part.rules):
+  if isinstance(part, AbstractPartitioner):
+    context = jax.sharding.use_abstract_mesh(part.mesh)
+  else:
+    context = jax.set_mesh(part.mesh)  # concrete devices: their platform picks the kernels
+  with context, nn.logical_axis_rules(part.rules):
     avals = residuals(model, abstract, mask, batch)
   return activation_bytes(part, avals, boxed, specs, rows / shards)
 
