@@ -317,22 +317,18 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
   """
   from moe_jax.checkpoints.orbax import CheckpointConfig
   from moe_jax.train import run
-  from moe_jax.train.trainer import DatasetConfig, TrainerConfig
+  from moe_jax.train.trainer import TrainerConfig
 
-  task = _task(data, model, vocabulary)
-  wrapper, converter = _wrapper(model, task)
-  dataset = DatasetConfig(mixture_or_task_name=task, batch_size=batch_size, pack=pack,
-                          task_feature_lengths=_feature_lengths(task, feature_lengths),
-                          feature_converter=converter, seed=seed)
+  task, wrapper, dataset = _train_data(model, data, vocabulary, batch_size=batch_size,
+                                       feature_lengths=feature_lengths, pack=pack, seed=seed)
   writer = _recording_writer(model_dir, echo)
   state = run.train(
       model=wrapper, train_dataset=dataset, model_dir=model_dir, params=model.params,
       optimizer=_optimizer_config(optimizer, steps=steps, learning_rate=learning_rate,
                                   schedule=schedule, warmup_steps=warmup_steps, end_lr=end_lr,
                                   weight_decay=weight_decay, clip_grad_norm=clip_grad_norm),
-      trainer=TrainerConfig(num_train_steps=steps, log_every=log_every, seed=seed,
-                            eval_steps=None, progress_bar=progress_bar,
-                            num_microbatches=num_microbatches,
+      trainer=TrainerConfig(num_train_steps=steps, log_every=log_every, seed=seed, eval_steps=None,
+                            progress_bar=progress_bar, num_microbatches=num_microbatches,
                             frozen_param_dtype=frozen_param_dtype),
       partitioner=_partitioner_config(mesh), metrics_writer=writer,
       checkpoint=CheckpointConfig(save_every=checkpoint_every, keep=keep_checkpoints,
@@ -340,6 +336,19 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
       trainable=_default_trainable(model) if trainable == "auto" else trainable)
   trained = dataclasses.replace(model, params=jax.device_get(state.params))
   return TrainResult(model=trained, history=writer.rows, state=state, task=task)
+
+
+def _train_data(model: LoadedModel, data: Data, vocabulary: Any, *, batch_size: int,
+                feature_lengths: Mapping[str, int] | None, pack: bool, seed: int
+                ) -> tuple[str, Any, Any]:
+  """:func:`finetune`'s ``(task name, model wrapper, DatasetConfig)``."""
+  from moe_jax.train.trainer import DatasetConfig
+
+  task = _task(data, model, vocabulary)
+  wrapper, converter = _wrapper(model, task)
+  return task, wrapper, DatasetConfig(
+      mixture_or_task_name=task, batch_size=batch_size, pack=pack, seed=seed,
+      task_feature_lengths=_feature_lengths(task, feature_lengths), feature_converter=converter)
 
 
 def _optimizer_config(optimizer: Any, *, steps: int, learning_rate: float, schedule: str,
