@@ -18,6 +18,12 @@ blocks.
   flash attention over xla. Its backward still writes the bias gradient
   ``dS`` ``[B, H, L, S]`` (float32), which the ratio includes.
 * ``tpu_<case>_xla_temp_mib`` / ``tpu_<case>_kernel_temp_mib``: the figures themselves.
+* ``tpu_<case>_over_xla_residual_bytes``: what the backward keeps from the
+  forward (``jax.vjp`` residuals, q / k / v / bias included), kernel over xla:
+  in a model that is held per layer until the backward reaches it (xla keeps
+  the ``[B, H, L, S]`` probabilities of every layer), while a one-layer step's
+  temporaries above are transient. T5's flash trades a transient ``dS`` for
+  no per-layer scores.
 * ``cpu_xla_fwd_ms``: the xla path's forward on this CPU at 1024 tokens (for scale).
 
 The last line is one JSON object with these keys.
@@ -53,8 +59,17 @@ def _step(impl: str, mask: AttentionMask, with_bias: bool):
   return jax.grad(loss, argnums=(0, 1, 2, 3) if with_bias else (0, 1, 2))
 
 
+def residual_bytes(impl: str, mask: AttentionMask, with_bias: bool, *args) -> int:
+  """Bytes the backward pass keeps from the forward (``jax.vjp`` residuals; traced only)."""
+  def fwd(q, k, v, bias):
+    return attention(q, k, v, mask=mask, bias_BHLS=bias if with_bias else None,
+                     scale=q.shape[-1] ** -0.5, impl=impl, platform="tpu")
+  vjp = jax.eval_shape(lambda *a: jax.vjp(fwd, *a)[1], *args)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp) if hasattr(x, "dtype"))
+
+
 def tpu_case(devices, *, b, l, h, kv, dh, causal, window=None, bias=False, kernel="splash"):
-  """``(xla temp bytes, kernel temp bytes)`` of one forward + backward attention step."""
+  """``(xla temp bytes, kernel temp bytes, xla / kernel residual bytes)`` of one attention step."""
   import _tpu_aot as aot
   mesh = aot.make_mesh(devices)
   spec = jax.P()
@@ -63,12 +78,14 @@ def tpu_case(devices, *, b, l, h, kv, dh, causal, window=None, bias=False, kerne
   bias_arr = aot.abstract((1, h, l, l), jnp.float32, mesh, spec)
   valid = jnp.ones((b, l), bool)
   mask = AttentionMask(kv_valid_BS=valid, causal=causal, window=window)
-  temps = []
+  temps, residuals = [], []
   for impl in ("xla", kernel):
     st = aot.compile_stats(_step(impl, mask, bias), (q, k, k, bias_arr), mesh)
     temps.append(st["temp_bytes"])
     assert (impl == "xla") != ("tpu_custom_call" in st["hlo"]), impl
-  return tuple(temps)
+    with jax.set_mesh(mesh):
+      residuals.append(residual_bytes(impl, mask, bias, q, k, k, bias_arr))
+  return (*temps, *residuals)
 
 
 def main() -> None:
@@ -86,13 +103,15 @@ def main() -> None:
       cases["flash_bias"] = dict(b=8, l=512, h=32, kv=32, dh=64, causal=False, bias=True,
                                  kernel="flash")
     for name, kw in cases.items():
-      xla_b, ker_b = tpu_case(devices, **kw)
+      xla_b, ker_b, xla_r, ker_r = tpu_case(devices, **kw)
       result[f"tpu_{name}_over_xla_temp_bytes"] = round(ker_b / xla_b, 4)
       result[f"tpu_{name}_xla_temp_mib"] = round(xla_b / 2**20, 1)
       result[f"tpu_{name}_kernel_temp_mib"] = round(ker_b / 2**20, 1)
+      result[f"tpu_{name}_over_xla_residual_bytes"] = round(ker_r / xla_r, 4)
       rows.append((name, kw, xla_b, ker_b))
-      print(f"TPU v5p: {name:<14} {kw}: xla {xla_b / 2**20:9.1f} MiB, kernel "
-            f"{ker_b / 2**20:8.1f} MiB, ratio {ker_b / xla_b:.4f}", flush=True)
+      print(f"TPU v5p: {name:<14} {kw}: temp xla {xla_b / 2**20:9.1f} MiB, kernel "
+            f"{ker_b / 2**20:8.1f} MiB (ratio {ker_b / xla_b:.4f}); kept for backward xla "
+            f"{xla_r / 2**20:8.1f} MiB, kernel {ker_r / 2**20:6.1f} MiB", flush=True)
 
   # The xla path on this CPU, for scale.
   b, l, h, kv, dh = 1, 1024, 8, 2, 64
