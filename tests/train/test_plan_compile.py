@@ -92,3 +92,15 @@ def test_cli_compiles_a_gin_config():
   assert "compiled for v5p-8 (4 chips v5p:2x2x1" in out.stdout
   assert "mesh data=2 x expert=2 x model=1" in out.stdout
   assert plan_cli.main(["--compile", "--gin_file=runs/pod_finetune.gin"]) == 2
+
+
+def test_plan_on_a_topology_traces_its_devices(capsys):
+  """``--topology`` without ``--compile``: the eval_shape plan on the slice's 4 chips."""
+  code = plan_cli.main(["--topology=v5p-8", "--gin_file=models/moe_decoder_tiny.gin",
+                        "--gin_file=runs/pretrain.gin", "--gin.MIXTURE_OR_TASK_NAME='any'",
+                        "--gin.TASK_FEATURE_LENGTHS={'targets': 128}", "--gin.BATCH_SIZE=8",
+                        "--gin.TRAIN_STEPS=1", "--gin.MESH_EXPERT=2",
+                        "--gin.PartitionerConfig.fsdp=True"])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert "| 2 x 2 x 1 | 4 | 2 |" in out
