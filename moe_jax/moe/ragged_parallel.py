@@ -1,4 +1,4 @@
-"""Dropless expert parallelism: tokens move with ``ragged_all_to_all``, experts run a grouped matmul.
+"""Dropless expert parallelism: tokens move with ``ragged_all_to_all``; grouped-matmul experts.
 
 Legend: g groups on one device, S tokens per group, D model dim, E experts,
 e experts on one device, n devices along the expert mesh axes, K choices per
