@@ -234,7 +234,10 @@ def _unused_macros_error(files, bindings, paths, allow_unused=()) -> str | None:
   """An error naming every macro that is defined but never used (a typo, e.g. TRAIN_STEPZ).
 
   gin accepts ``NAME = VALUE`` for any NAME: a mistyped macro would be
-  silently ignored, and the run would use the default it meant to change.
+  silently ignored, and the run would use the default it meant to change. A
+  macro that some file or binding refers to (``%NAME``) is not a typo, even when
+  a later binding replaced the one that referred to it (e.g. a shipped default
+  ``INFER_NUM_EXAMPLES`` after ``--gin.InferEvalConfig.num_examples=8``).
   """
   config = gin.config._CONFIG  # pylint: disable=protected-access
   defined, used = [], set()
@@ -243,11 +246,15 @@ def _unused_macros_error(files, bindings, paths, allow_unused=()) -> str | None:
       defined.append(scope)
     for v in params.values():
       _macro_references(v, used)
-  unused = sorted(set(defined) - used - set(allow_unused))
+  unused = set(defined) - used - set(allow_unused)
+  sources = _sources(files, paths)
+  if unused:  # a reference a later binding overrode still counts: a typo is referenced nowhere
+    text = "\n".join([*("\n".join(lines_) for _, lines_ in sources), *bindings])
+    unused = {m for m in unused if not re.search(r"%" + re.escape(m) + r"\b", text)}
+  unused = sorted(unused)
   if not unused:
     return None
   lines = []
-  sources = _sources(files, paths)
   for macro in unused:
     pattern = re.compile(r"\s*" + re.escape(macro) + r"\s*=")
     where = [f'In file "{path}", line {i + 1}: {line.strip()}'

@@ -165,6 +165,18 @@ def test_undefined_macro_names_where_it_is_used():
     configurables.parse_gin(["experiments/decoder_tiny_lm.gin"])
 
 
+def test_a_default_macro_whose_binding_was_overridden_is_not_a_typo():
+  """runs/eval.gin sets INFER_NUM_EXAMPLES for InferEvalConfig.num_examples; overriding
+  that binding directly leaves the macro unreferenced but it is no typo (CI failed on it)."""
+  configurables.parse_gin(["runs/eval.gin"], ["CHECKPOINT_PATH = None", "MIXTURE_OR_TASK_NAME = 'x'",
+                                              "TASK_FEATURE_LENGTHS = {}",
+                                              "InferEvalConfig.num_examples = 8"])
+  with pytest.raises(configurables.GinConfigError, match="INFER_NUM_EXAMPLEZ is set but never"):
+    configurables.parse_gin(["runs/eval.gin"], ["CHECKPOINT_PATH = None", "MIXTURE_OR_TASK_NAME = 'x'",
+                                                "TASK_FEATURE_LENGTHS = {}",
+                                                "INFER_NUM_EXAMPLEZ = 8"])
+
+
 def test_cli_flags(tmp_path, capsys):
   model_dir = f"{tmp_path}/with 'quote"
   args = configurables.parse_flags(
