@@ -122,33 +122,30 @@ class Attention(nn.Module):
   def _inv_freq(self):
     return rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
 
-  # Projection hooks. Subclasses (PEFT adapters, mixtures of attention) override
-  # these to change what a projection computes while keeping the ``q/k/v/o``
-  # parameters; ``context`` is opaque per-call data for them (e.g. a router's
-  # input) that this base class ignores. Keys are adapted *before* RoPE, so a
+  # The projections, one method each. PEFT adapters intercept the ``q/k/v/o``
+  # calls (moe_jax.peft.layers); keys are projected *before* RoPE, so a
   # per-feature key scaling folds exactly into the ``k`` kernel.
 
-  def project_q(self, x_BLD: Array, context: Any = None) -> Array:
+  def project_q(self, x_BLD: Array) -> Array:
     """Queries ``[B, L, H, Dh]`` before RoPE."""
     return self.q(x_BLD)
 
-  def project_k(self, x_BSD: Array, context: Any = None) -> Array:
+  def project_k(self, x_BSD: Array) -> Array:
     """Keys ``[B, S, K, Dh]`` before RoPE."""
     return self.k(x_BSD)
 
-  def project_v(self, x_BSD: Array, context: Any = None) -> Array:
+  def project_v(self, x_BSD: Array) -> Array:
     """Values ``[B, S, K, Dh]``."""
     return self.v(x_BSD)
 
-  def project_out(self, out_BLHD: Array, context: Any = None) -> Array:
+  def project_out(self, out_BLHD: Array) -> Array:
     """Output projection of the attended values, ``[B, L, H, Dh] -> [B, L, D]``."""
     return self.o(out_BLHD)
 
-  def project_kv(self, x_BSD: Array, positions_BS: Array | None = None,
-                 context: Any = None) -> KVCache:
+  def project_kv(self, x_BSD: Array, positions_BS: Array | None = None) -> KVCache:
     """Keys and values of ``x`` (RoPE applied to keys when enabled)."""
-    k = self.project_k(x_BSD, context)
-    v = self.project_v(x_BSD, context)
+    k = self.project_k(x_BSD)
+    v = self.project_v(x_BSD)
     if self.qk_norm:
       k = self.k_norm(k)
     if self.rope_theta is not None:
@@ -159,8 +156,7 @@ class Attention(nn.Module):
                positions_BL: Array | None = None,
                kv_source_BSD: Array | None = None, kv: KVCache | None = None,
                cache: KVCache | None = None, cache_index: Array | None = None,
-               bias_BHLS: Array | None = None, context: Any = None
-               ) -> tuple[Array, KVCache | None]:
+               bias_BHLS: Array | None = None) -> tuple[Array, KVCache | None]:
     """Attends from ``x`` to keys/values.
 
     Keys and values come from, in order of precedence: ``kv`` (precomputed, e.g.
@@ -170,14 +166,13 @@ class Attention(nn.Module):
     queries) are written at slot ``cache_index`` and attention runs over all
     slots.
 
-    ``context`` is handed to the projection hooks (``project_q`` ...) and
-    ignored by this class. ``mask_BLS`` is a boolean ``[B, L, S]`` or an
+    ``mask_BLS`` is a boolean ``[B, L, S]`` or an
     :class:`AttentionMask` (what the fused kernels need; see ``attention_impl``).
 
     Returns:
       ``(out_BLD, updated cache or None)``.
     """
-    q = self.project_q(x_BLD, context)
+    q = self.project_q(x_BLD)
     if self.qk_norm:
       q = self.q_norm(q)
     if self.rope_theta is not None:
@@ -188,9 +183,9 @@ class Attention(nn.Module):
     decoding = cache is not None or kv is not None
     if kv is None:
       if kv_source_BSD is not None:  # cross-attention; positions are the source's
-        kv = self.project_kv(kv_source_BSD, positions_BL, context)
+        kv = self.project_kv(kv_source_BSD, positions_BL)
       else:
-        kv = self.project_kv(x_BLD, positions_BL, context)
+        kv = self.project_kv(x_BLD, positions_BL)
       if cache is not None:
         # Slot-aligned streams (self-attention, or CALM's augmenting states, which
         # advance token by token with the queries): append at ``cache_index``.
@@ -207,4 +202,4 @@ class Attention(nn.Module):
     out = attention(q, kv.k, kv.v, mask=mask_BLS, bias_BHLS=bias_BHLS, scale=scale,
                     logit_softcap=self.logit_softcap, impl=impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return self.project_out(out, context), new_cache
+    return self.project_out(out), new_cache

@@ -40,15 +40,8 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 class Mlp(nn.Module):
   """``wo(act(wi_0 x) * wi_1 x)`` when gated, else ``wo(act(wi x))``.
 
-  ``hidden_transform`` is applied to the activated hidden ``[B, L, F]`` before
-  ``wo``: the hook where (IA)^3 / MoV scale the FFN intermediate without
-  changing this module's parameters. For a gated FFN, scaling
-  ``act(gate) * up`` elementwise is the same as scaling either branch.
-
-  Subclasses adapt the projections by overriding :meth:`adapt_projection`
-  (called with each projection's input and output; LoRA adds its low-rank
-  update there). ``context`` is opaque per-call data handed to that hook and
-  ignored by this class.
+  PEFT adapters attach by intercepting the ``wi*`` / ``wo`` projections
+  (:mod:`moe_jax.peft.layers`); this module knows nothing of them.
   """
 
   hidden_dim: int
@@ -61,21 +54,13 @@ class Mlp(nn.Module):
   kernel_init: Any = None
   out_kernel_init: Any = None
 
-  def adapt_projection(self, name: str, x_in: Array, y_out: Array, context: Any = None
-                       ) -> Array:
-    """Output of projection ``name`` (``wi``, ``wi_0``, ``wi_1`` or ``wo``); identity here."""
-    del name, x_in, context
-    return y_out
-
   @nn.compact
-  def __call__(self, x_BLD: Array, hidden_transform: Callable[[Array], Array] | None = None,
-               *, context: Any = None) -> Array:
+  def __call__(self, x_BLD: Array) -> Array:
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
     act = get_activation(self.activation)
 
     def project(name: str, x: Array, features: int, axes: tuple[str, str], init: Any) -> Array:
-      y = Linear(features, axes, kernel_init=init, name=name, **common)(x)
-      return self.adapt_projection(name, x, y, context)
+      return Linear(features, axes, kernel_init=init, name=name, **common)(x)
 
     if self.gated:
       gate = project("wi_0", x_BLD, self.hidden_dim, ("embed", "mlp"), self.kernel_init)
@@ -84,7 +69,5 @@ class Mlp(nn.Module):
     else:
       h_BLF = act(project("wi", x_BLD, self.hidden_dim, ("embed", "mlp"), self.kernel_init))
     h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "mlp"))
-    if hidden_transform is not None:
-      h_BLF = hidden_transform(h_BLF)
     return project("wo", h_BLF, self.out_features, ("mlp", "embed"),
                    self.out_kernel_init or self.kernel_init)
