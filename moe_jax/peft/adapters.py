@@ -82,37 +82,12 @@ def mov_scale(y: Array, weights_BLE: Array, scale_EK: Array, *, weights_sum_to_o
   e = scale_EK.shape[0]
   feat = scale_EK.shape[1:]
   s_EK = scale_EK.reshape(e, -1).astype(jnp.float32)
-  w_NE = weights_BLE.reshape(-1, e).astype(jnp.float32)
+  w = weights_BLE.astype(jnp.float32)
   if weights_sum_to_one and e > 1:
-    merged = 1.0 + merge_vectors(w_NE, s_EK - 1.0)
+    merged = 1.0 + jnp.dot(w, s_EK - 1.0)
   else:
-    merged = merge_vectors(w_NE, s_EK)
+    merged = jnp.dot(w, s_EK)
   return y * _lead_aligned(merged.reshape(weights_BLE.shape[:-1] + feat), y, len(feat))
-
-
-@jax.custom_vjp
-def merge_vectors(w_NE: Array, s_EK: Array) -> Array:
-  """``w_NE · s_EK``: per-token weighted sums of E vectors (MoV's merge).
-
-  Its backward pass is written out because autodiff's ``dS = wᵀ · g``
-  contracts the token axis of two row-major operands, which XLA:CPU runs as a
-  slow matmul after a transposed copy of ``g``; transposing the small ``w``
-  first makes it a plain one: about 2x less for the whole MoV site's backward
-  (d 256-704, 1024 tokens, E 10; ``benchmarks/peft.py`` has the step).
-  """
-  return jnp.dot(w_NE, s_EK)
-
-
-def _merge_vectors_fwd(w_NE: Array, s_EK: Array):
-  return jnp.dot(w_NE, s_EK), (w_NE, s_EK)
-
-
-def _merge_vectors_bwd(res, g_NK: Array):
-  w_NE, s_EK = res
-  return jnp.dot(g_NK, s_EK.T), jnp.dot(w_NE.T, g_NK)
-
-
-merge_vectors.defvjp(_merge_vectors_fwd, _merge_vectors_bwd)
 
 
 def _lead_aligned(t: Array, y: Array, n_feat: int) -> Array:
