@@ -22,7 +22,7 @@ demo: $(VENV_STAMP)
 	$(PY) -m experiments.calm_kv_arithmetic --out out/calm_repro
 
 test: $(VENV_STAMP)
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --durations=25 tests
 
 # Timing benchmarks only (experiments/ holds the paper reproductions).
 bench: $(VENV_STAMP)
