@@ -24,7 +24,8 @@ __version__ = "0.1.0"
 #: Top-level name -> the module that defines it (imported lazily).
 _API = {name: "moe_jax.api" for name in (
     "Data", "LoadedModel", "TrainResult", "add_adapters", "encode_prompts", "evaluate",
-    "export_hf", "finetune", "load", "predict", "router_probabilities", "save", "upcycle_model")}
+    "export_hf", "export_peft", "finetune", "load", "predict", "router_probabilities", "save",
+    "upcycle_model")}
 
 __all__ = sorted(_API)
 

@@ -44,7 +44,7 @@ Examples = Union[Sequence[Mapping[str, str]], Mapping[str, Sequence[Mapping[str,
 Data = Union[str, Examples]
 
 __all__ = ["Data", "LoadedModel", "TrainResult", "add_adapters", "encode_prompts", "evaluate",
-           "export_hf", "finetune", "load", "predict", "router_probabilities", "save",
+           "export_hf", "export_peft", "finetune", "load", "predict", "router_probabilities", "save",
            "upcycle_model"]
 
 
@@ -581,3 +581,28 @@ def export_hf(model: LoadedModel, path: str | os.PathLike, **options: Any) -> Pa
                        "use save() for the adapters")
     return peft.merge_and_export_hf(path, model.config, model.params, cfg, **options)
   return export(path, model.config, model.params, **options)
+
+
+def export_peft(model: LoadedModel, path: str | os.PathLike, *,
+                base_model_name_or_path: str | None = None, dtype: str = "float32") -> Path:
+  """Writes an adapted model's adapters as a Hugging Face ``peft`` adapter directory.
+
+  ``peft.PeftModel.from_pretrained`` loads it onto the base that
+  :func:`export_hf` writes for the unadapted model, and vLLM's multi-LoRA
+  server reads it (:func:`moe_jax.peft.export_peft`: LoRA, (IA)^3 and
+  single-expert MoV / MoLoRA; larger mixtures raise ``ValueError``: use :func:`save`).
+
+  Args:
+    model: an adapted model (:func:`add_adapters`).
+    path: target directory.
+    base_model_name_or_path: recorded in ``adapter_config.json``.
+    dtype: tensor dtype in the file.
+  """
+  from moe_jax import peft
+
+  cfg = peft.peft_config_of(model.module)
+  if cfg is None:
+    raise ValueError("export_peft: the model has no adapters (add_adapters first); export the "
+                     "model itself with export_hf")
+  return peft.export_peft(path, model.config, model.params, cfg,
+                          base_model_name_or_path=base_model_name_or_path, dtype=dtype)

@@ -186,6 +186,10 @@ def load_adapters(path: str | os.PathLike) -> SavedAdapters:
   directory = Path(path)
   file = directory / ADAPTER_CONFIG_FILE
   data = read_json(file)
+  if "peft_type" in data and "format_version" not in data:
+    raise CheckpointError(f"{file}: a Hugging Face peft adapter ({data['peft_type']}), not "
+                          "moe-jax adapters; load it with peft.PeftModel.from_pretrained onto "
+                          "the Hugging Face base")
   if data.get("format_version") != FORMAT_VERSION:
     raise CheckpointError(f"{file}: unsupported format_version {data.get('format_version')!r}")
   for key in ("peft", "base_checkpoint"):
