@@ -3,9 +3,12 @@
 Supported architectures: ``LlamaForCausalLM``, ``MistralForCausalLM``,
 ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (:mod:`hf_llama`), ``GemmaForCausalLM``,
 ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` (:mod:`hf_gemma`), ``Phi3ForCausalLM``
-(:mod:`hf_phi3`), ``MixtralForCausalLM`` (:mod:`hf_mixtral`) and
-``T5ForConditionalGeneration`` (:mod:`hf_t5`). A dense decoder exports as the
-family :func:`~moe_jax.checkpoints.hf_llama.export_model_type` picks. float32, bfloat16 and
+(:mod:`hf_phi3`), ``MixtralForCausalLM`` (:mod:`hf_mixtral`),
+``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM``
+(:mod:`hf_qwen_moe`) and ``T5ForConditionalGeneration`` (:mod:`hf_t5`). A dense
+decoder exports as the family :func:`~moe_jax.checkpoints.hf_llama.export_model_type`
+picks; an MoE decoder as its ``hf_model_type`` when that is one of the MoE
+families (an import, or an upcycling ``target``), else as Mixtral. float32, bfloat16 and
 float16 files load; parameters are cast to the config's ``param_dtype`` (by
 default the file's dtype for bfloat16/float16 files, float32 otherwise) unless
 ``dtype`` says otherwise.
@@ -39,13 +42,14 @@ def converters() -> dict[str, Converter]:
   from moe_jax.checkpoints.hf_llama import LlamaConverter
   from moe_jax.checkpoints.hf_mixtral import MixtralConverter
   from moe_jax.checkpoints.hf_phi3 import Phi3Converter
+  from moe_jax.checkpoints.hf_qwen_moe import QwenMoeConverter
   from moe_jax.checkpoints.hf_t5 import T5Converter
 
   table: dict[str, Converter] = {}
   # Subclass configs first: converter_for_config takes the first isinstance match
   # (MoeDecoderConfig is a DecoderConfig); converter_for_config picks among the dense ones.
-  for conv in (MixtralConverter(), LlamaConverter(), GemmaConverter(), Phi3Converter(),
-               T5Converter()):
+  for conv in (MixtralConverter(), QwenMoeConverter(), LlamaConverter(), GemmaConverter(),
+               Phi3Converter(), T5Converter()):
     for model_type in conv.model_types:
       table[model_type] = conv
   return table
@@ -176,8 +180,12 @@ def converter_for_config(config: Any) -> Converter:
   """The converter whose ``config_type`` ``config`` is an instance of; for the dense
   families, which share ``DecoderConfig``, the one of the family that expresses it."""
   from moe_jax.checkpoints.hf_llama import LlamaConverter, export_model_type
+  from moe_jax.models.moe_decoder import MoeDecoderConfig
 
   table = converters()
+  if isinstance(config, MoeDecoderConfig):  # its MoE family, else Mixtral (which says why not)
+    return table[config.hf_model_type if config.hf_model_type in
+                 ("qwen2_moe", "qwen3_moe", "olmoe") else "mixtral"]
   for conv in table.values():
     if isinstance(config, conv.config_type):
       return table[export_model_type(config)] if isinstance(conv, LlamaConverter) else conv

@@ -62,6 +62,8 @@ _FEATURES: dict[str, tuple[str, Callable[[DecoderConfig], bool]]] = {
     "qpas": ("a query_pre_attn_scalar other than head_dim",
              lambda c: c.query_pre_attn_scalar not in (None, c.dh)),
     "qk_norm": ("q/k norms", lambda c: c.qk_norm),
+    "qk_norm_full": ("q/k norms over the full projected width (OLMoE)",
+                     lambda c: getattr(c, "qk_norm_full_width", False)),
     "sliding": ("a sliding attention window", lambda c: c.sliding_window is not None),
     "mixed_sliding": ("sliding-window layers mixed with global ones",
                       lambda c: c.sliding_window is not None and c.has_global_layers),

@@ -64,7 +64,7 @@ def mixtral_incompatibilities(c: MoeDecoderConfig) -> list[str]:
   elif not m.renormalize:
     why.append("its top-k gates are not renormalised; Mixtral renormalises them (set "
                "MoeConfig.renormalize=True)")
-  if m.shared_expert_dim is not None:
+  if m.shared_hidden_dim is not None:
     why.append("it has a shared expert; Mixtral has none")
   extra = [desc for name, (desc, test) in _FEATURES.items()
            if name not in ("parallel", "sliding") and test(c)]

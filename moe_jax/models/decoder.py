@@ -78,6 +78,9 @@ class DecoderConfig:
       ``query_pre_attn_scalar ** -0.5`` instead of ``Dh ** -0.5`` (Gemma 2/3).
     qk_norm: RMSNorm of each query / key head over ``Dh`` before RoPE (Qwen3,
       Gemma 3).
+    qk_norm_full_width: with ``qk_norm``, normalise the whole projected
+      query (``H·Dh``) and key (``K·Dh``) of a token instead of each head
+      (OLMoE); scales ``[H·Dh]`` / ``[K·Dh]``.
     sliding_window_layers: the layers that use ``sliding_window`` (Gemma 2/3
       alternate local and global layers); ``None``: all of them.
     local_rope_theta: RoPE base of the sliding-window layers, which then use no
@@ -123,6 +126,7 @@ class DecoderConfig:
   final_logit_softcap: float | None = None
   query_pre_attn_scalar: float | None = None
   qk_norm: bool = False
+  qk_norm_full_width: bool = False
   sliding_window_layers: tuple[int, ...] | None = None
   local_rope_theta: float | None = None
   attention_impl: str = "auto"
@@ -143,6 +147,8 @@ class DecoderConfig:
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"DecoderConfig: d_model={self.d_model} not divisible by "
                        f"num_heads={self.num_heads}; set head_dim explicitly")
+    if self.qk_norm_full_width and not self.qk_norm:
+      raise ValueError("DecoderConfig.qk_norm_full_width needs qk_norm=True")
     if self.post_sublayer_norms and self.parallel_block:
       raise ValueError("DecoderConfig: post_sublayer_norms needs sequential blocks "
                        "(parallel_block=False)")
@@ -280,7 +286,8 @@ def attention_options(c: DecoderConfig, layer: int | None) -> dict[str, Any]:
       rope_scaling=None if local else c.rope_scaling,
       scale=None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar ** -0.5,
       logit_softcap=c.attn_logit_softcap, qk_norm=c.qk_norm, qk_norm_eps=c.norm_eps,
-      qk_norm_offset=c.norm_scale_offset, attention_impl=c.attention_impl)
+      qk_norm_offset=c.norm_scale_offset, attention_impl=c.attention_impl,
+      **({"qk_norm_full_width": True} if c.qk_norm_full_width else {}))
 
 
 def softcap(x: Array, cap: float | None) -> Array:

@@ -11,7 +11,8 @@ module only creates parameters and calls the pure functions of
     experts/wi_0/kernel  [E, D, F]  ("expert", "embed", "mlp")
     experts/wi_1/kernel  [E, D, F]  ("expert", "embed", "mlp")
     experts/wo/kernel    [E, F, D]  ("expert", "mlp", "embed")
-    shared_expert/...    a dense ``Mlp`` (optional, always on, DeepSeek-style)
+    shared_expert/...    a dense ``Mlp`` (optional, always on: DeepSeek / Qwen2-MoE)
+    shared_expert_gate/kernel  [D, 1]  ("embed", "unmodeled")  Qwen2-MoE's sigmoid gate
 
 **Groups.** Tokens are routed within groups of S tokens (see ``routing``);
 by default one group per sequence (G = B, S = L), so capacity scales with
@@ -65,6 +66,7 @@ from moe_jax.moe.ragged_parallel import EXCHANGES, resolve_exchange
 from moe_jax.moe.routing import (compute_capacity, experts_choose_route, router_stats,
                                  tokens_choose_route)
 from moe_jax.nn.attention_kernels import target_platform
+from moe_jax.nn.linear import Linear
 from moe_jax.nn.mlp import Mlp
 # The collections and their total are shared by every router (nn.router); re-exported here.
 from moe_jax.nn.router import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, router_logits,
@@ -92,7 +94,8 @@ class MoeConfig:
       routing; 1.25 (Switch) buys headroom with 25% padded FLOPs; ``None`` is
       dropless (C = S). The ``"ragged"`` dispatch is always dropless.
     min_capacity: floor on C (small groups, decoding).
-    renormalize: divide the top-k gates by their sum (Mixtral). Off for top-1.
+    renormalize: divide the top-k gates by their sum (Mixtral; HF's
+      ``norm_topk_prob`` of Qwen-MoE / OLMoE). Off for top-1.
     jitter_noise: Switch multiplicative router-input noise amplitude; only
       used when a ``"jitter"`` rng is supplied.
     batch_prioritized: BPR -- confident tokens claim slots first.
@@ -112,8 +115,15 @@ class MoeConfig:
       ``f``: ``f·A`` rows, overflow dropped (less memory).
     num_groups: routing groups; ``None``: one per sequence.
     expert_dim: F of each expert; ``None``: the backbone's ``d_ff`` (upcycling).
-    shared_expert_dim: F of an always-on dense expert added to the output;
+    shared_expert_dim: F of each always-on shared expert added to the output;
       ``None``: no shared expert.
+    num_shared_experts: how many shared experts of width ``shared_expert_dim``
+      (0: none, like ``shared_expert_dim=None``). They see every token with
+      weight one, so n of them are one ``Mlp`` of width ``n·shared_expert_dim``
+      (DeepSeek stores them so too): one ``shared_expert`` subtree either way.
+    shared_expert_gate: scale the shared experts' output by
+      ``sigmoid(x · w)`` with ``w [D, 1]`` (``shared_expert_gate/kernel``,
+      Qwen2-MoE); off: added as is (DeepSeek).
     load_balancing_loss_coef: Switch loss coefficient (1e-2 in Switch).
     z_loss_coef: router z-loss coefficient (1e-3 in ST-MoE).
     expert_parallel: use the ``shard_map`` path (all_to_all over the expert
@@ -137,6 +147,8 @@ class MoeConfig:
   num_groups: int | None = None
   expert_dim: int | None = None
   shared_expert_dim: int | None = None
+  num_shared_experts: int = 1
+  shared_expert_gate: bool = False
   load_balancing_loss_coef: float = 1e-2
   z_loss_coef: float = 1e-3
   expert_parallel: bool = True
@@ -174,6 +186,19 @@ class MoeConfig:
       v = getattr(self, name)
       if v is not None and v < 1:
         raise ValueError(f"MoeConfig.{name} must be positive or None, got {v}")
+    if self.num_shared_experts < 0:
+      raise ValueError(f"MoeConfig.num_shared_experts must be >= 0, got "
+                       f"{self.num_shared_experts}")
+    if self.shared_expert_gate and self.shared_hidden_dim is None:
+      raise ValueError("MoeConfig.shared_expert_gate needs a shared expert (shared_expert_dim "
+                       "and num_shared_experts >= 1)")
+
+  @property
+  def shared_hidden_dim(self) -> int | None:
+    """Width of the fused shared-expert ``Mlp`` (``None``: no shared expert)."""
+    if self.shared_expert_dim is None or self.num_shared_experts == 0:
+      return None
+    return self.shared_expert_dim * self.num_shared_experts
 
   def replace(self, **kw) -> "MoeConfig":
     return dataclasses.replace(self, **kw)
@@ -249,10 +274,20 @@ class MoeLayer(nn.Module):
     y_GSD = self._apply_experts(x_GSD, routing, params, plan, common)
     y_GSD = nn.with_logical_constraint(y_GSD.astype(self.dtype), ("batch", None, "embed"))
     y = y_GSD.reshape(x.shape)
-    if c.shared_expert_dim is not None:
-      y = y + Mlp(hidden_dim=c.shared_expert_dim, out_features=d, activation=self.activation,
-                  gated=self.gated, dtype=self.dtype, param_dtype=self.param_dtype,
-                  name="shared_expert")(x)
+    if c.shared_hidden_dim is not None:
+      y = y + self._shared_experts(x)
+    return y
+
+  def _shared_experts(self, x: Array) -> Array:
+    """The always-on experts' output, gated by ``sigmoid(x · w)`` when configured."""
+    c = self.config
+    y = Mlp(hidden_dim=c.shared_hidden_dim, out_features=x.shape[-1], activation=self.activation,
+            gated=self.gated, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="shared_expert")(x)
+    if c.shared_expert_gate:
+      gate = Linear(1, ("embed", "unmodeled"), dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=nn.initializers.zeros, name="shared_expert_gate")(x)
+      y = jax.nn.sigmoid(gate) * y
     return y
 
   def _apply_experts(self, x_GSD, routing, params, plan, common) -> Array:

@@ -75,6 +75,8 @@ class Attention(nn.Module):
       and key head after projection, before RoPE (Qwen3, Gemma 3).
     qk_norm_eps, qk_norm_offset: that norm's epsilon and scale offset (1 for
       Gemma's ``1 + w``).
+    qk_norm_full_width: normalise a token's whole query ``[H·Dh]`` and key
+      ``[K·Dh]`` instead of each head (OLMoE); scales ``[H·Dh]`` / ``[K·Dh]``.
     attention_impl: ``"auto"`` | ``"xla"`` | ``"splash"`` | ``"flash"`` |
       ``"cudnn"`` (:mod:`moe_jax.nn.attention_kernels`). Kernels need an
       :class:`AttentionMask` and no KV cache; other calls use ``"xla"``.
@@ -98,6 +100,7 @@ class Attention(nn.Module):
   qk_norm: bool = False
   qk_norm_eps: float = 1e-6
   qk_norm_offset: float = 0.0
+  qk_norm_full_width: bool = False
   attention_impl: str = "auto"
 
   def setup(self):
@@ -114,10 +117,16 @@ class Attention(nn.Module):
                     use_bias=self.out_bias, kernel_init=self.o_kernel_init or self.kernel_init,
                     **common)
     if self.qk_norm:
-      norm = dict(eps=self.qk_norm_eps, axis_name="kv", scale_offset=self.qk_norm_offset,
-                  **common)
-      self.q_norm = RMSNorm(**norm)
-      self.k_norm = RMSNorm(**norm)
+      norm = dict(eps=self.qk_norm_eps, scale_offset=self.qk_norm_offset, **common)
+      full = self.qk_norm_full_width  # the flattened [H·Dh] is heads-major: shard by heads
+      self.q_norm = RMSNorm(axis_name="heads" if full else "kv", **norm)
+      self.k_norm = RMSNorm(axis_name="kv_heads" if full else "kv", **norm)
+
+  def _qk_normed(self, norm: nn.Module, x_BLND: Array) -> Array:
+    """``x`` through a q/k norm: per head, or over all heads of a token (full width)."""
+    if not self.qk_norm_full_width:
+      return norm(x_BLND)
+    return norm(x_BLND.reshape(*x_BLND.shape[:-2], -1)).reshape(x_BLND.shape)
 
   def _inv_freq(self):
     return rope_inverse_frequencies(self.head_dim, self.rope_theta, self.rope_scaling)
@@ -147,7 +156,7 @@ class Attention(nn.Module):
     k = self.project_k(x_BSD)
     v = self.project_v(x_BSD)
     if self.qk_norm:
-      k = self.k_norm(k)
+      k = self._qk_normed(self.k_norm, k)
     if self.rope_theta is not None:
       k = apply_rope(k, positions_BS, self._inv_freq())
     return KVCache(k=k, v=v)
@@ -174,7 +183,7 @@ class Attention(nn.Module):
     """
     q = self.project_q(x_BLD)
     if self.qk_norm:
-      q = self.q_norm(q)
+      q = self._qk_normed(self.q_norm, q)
     if self.rope_theta is not None:
       if positions_BL is None:
         raise ValueError("RoPE attention needs positions_BL")

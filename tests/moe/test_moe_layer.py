@@ -95,6 +95,31 @@ def test_shared_expert_is_added(init_params):
                               atol=1e-6)
 
 
+def test_shared_experts_count_and_sigmoid_gate(init_params):
+  """n shared experts fuse into one Mlp of width n·F; Qwen2-MoE's gate scales it by sigmoid(x·w)."""
+  x = _x(4)
+  cfg = MoeConfig(num_experts=E, shared_expert_dim=6, num_shared_experts=2,
+                  shared_expert_gate=True)
+  layer = MoeLayer(config=cfg, hidden_dim=F)
+  params = jax.tree.map(lambda p: p + 0.3, init_params(layer, x)["params"])  # gate w != 0
+  assert params["shared_expert"]["wo"]["kernel"].shape == (12, D)
+  assert params["shared_expert_gate"]["kernel"].shape == (D, 1)
+  routed = MoeLayer(config=cfg.replace(num_shared_experts=0, shared_expert_gate=False),
+                    hidden_dim=F)
+  routed_params = {k: v for k, v in params.items() if not k.startswith("shared_expert")}
+  assert set(jax.eval_shape(routed.init, jax.random.key(0), x)["params"]) == {"router",
+                                                                              "experts"}
+  shared = Mlp(hidden_dim=12, out_features=D).apply({"params": params["shared_expert"]}, x)
+  gate = jax.nn.sigmoid(x @ params["shared_expert_gate"]["kernel"])
+  chex.assert_trees_all_close(jax.jit(layer.apply)({"params": params}, x),
+                              jax.jit(routed.apply)({"params": routed_params}, x)
+                              + gate * shared, atol=1e-5)
+  with pytest.raises(ValueError, match="shared_expert_gate needs a shared expert"):
+    MoeConfig(num_experts=E, shared_expert_gate=True)
+  with pytest.raises(ValueError, match="num_shared_experts must be >= 0"):
+    MoeConfig(num_experts=E, shared_expert_dim=4, num_shared_experts=-1)
+
+
 def test_jitter_only_with_jitter_rng(init_params):
   x = _x(3)
   layer = MoeLayer(config=MoeConfig(num_experts=E, jitter_noise=0.5, capacity_factor=None),

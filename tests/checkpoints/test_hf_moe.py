@@ -1,0 +1,146 @@
+"""Qwen2-MoE, Qwen3-MoE and OLMoE in and out: tiny random transformers checkpoints, our logits
+and greedy tokens match theirs, and our export reloads in transformers with the same logits."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from moe_jax import decoding  # noqa: E402
+from moe_jax.checkpoints import CheckpointError, export_hf, load_hf  # noqa: E402
+
+VOCAB = 67
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+              num_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-6)
+VARIANTS = {
+    # layer 0 dense (mlp_only_layers), layer 1 routed + gated shared expert, q/k/v biases
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=56, moe_intermediate_size=24,
+                       shared_expert_intermediate_size=40, mlp_only_layers=[0])),
+    # per-head q/k norms, renormalised top-k
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=56, moe_intermediate_size=24, head_dim=8,
+                       norm_topk_prob=True)),
+    # q/k norms over the full projected width, raw softmax gates
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=24, norm_topk_prob=False, pad_token_id=0,
+                   eos_token_id=2)),
+}
+
+
+def make_hf(path, variant):
+  cfg_cls, model_cls, extra = VARIANTS[variant]
+  torch.manual_seed(0)
+  cfg = getattr(transformers, cfg_cls)(**COMMON, **extra)
+  cfg._attn_implementation = "eager"
+  model = getattr(transformers, model_cls)(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("mlp.gate.weight"):
+        p.normal_(0, 1.0)  # confident routers: no near-ties that float rounding could flip
+      elif "norm" in name:
+        p.normal_(1.0, 0.2)  # exercise the norm mappings
+      elif name.endswith("bias") or "shared_expert_gate" in name:
+        p.normal_(0, 0.5)
+  model.save_pretrained(path, safe_serialization=True)
+  return model
+
+
+def hf_logits(model, ids, mask):
+  pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
+                position_ids=torch.tensor(pos, dtype=torch.long))
+  return out.logits.float().numpy()
+
+
+def batch(rng, b=3, length=10):
+  ids = rng.integers(3, VOCAB, size=(b, length))
+  mask = np.ones((b, length), np.int64)
+  mask[1, :3] = 0  # left padding
+  return np.where(mask == 1, ids, 0), mask
+
+
+def our_logits(loaded, ids, mask):
+  out, _ = loaded.module.apply({"params": loaded.params}, jnp.asarray(ids),
+                               valid_BL=jnp.asarray(mask, bool))
+  return np.asarray(out)
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def checkpoint(request, tmp_path_factory):
+  path = tmp_path_factory.mktemp(request.param)
+  return request.param, path, make_hf(path, request.param)
+
+
+def test_import_matches_transformers_and_export_reloads(checkpoint, tmp_path):
+  variant, path, model = checkpoint
+  loaded = load_hf(path)
+  c = loaded.config
+  assert c.hf_model_type == variant and c.moe.capacity_factor is None
+  if variant == "qwen2_moe":
+    assert c.moe_layout == (1,) and c.moe.shared_expert_gate and c.moe.shared_expert_dim == 40
+    assert not c.moe.renormalize and c.qkv_bias and not c.attn_out_bias
+  if variant == "olmoe":
+    assert c.qk_norm and c.qk_norm_full_width and c.moe.shared_hidden_dim is None
+  ids, mask = batch(np.random.default_rng(0))
+  valid = mask.astype(bool)
+  ours = our_logits(loaded, ids, mask)
+  diff = np.abs(ours[valid] - hf_logits(model, ids, mask)[valid]).max()
+  print(f"{variant}: import max |logit diff| {diff:.2e}")
+  assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
+
+  export_hf(tmp_path / "out", c, loaded.params)
+  written = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert written["architectures"] == [VARIANTS[variant][1]]
+  again = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "out", attn_implementation="eager").eval()
+  assert type(again).__name__ == VARIANTS[variant][1]
+  diff = np.abs(hf_logits(again, ids, mask)[valid] - ours[valid]).max()
+  print(f"{variant}: export max |logit diff| {diff:.2e}")
+  assert diff <= 1e-4, f"{variant}: exported, max |logit diff| {diff}"
+  back = load_hf(tmp_path / "out")
+  assert back.config == c
+
+
+def test_greedy_tokens_match_transformers(checkpoint):
+  variant, path, model = checkpoint
+  loaded = load_hf(path)
+  ids, mask = batch(np.random.default_rng(1), length=6)
+  with torch.no_grad():
+    ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0,
+                         min_new_tokens=0)
+  ref = ref[:, ids.shape[1]:].numpy()
+  out = decoding.generate(loaded.module, loaded.params, ids, prompt_valid_BP=mask,
+                          max_new_tokens=8, eos_id=2, pad_id=0)
+  ref = np.pad(ref, ((0, 0), (0, 8 - ref.shape[1])), constant_values=0)
+  np.testing.assert_array_equal(out.tokens_BN, ref, err_msg=variant)
+
+
+def test_unsupported_fields_are_named(tmp_path):
+  from moe_jax.checkpoints.hf_qwen_moe import QwenMoeConverter, moe_layout_from_hf
+
+  conv = QwenMoeConverter()
+  base = {**COMMON, "model_type": "olmoe", "intermediate_size": 24}
+  with pytest.raises(CheckpointError, match="clip_qkv"):
+    conv.config_from_hf({**base, "clip_qkv": 8.0})
+  assert moe_layout_from_hf({"num_experts": 4, "decoder_sparse_step": 2}, 4) == (1, 3)
+  assert moe_layout_from_hf({"num_experts": 4, "decoder_sparse_step": 2,
+                             "mlp_only_layers": [3]}, 4) == (1,)
+  with pytest.raises(CheckpointError, match="mlp_only_layers"):
+    moe_layout_from_hf({"num_experts": 4, "mlp_only_layers": [0, 1]}, 2)
+  with pytest.raises(CheckpointError, match="mlp_only_layers names layers"):
+    moe_layout_from_hf({"num_experts": 4, "mlp_only_layers": [5]}, 2)
+  # a Qwen3-MoE config is no OLMoE: the export says what differs, writes nothing
+  qwen3 = conv.config_from_hf({**COMMON, "model_type": "qwen3_moe", "intermediate_size": 56,
+                               "moe_intermediate_size": 24})
+  with pytest.raises(CheckpointError, match="OlmoeForCausalLM: it has q/k norms per head"):
+    export_hf(tmp_path / "x", qwen3.replace(hf_model_type="olmoe"), {})
+  assert not (tmp_path / "x").exists()
