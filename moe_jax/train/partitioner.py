@@ -46,9 +46,10 @@ logger = logging.getLogger(__name__)
 
 #: Logical names our models use beyond ``DEFAULT_RULES`` (T5's relative-position table,
 #: the input dim of CALM's projection from an augmenting model, the leading axis of
-#: scanned layers' stacked parameters: every device holds all layers of its shard).
+#: scanned layers' stacked parameters: every device holds all layers of its shard; the
+#: low-rank bottleneck of multi-head latent attention, small and replicated).
 MODEL_RULES: tuple[tuple[str, Any], ...] = (("relpos_buckets", None), ("embed_aug", None),
-                                            ("layers", None))
+                                            ("layers", None), ("latent", None))
 
 #: FSDP / ZeRO-3 (``PartitionerConfig.fsdp``): every parameter's ``embed``
 #: dimension -- and so its gradient and optimizer state -- is split over the
