@@ -5,6 +5,10 @@
 the methods registered here, check their inputs with :func:`check` and build
 the model with :func:`upcycle`; a new method is one :func:`register_method`
 call.
+
+Every method but BAM can add a shared expert and name the Hugging Face
+architecture the model exports as (``target``: ``mixtral``, ``qwen2_moe``,
+``qwen3_moe``; see :mod:`moe_jax.upcycle.targets`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from moe_jax.upcycle.bam import bam_merge
 from moe_jax.upcycle.btx import btx_merge
 from moe_jax.upcycle.common import upcycled_moe_config
 from moe_jax.upcycle.sparse import sparse_upcycle
+from moe_jax.upcycle.targets import add_shared_expert, check_target, retarget
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,6 +36,8 @@ class Method:
       ``False``: exactly one model, copied into ``num_experts`` experts.
     default_top_k: FFN experts per token when not given (at most E).
     options: the keyword options only this method takes.
+    attention_experts: it makes attention experts (no shared expert, no
+      transformers architecture to export as).
   """
 
   name: str
@@ -39,6 +46,7 @@ class Method:
   branches: bool
   default_top_k: int = 2
   options: tuple[str, ...] = ()
+  attention_experts: bool = False
 
 
 METHODS: dict[str, Method] = {}
@@ -104,6 +112,8 @@ def upcycle(name: str, configs: Sequence[Any], params: Sequence[Mapping], *,
             capacity_factor: float | None = None, renormalize: bool = True,
             moe_layout: str | Sequence[int] = "every", seed: int = 0,
             names: Sequence[str] | None = None, owner: str = "upcycle",
+            target: str | None = None, shared_expert: bool | None = None,
+            shared_expert_scale: float | None = None, shared_expert_gate: bool = True,
             **options: Any) -> tuple[Any, dict]:
   """Dense model(s) -> ``(config, params)`` of the upcycled model, with method ``name``.
 
@@ -118,16 +128,35 @@ def upcycle(name: str, configs: Sequence[Any], params: Sequence[Mapping], *,
     seed: routers (and the sparse copies' noise).
     names: the inputs' names for error messages.
     owner: who is asking, for error messages.
+    target: the transformers architecture ``export_hf`` writes: ``"mixtral"``,
+      ``"qwen2_moe"`` or ``"qwen3_moe"`` (``None``: Mixtral, as before); checked
+      here, before anything is written.
+    shared_expert: add a shared expert from the dense FFN to every MoE layer
+      (default: iff ``target="qwen2_moe"``).
+    shared_expert_scale, shared_expert_gate: its down-projection scale
+      (mergekit-moe's ``residual_scale``) and Qwen2-MoE's sigmoid gate; see
+      :mod:`moe_jax.upcycle.targets` (the layer stays function-preserving).
     **options: the method's own options (``noise_std``; ``shared_kv``,
       ``attention_top_k``).
   """
   method = check(name, len(configs), num_experts=num_experts, options=options, owner=owner)
   _check_count(top_k, "top_k", owner)
+  shared = check_target(target, shared_expert, label=method.label, name=name,
+                        attention_experts=method.attention_experts, owner=owner)
+  if not shared and (shared_expert_scale is not None or not shared_expert_gate):
+    raise ValueError(f"{owner}: shared_expert_scale / shared_expert_gate need a shared expert "
+                     "(shared_expert=True or target='qwen2_moe')")
   e = len(configs) if num_experts is None else num_experts
   moe = upcycled_moe_config(e, min(method.default_top_k, e) if top_k is None else top_k,
                             capacity_factor=capacity_factor, renormalize=renormalize)
-  return method.build(list(configs), list(params), num_experts=e, moe=moe,
-                      moe_layout=moe_layout, seed=seed, names=names, **options)
+  config, out = method.build(list(configs), list(params), num_experts=e, moe=moe,
+                             moe_layout=moe_layout, seed=seed, names=names, **options)
+  if shared:
+    config, out = add_shared_expert(config, out, params, gate=shared_expert_gate,
+                                    scale=shared_expert_scale, owner=owner)
+  if target is not None:
+    config = retarget(config, target, label=method.label, owner=owner)
+  return config, out
 
 
 def _sparse(configs, params, *, num_experts, names, **kwargs):
@@ -147,4 +176,5 @@ register_method(Method(name="sparse", label="sparse upcycling", build=_sparse, b
 register_method(Method(name="btx", label="BTX", build=_branches(btx_merge), branches=True,
                        default_top_k=2))
 register_method(Method(name="bam", label="BAM", build=_branches(bam_merge), branches=True,
-                       default_top_k=1, options=("shared_kv", "attention_top_k")))
+                       default_top_k=1, options=("shared_kv", "attention_top_k"),
+                       attention_experts=True))

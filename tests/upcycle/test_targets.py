@@ -1,0 +1,124 @@
+"""Upcycling into Qwen2-MoE (gated shared expert) and Qwen3-MoE: function-preserving init, the
+export loads in transformers with our logits, and what cannot be expressed is refused."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from moe_jax import decoding  # noqa: E402
+from moe_jax.checkpoints import export_hf, load_hf  # noqa: E402
+from moe_jax.models.decoder import Decoder  # noqa: E402
+from moe_jax.models.moe_decoder import MoeDecoder  # noqa: E402
+from moe_jax.upcycle import methods  # noqa: E402
+
+from upcycle_helpers import logits_of, make_branch, make_config, make_params  # noqa: E402
+
+
+def _hf_logits(model, ids, valid):
+  mask = np.asarray(valid, np.int64)
+  pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(np.asarray(ids), dtype=torch.long),
+                attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+  return out.logits.float().numpy()[np.asarray(valid)]
+
+
+def _sharpen_routers(params, factor=30.0):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x * factor if "router" in jax.tree_util.keystr(p) else x, params)
+
+
+def _greedy(module, params, ids):
+  return decoding.generate(module, params, np.asarray(ids), max_new_tokens=8).tokens_BN
+
+
+@pytest.mark.parametrize("target,dense_kw", [("qwen2_moe", {}),
+                                             ("qwen3_moe", dict(qk_norm=True,
+                                                                hf_model_type="qwen3"))])
+def test_upcycle_to_qwen_moe_preserves_function_and_exports(target, dense_kw, tmp_path, tokens):
+  cfg = make_config(**dense_kw)
+  dense = make_params(cfg)
+  arch = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[target]
+  # Exact copies: the MoE is the dense model (gates renormalised; shared expert = ½ FFN).
+  moe_cfg, params = methods.upcycle("sparse", [cfg], [dense], num_experts=4, target=target)
+  assert moe_cfg.hf_model_type == target
+  assert (moe_cfg.moe.shared_hidden_dim is not None) == (target == "qwen2_moe")
+  ours = logits_of(MoeDecoder(config=moe_cfg), params, tokens)
+  base = logits_of(Decoder(config=cfg), dense, tokens)
+  print(f"{target}: upcycled vs dense max |logit diff| {np.abs(ours - base).max():.2e}")
+  np.testing.assert_allclose(ours, base, atol=1e-5)
+  ids = tokens[0][:, :5]
+  np.testing.assert_array_equal(_greedy(MoeDecoder(config=moe_cfg), params, ids),
+                                _greedy(Decoder(config=cfg), dense, ids))
+  # Diverse experts and confident routers: routing matters; transformers agrees.
+  moe_cfg, params = methods.upcycle("sparse", [cfg], [dense], num_experts=4, target=target,
+                                    noise_std=0.3)
+  params = _sharpen_routers(params)
+  if target == "qwen2_moe":  # a trained-looking gate
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.5 if "shared_expert_gate" in jax.tree_util.keystr(p) else x, params)
+  ours = logits_of(MoeDecoder(config=moe_cfg), params, tokens)
+  export_hf(tmp_path / target, moe_cfg, params)
+  assert json.loads((tmp_path / target / "config.json").read_text())["architectures"] == [arch]
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / target, attn_implementation="eager").eval()
+  assert type(model).__name__ == arch
+  diff = np.abs(_hf_logits(model, *tokens) - ours).max()
+  print(f"{target}: exported upcycled model, transformers vs ours max |logit diff| {diff:.2e}")
+  assert diff <= 1e-4, f"{target}: max |logit diff| {diff}"
+  again = load_hf(tmp_path / target)
+  np.testing.assert_allclose(logits_of(again.module, again.params, tokens), ours, atol=1e-5)
+
+
+def test_btx_with_shared_expert_and_scale(tmp_path, tokens):
+  cfg = make_config()
+  seed = make_params(cfg)
+  branches = [make_branch(seed, s, jitter=0.5) for s in (1, 2)]
+  moe_cfg, params = methods.upcycle("btx", [cfg] * 2, branches, target="qwen2_moe",
+                                    shared_expert_scale=0.2)
+  mlp = params["layers_0"]["mlp"]
+  ffn_wo = (branches[0]["layers_0"]["mlp"]["wo"]["kernel"]
+            + branches[1]["layers_0"]["mlp"]["wo"]["kernel"]) / 2
+  np.testing.assert_allclose(mlp["shared_expert"]["wo"]["kernel"], 0.2 * ffn_wo, rtol=1e-5)
+  np.testing.assert_allclose(mlp["experts"]["wo"]["kernel"][1],
+                             0.9 * branches[1]["layers_0"]["mlp"]["wo"]["kernel"], rtol=1e-5)
+  assert not np.asarray(mlp["shared_expert_gate"]["kernel"]).any()
+  export_hf(tmp_path / "btx", moe_cfg, params)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "btx", attn_implementation="eager").eval()
+  ours = logits_of(MoeDecoder(config=moe_cfg), params, tokens)
+  assert np.abs(_hf_logits(model, *tokens) - ours).max() <= 1e-4
+  # DeepSeek-style (no gate) stays ours: the same function, no Qwen2-MoE export
+  nogate, p2 = methods.upcycle("sparse", [cfg], [seed], num_experts=2, shared_expert=True,
+                               shared_expert_gate=False)
+  assert nogate.moe.shared_expert_gate is False and "shared_expert_gate" not in p2["layers_0"]["mlp"]
+  np.testing.assert_allclose(logits_of(MoeDecoder(config=nogate), p2, tokens),
+                             logits_of(Decoder(config=cfg), seed, tokens), atol=1e-5)
+
+
+def test_what_a_target_cannot_express_is_refused():
+  par = make_config(parallel_block=True, num_layers=1)
+  with pytest.raises(ValueError, match=r"BAM \(method 'bam'\) cannot be written as "
+                     r"Qwen2MoeForCausalLM: its attention experts"):
+    methods.upcycle("bam", [par] * 2, [make_params(par)] * 2, target="qwen2_moe")
+  with pytest.raises(ValueError, match=r"BAM \(method 'bam'\) cannot be written as "
+                     r"MixtralForCausalLM"):
+    methods.upcycle("bam", [par] * 2, [make_params(par)] * 2, target="mixtral")
+  cfg = make_config()
+  dense = make_params(cfg)
+  with pytest.raises(ValueError, match="cannot be written as Qwen3MoeForCausalLM: it has no "
+                     "q/k norms"):
+    methods.upcycle("sparse", [cfg], [dense], num_experts=2, target="qwen3_moe")
+  with pytest.raises(ValueError, match="has no shared expert"):
+    methods.upcycle("sparse", [cfg], [dense], num_experts=2, target="mixtral",
+                    shared_expert=True)
+  with pytest.raises(ValueError, match="target must be one of"):
+    methods.upcycle("sparse", [cfg], [dense], num_experts=2, target="deepseek_v3")
+  with pytest.raises(ValueError, match=r"shared_expert_scale must be in \[0, 2\]"):
+    methods.upcycle("sparse", [cfg], [dense], num_experts=2, target="qwen2_moe",
+                    shared_expert_scale=3.0)
