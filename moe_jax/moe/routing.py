@@ -46,15 +46,18 @@ import jax.numpy as jnp
 
 # Shared router math (one copy for MoE, attention mixture and PEFT routers); the
 # losses and logits are re-exported here as part of this module's API.
-from moe_jax.nn.router import (load_balancing_loss, router_confidence, router_logits,
-                               router_z_loss, top_k_gates)
+from moe_jax.nn.router import (group_limited_top_k_gates, load_balancing_loss,
+                               router_confidence, router_logits, router_z_loss, top_k_gates)
 
 Array = jax.Array
 
+#: How tokens-choose routing scores experts: softmax over experts, or DeepSeek-V3's sigmoids.
+SCORINGS = ("softmax", "sigmoid")
+
 __all__ = [
-    "ExpertsChooseRouting", "RouterStats", "Routing", "TokensChooseRouting", "assign_slots",
-    "compute_capacity", "experts_choose_route", "load_balancing_loss", "router_logits",
-    "router_stats", "router_z_loss", "token_priority", "tokens_choose_route",
+    "ExpertsChooseRouting", "RouterStats", "Routing", "SCORINGS", "TokensChooseRouting",
+    "assign_slots", "compute_capacity", "experts_choose_route", "load_balancing_loss",
+    "router_logits", "router_stats", "router_z_loss", "token_priority", "tokens_choose_route",
 ]
 
 
@@ -216,21 +219,43 @@ def assign_slots(expert_GSK: Array, num_experts: int, capacity: int,
 
 
 def tokens_choose_route(logits_GSE: Array, *, num_selected: int, capacity: int,
-                        renormalize: bool = False, batch_prioritized: bool = False
-                        ) -> TokensChooseRouting:
+                        renormalize: bool = False, batch_prioritized: bool = False,
+                        scoring: str = "softmax", score_bias_E: Array | None = None,
+                        num_expert_groups: int = 1, topk_groups: int = 1,
+                        gate_scale: float = 1.0) -> TokensChooseRouting:
   """Top-k tokens-choose routing with capacity (see module docstring for order).
 
   ``renormalize`` divides the k gates by their sum (Mixtral / ST-MoE top-2);
   without it the gates are the raw softmax probabilities (Switch). With k=1,
   renormalising makes every gate 1 and cuts the router's gradient through the
   output -- keep it off for top-1.
+
+  ``scoring="sigmoid"`` is DeepSeek-V3's router
+  (:func:`~moe_jax.nn.router.group_limited_top_k_gates`): independent sigmoid
+  scores, the experts chosen by ``scores + score_bias_E`` within the
+  ``topk_groups`` best of ``num_expert_groups`` groups, gates the unbiased
+  scores (renormalised with ``renormalize``) times ``gate_scale``. Its
+  ``probs_GSE`` (for the losses and metrics) are the scores normalised over
+  the experts, as DeepSeek-V3's sequence-wise balance loss defines them.
   """
   logits_GSE = logits_GSE.astype(jnp.float32)
   e = logits_GSE.shape[-1]
   if not 1 <= num_selected <= e:
     raise ValueError(f"tokens_choose_route: num_selected={num_selected} must be in [1, E={e}]")
-  probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
-  gate_GSK, expert_GSK = top_k_gates(probs_GSE, num_selected, renormalize=renormalize)
+  if scoring == "softmax":
+    if score_bias_E is not None or num_expert_groups != 1 or gate_scale != 1.0:
+      raise ValueError("tokens_choose_route: score_bias_E, num_expert_groups and gate_scale "
+                       "belong to scoring='sigmoid'")
+    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+    gate_GSK, expert_GSK = top_k_gates(probs_GSE, num_selected, renormalize=renormalize)
+  elif scoring == "sigmoid":
+    scores_GSE = jax.nn.sigmoid(logits_GSE)
+    gate_GSK, expert_GSK = group_limited_top_k_gates(
+        scores_GSE, num_selected, bias_E=score_bias_E, num_groups=num_expert_groups,
+        topk_groups=topk_groups, renormalize=renormalize, scaling=gate_scale)
+    probs_GSE = scores_GSE / jnp.sum(scores_GSE, axis=-1, keepdims=True)
+  else:
+    raise ValueError(f"tokens_choose_route: scoring {scoring!r} unknown; known: {SCORINGS}")
   order_GS = token_priority(probs_GSE, batch_prioritized)
   position_GSK, token_GEC = assign_slots(expert_GSK, e, capacity, order_GS)
   weight_GSK = jnp.where(position_GSK < capacity, gate_GSK, 0.0)

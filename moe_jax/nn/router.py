@@ -87,6 +87,48 @@ def top_k_weights(probs_SE: Array, k: int, *, renormalize: bool = False
   return jnp.sum(gate_SK[..., None] * onehot_SKE, axis=-2), expert_SK
 
 
+def group_limited_top_k_gates(scores_SE: Array, k: int, *, bias_E: Array | None = None,
+                              num_groups: int = 1, topk_groups: int = 1,
+                              renormalize: bool = False, scaling: float = 1.0
+                              ) -> tuple[Array, Array]:
+  """``(gate_SK, expert_SK)`` of DeepSeek-V3's router from its (sigmoid) scores.
+
+  The *choice* uses ``scores + bias`` (the auxiliary-loss-free balancing
+  bias, ``e_score_correction_bias``); the *gates* are the unbiased scores of
+  the chosen experts, so the bias steers load without entering the output.
+  Group-limited: the E experts form ``num_groups`` contiguous groups, each
+  scored by the sum of its two best biased scores; only the ``topk_groups``
+  best groups compete for the k experts (device-limited routing). Then
+  ``renormalize`` divides the k gates by their sum (``norm_topk_prob``;
+  ``1e-20`` guards a zero sum) and ``scaling`` multiplies them
+  (``routed_scaling_factor``). Experts come best first by biased score; ties
+  go to the lower index (groups and experts alike).
+  """
+  scores_SE = scores_SE.astype(jnp.float32)
+  e = scores_SE.shape[-1]
+  if e % num_groups or not 1 <= topk_groups <= num_groups:
+    raise ValueError(f"group_limited_top_k_gates: {e} experts in num_groups={num_groups} "
+                     f"groups, topk_groups={topk_groups}: groups must divide E and "
+                     "1 <= topk_groups <= num_groups")
+  if not 1 <= k <= e // num_groups * topk_groups:
+    raise ValueError(f"group_limited_top_k_gates: top-{k} of the {e // num_groups * topk_groups} "
+                     "experts of the kept groups")
+  choice_SE = scores_SE if bias_E is None else scores_SE + jnp.asarray(bias_E, jnp.float32)
+  if num_groups > 1:
+    per = e // num_groups
+    grouped = choice_SE.reshape(*choice_SE.shape[:-1], num_groups, per)
+    group_score = jnp.sum(jax.lax.top_k(grouped, min(2, per))[0], axis=-1)
+    _, kept = jax.lax.top_k(group_score, topk_groups)
+    keep_SG = jnp.sum(jax.nn.one_hot(kept, num_groups, dtype=jnp.int32), axis=-2) > 0
+    keep_SE = jnp.repeat(keep_SG, per, axis=-1)
+    choice_SE = jnp.where(keep_SE, choice_SE, -jnp.inf)
+  _, expert_SK = jax.lax.top_k(choice_SE, k)
+  gate_SK = jnp.take_along_axis(scores_SE, expert_SK, axis=-1)
+  if renormalize:
+    gate_SK = gate_SK / (jnp.sum(gate_SK, axis=-1, keepdims=True) + 1e-20)
+  return gate_SK * scaling, expert_SK.astype(jnp.int32)
+
+
 # ----------------------------------------------------------------------------- losses
 
 

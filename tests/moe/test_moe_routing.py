@@ -144,3 +144,27 @@ def test_router_stats_experts_choose():
   s = R.router_stats(logits, r)
   np.testing.assert_allclose(s.dropped_token_fraction, 0.5)
   np.testing.assert_allclose(s.load_balancing_loss, 0.0)
+
+
+def test_sigmoid_scoring_routes_by_biased_groups_and_gates_with_scores():
+  from moe_jax.nn.router import group_limited_top_k_gates
+  logits = jax.random.normal(jax.random.key(0), (2, 6, 8)) * 2
+  bias = jax.random.normal(jax.random.key(1), (8,)) * 0.3
+  kw = dict(num_selected=2, renormalize=True, scoring="sigmoid", score_bias_E=bias,
+            num_expert_groups=4, topk_groups=2, gate_scale=2.5)
+  r = R.tokens_choose_route(logits, capacity=6, **kw)  # C = S: dropless
+  gate, expert = group_limited_top_k_gates(jax.nn.sigmoid(logits), 2, bias_E=bias,
+                                           num_groups=4, topk_groups=2, renormalize=True,
+                                           scaling=2.5)
+  np.testing.assert_array_equal(r.expert_GSK, expert)
+  np.testing.assert_allclose(r.weight_GSK, gate, rtol=1e-6)
+  np.testing.assert_allclose(r.weight_GSK.sum(-1), 2.5, rtol=1e-5)
+  np.testing.assert_allclose(r.probs_GSE.sum(-1), 1.0, rtol=1e-5)  # normalised for the losses
+  R.router_stats(logits, r)  # losses and metrics are defined
+  tight = R.tokens_choose_route(logits, capacity=1, **kw)
+  assert bool(jnp.any(~tight.kept_GSK))
+  assert float(jnp.where(tight.kept_GSK, 0, tight.weight_GSK).max()) == 0  # dropped: weight 0
+  with pytest.raises(ValueError, match="belong to scoring='sigmoid'"):
+    R.tokens_choose_route(logits, num_selected=2, capacity=6, score_bias_E=bias)
+  with pytest.raises(ValueError, match="scoring 'tanh' unknown"):
+    R.tokens_choose_route(logits, num_selected=2, capacity=6, scoring="tanh")

@@ -106,3 +106,46 @@ def test_every_router_uses_the_shared_math():
   assert layer.total_aux_loss is routers.total_aux_loss is R.total_aux_loss
   assert routing.load_balancing_loss is R.load_balancing_loss
   assert routing.router_z_loss is R.router_z_loss
+
+
+def test_group_limited_top_k_matches_deepseek_v3_router():
+  """DeepSeek-V3's sigmoid router (bias for the choice only, group-limited top-k, renormalised
+  and scaled gates) against transformers' own DeepseekV3TopkRouter."""
+  import pytest
+  torch = pytest.importorskip("torch")
+  dsv3 = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+  from transformers import DeepseekV3Config
+  for norm, groups, topk_groups, k in ((True, 4, 2, 2), (False, 4, 1, 2), (True, 1, 1, 3)):
+    cfg = DeepseekV3Config(hidden_size=16, n_routed_experts=8, num_experts_per_tok=k,
+                           n_group=groups, topk_group=topk_groups, norm_topk_prob=norm,
+                           routed_scaling_factor=2.5)
+    torch.manual_seed(0)
+    router = dsv3.DeepseekV3TopkRouter(cfg)
+    with torch.no_grad():
+      router.weight.normal_(0, 1.0)
+      router.e_score_correction_bias.normal_(0, 0.5)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+      logits, w_ref, idx_ref = router(x)
+    gate, expert = R.group_limited_top_k_gates(
+        jax.nn.sigmoid(jnp.asarray(logits.numpy())), k,
+        bias_E=jnp.asarray(router.e_score_correction_bias.numpy()), num_groups=groups,
+        topk_groups=topk_groups, renormalize=norm, scaling=2.5)
+    # transformers returns its top-k unsorted: compare as sets of (expert, weight)
+    for s in range(10):
+      want = dict(zip(idx_ref[s].tolist(), w_ref[s].tolist()))
+      got = dict(zip(np.asarray(expert[s]).tolist(), np.asarray(gate[s]).tolist()))
+      assert set(got) == set(want)
+      np.testing.assert_allclose([got[e] for e in want], list(want.values()), rtol=1e-5)
+
+
+def test_group_limited_top_k_keeps_to_the_best_groups_and_ignores_bias_in_gates():
+  scores = jnp.asarray([[0.9, 0.1, 0.8, 0.7, 0.2, 0.3]])  # 3 groups of 2: sums 1.0, 1.5, 0.5
+  gate, expert = R.group_limited_top_k_gates(scores, 2, num_groups=3, topk_groups=1)
+  assert np.asarray(expert).tolist() == [[2, 3]]  # expert 0 (0.9) is outside the best group
+  bias = jnp.asarray([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])  # lifts group 2 (0.5 + 1 = 1.5; tie -> 1)
+  gate, expert = R.group_limited_top_k_gates(scores, 1, bias_E=bias, renormalize=True)
+  assert np.asarray(expert).tolist() == [[5]]
+  np.testing.assert_allclose(gate, [[1.0]])  # renormalised unbiased score 0.3 / 0.3
+  with np.testing.assert_raises(ValueError):
+    R.group_limited_top_k_gates(scores, 2, num_groups=4)
