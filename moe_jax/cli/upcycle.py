@@ -27,6 +27,16 @@ a tokenizer.json) or token-id lists. ``--export_mixtral DIR`` also writes a
 Hugging Face MixtralForCausalLM checkpoint (sparse / BTX with standard
 attention only; BAM's attention experts have no Mixtral equivalent).
 
+``--target qwen2_moe`` / ``qwen3_moe`` picks another transformers architecture
+for ``--export_hf DIR`` (Qwen2-MoE: with a sigmoid-gated shared expert made
+from the dense FFN; Qwen3-MoE: from a Qwen3 backbone); ``--shared_expert``
+adds a shared expert without a target (``--no_shared_expert_gate``:
+DeepSeek-style, ungated), ``--shared_expert_scale`` is mergekit-moe's
+``residual_scale`` (see :mod:`moe_jax.upcycle.targets`)::
+
+    python -m moe_jax.upcycle --method sparse --num_experts 8 --target qwen2_moe \
+        --checkpoints /ckpt/llama --out /ckpt/llama_moe8 --export_hf /ckpt/llama_qwen2moe
+
 The output directory layout is described in :mod:`moe_jax.upcycle.io`.
 """
 
@@ -74,6 +84,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", default=None, help="parameter dtype: float32, bfloat16, float16")
   p.add_argument("--seed", type=int, default=0, help="routers and noise")
   p.add_argument("--export_mixtral", metavar="DIR", help="also write an HF Mixtral checkpoint")
+  p.add_argument("--target", choices=("mixtral", "qwen2_moe", "qwen3_moe"), default=None,
+                 help="transformers architecture of --export_hf (default: Mixtral)")
+  p.add_argument("--export_hf", metavar="DIR",
+                 help="also write an HF checkpoint of the --target architecture")
+  p.add_argument("--shared_expert", action="store_true",
+                 help="add a shared expert from the dense FFN (implied by --target qwen2_moe)")
+  p.add_argument("--no_shared_expert_gate", action="store_true",
+                 help="shared expert without Qwen2-MoE's sigmoid gate (DeepSeek-style)")
+  p.add_argument("--shared_expert_scale", type=float, default=None,
+                 help="scale of the shared expert's down-projection (mergekit's residual_scale; "
+                      "default: half the FFN shared, half routed)")
   p.add_argument("--safetensors", action="store_true",
                  help="also write params.safetensors (native copy) beside the orbax checkpoint")
   return p.parse_args(argv)
@@ -105,15 +126,32 @@ def _method_options(args) -> dict:
   return {k: v for k, v in given.items() if v is not None}
 
 
+def _target_options(args) -> dict:
+  """Shared expert and export architecture (checked by the registry before any surgery)."""
+  target = args.target
+  if args.export_mixtral:
+    if target not in (None, "mixtral"):
+      raise CheckpointError(f"--export_mixtral writes Mixtral, not --target {target}; use "
+                            "--export_hf")
+    target = "mixtral"
+  return dict(target=target, shared_expert=args.shared_expert or None,
+              shared_expert_gate=not args.no_shared_expert_gate,
+              shared_expert_scale=args.shared_expert_scale)
+
+
 def build(args) -> tuple:
   """``(config, params, loaded inputs)`` for parsed arguments."""
   from moe_jax.upcycle import methods
   from moe_jax.upcycle.io import load_dense
 
   dirs, options = args.checkpoints, _method_options(args)
+  targets = _target_options(args)
   try:  # before loading anything
-    methods.check(args.method, len(dirs), num_experts=args.num_experts, options=options,
-                  owner=PROG)
+    method = methods.check(args.method, len(dirs), num_experts=args.num_experts,
+                           options=options, owner=PROG)
+    methods.check_target(targets["target"], targets["shared_expert"], label=method.label,
+                         name=method.name, attention_experts=method.attention_experts,
+                         owner=PROG)
     for flag in ("top_k", "attention_top_k"):  # explicit numbers are taken literally
       value = getattr(args, flag)
       if value is not None and value < 1:
@@ -126,7 +164,7 @@ def build(args) -> tuple:
       num_experts=args.num_experts, top_k=args.top_k,
       capacity_factor=_capacity_factor(args.capacity_factor),
       renormalize=not args.no_renormalize, moe_layout=_layout(args.moe_layout), seed=args.seed,
-      names=dirs, owner=PROG, **options)
+      names=dirs, owner=PROG, **targets, **options)
   if args.router_init == "prompts":
     out = _prompt_routers(args, loaded, out, config.moe.num_experts)
   elif args.prompts:
@@ -159,7 +197,8 @@ def main(argv=None) -> int:
       shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
   try:
     config, params, loaded = build(args)
-    if args.export_mixtral:  # refuse before writing anything
+    export = args.export_hf or args.export_mixtral
+    if export:  # refuse before writing anything
       from moe_jax.checkpoints.hf import converter_for_config
       converter_for_config(config).config_to_hf(config)
     out = write_upcycled(
@@ -167,9 +206,9 @@ def main(argv=None) -> int:
         tokenizer_dir=args.tokenizer or loaded[0].tokenizer_dir,
         provenance={"method": args.method, "inputs": [m.source for m in loaded],
                     "args": vars(args)})
-    if args.export_mixtral:
+    if export:
       from moe_jax.checkpoints import export_hf
-      export_hf(args.export_mixtral, config, params,
+      export_hf(export, config, params,
                 tokenizer_dir=args.tokenizer or loaded[0].tokenizer_dir)
   except (CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -180,6 +219,7 @@ def main(argv=None) -> int:
         f"  generate: python -m moe_jax.generate --checkpoint {out} --prompt_ids \"1 2 3\"\n"
         f"  train:    python -m moe_jax.train --gin_file={Path(out) / 'finetune.gin'} "
         f"--model_dir={Path(out) / 'train'}"
-        + (f"\n  mixtral:  {args.export_mixtral}" if args.export_mixtral else ""))
+        + (f"\n  mixtral:  {args.export_mixtral}" if args.export_mixtral else "")
+        + (f"\n  hf:       {args.export_hf}" if args.export_hf else ""))
   return 0
 

@@ -122,3 +122,58 @@ def test_what_a_target_cannot_express_is_refused():
   with pytest.raises(ValueError, match=r"shared_expert_scale must be in \[0, 2\]"):
     methods.upcycle("sparse", [cfg], [dense], num_experts=2, target="qwen2_moe",
                     shared_expert_scale=3.0)
+
+
+def test_cli_target_qwen2_moe_and_bam_refusal(tmp_path, tokens):
+  """``python -m moe_jax.upcycle --target qwen2_moe --export_hf DIR`` as users run it."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  cfg = make_config(hf_model_type="llama")
+  dense = make_params(cfg)
+  export_hf(tmp_path / "llama", cfg, dense)
+  par = make_config(parallel_block=True, num_layers=1)
+  from moe_jax.checkpoints import save_model
+  branches = [save_model(tmp_path / f"b{i}", par, make_params(par, seed=i)) for i in range(2)]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", "moe_jax.upcycle", *map(str, args)],
+                          cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+  out = run("--method", "sparse", "--num_experts", "4", "--target", "qwen2_moe",
+            "--checkpoints", tmp_path / "llama", "--out", tmp_path / "moe",
+            "--export_hf", tmp_path / "hf")
+  assert out.returncode == 0, out.stderr[-3000:]
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "hf", attn_implementation="eager").eval()
+  assert type(model).__name__ == "Qwen2MoeForCausalLM"
+  base = logits_of(Decoder(config=cfg), dense, tokens)
+  assert np.abs(_hf_logits(model, *tokens) - base).max() <= 1e-4  # function-preserving
+  out = run("--method", "bam", "--checkpoints", *branches, "--out", tmp_path / "bam",
+            "--target", "qwen2_moe", "--export_hf", tmp_path / "bam_hf")
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert ("BAM (method 'bam') cannot be written as Qwen2MoeForCausalLM: its attention experts"
+          in out.stderr), out.stderr
+  assert not (tmp_path / "bam").exists() and not (tmp_path / "bam_hf").exists()
+
+
+def test_api_upcycle_model_target(tmp_path):
+  import moe_jax as mj
+  from moe_jax.checkpoints.hf import LoadedModel
+
+  cfg = make_config(qk_norm=True, hf_model_type="qwen3")
+  dense = LoadedModel(config=cfg, module=Decoder(config=cfg), params=make_params(cfg),
+                      source="qwen3")
+  moe = mj.upcycle_model(dense, num_experts=2, target="qwen3_moe")
+  mj.export_hf(moe, tmp_path / "q3")
+  assert load_hf(tmp_path / "q3").config.hf_model_type == "qwen3_moe"
+  par = make_config(parallel_block=True, num_layers=1)
+  branch = LoadedModel(config=par, module=Decoder(config=par), params=make_params(par),
+                       source="b")
+  with pytest.raises(ValueError, match=r"upcycle_model: BAM \(method 'bam'\) cannot be written "
+                     r"as Qwen3MoeForCausalLM"):
+    mj.upcycle_model([branch, branch], method="bam", target="qwen3_moe")
