@@ -114,11 +114,8 @@ def upcycle_model(models: LoadedModel | Sequence[LoadedModel], *, method: str = 
     moe_layout: ``"every"``, ``"every_other"`` or layer indices.
     seed: router initialisation (and ``noise_std`` noise for ``sparse``).
     **options: method options (``noise_std`` for sparse; ``shared_kv``,
-      ``attention_top_k`` for bam), and for sparse / BTX the HF architecture
-      :func:`export_hf` writes, ``target="mixtral" | "qwen2_moe" | "qwen3_moe"``,
-      and a shared expert from the dense FFN (``shared_expert``,
-      ``shared_expert_scale``, ``shared_expert_gate``; implied by ``qwen2_moe``);
-      see :mod:`moe_jax.upcycle.targets`. BAM has no HF architecture (an error).
+      ``attention_top_k`` for bam; ``target``, ``shared_expert...`` for sparse /
+      BTX: the HF export architecture and a shared expert, :mod:`moe_jax.upcycle.targets`).
   """
   from moe_jax.models import registry
   from moe_jax.upcycle import methods
@@ -565,9 +562,7 @@ def export_hf(model: LoadedModel, path: str | os.PathLike, **options: Any) -> Pa
   (IA)^3 and LoRA adapters are folded into the base weights
   (:func:`moe_jax.peft.merge_and_export_hf`); MoV / MoLoRA mixtures cannot be
   folded (the merge depends on each token) and raise ``ValueError``: use
-  :func:`save`. Sparse / BTX upcycled models export as ``MixtralForCausalLM``, or
-  as the ``target`` they were upcycled for (``Qwen2MoeForCausalLM``,
-  ``Qwen3MoeForCausalLM``); imported Qwen-MoE / OLMoE models as themselves.
+  :func:`save`. Sparse / BTX upcycled models export as Mixtral or their ``target``.
 
   Args:
     model: the model.
