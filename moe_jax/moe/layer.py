@@ -8,6 +8,7 @@ module only creates parameters and calls the pure functions of
 ``routing``, ``dispatch`` and ``parallel``::
 
     router/kernel        [D, E]     ("embed", "unmodeled")   float32 math
+    score_bias           [E]        ("unmodeled",)  DeepSeek-V3's correction bias (not trained)
     experts/wi_0/kernel  [E, D, F]  ("expert", "embed", "mlp")
     experts/wi_1/kernel  [E, D, F]  ("expert", "embed", "mlp")
     experts/wo/kernel    [E, F, D]  ("expert", "mlp", "embed")
@@ -63,8 +64,8 @@ from moe_jax.moe.dispatch import DISPATCH_METHODS, moe_apply
 from moe_jax.moe.experts import RAGGED_KERNELS, RoutedExperts, resolve_ragged_kernel
 from moe_jax.moe.parallel import expert_parallel_apply, plan_from_context, route_local
 from moe_jax.moe.ragged_parallel import EXCHANGES, resolve_exchange
-from moe_jax.moe.routing import (compute_capacity, experts_choose_route, router_stats,
-                                 tokens_choose_route)
+from moe_jax.moe.routing import (SCORINGS, compute_capacity, experts_choose_route,
+                                 router_stats, tokens_choose_route)
 from moe_jax.nn.attention_kernels import target_platform
 from moe_jax.nn.linear import Linear
 from moe_jax.nn.mlp import Mlp
@@ -95,7 +96,23 @@ class MoeConfig:
       dropless (C = S). The ``"ragged"`` dispatch is always dropless.
     min_capacity: floor on C (small groups, decoding).
     renormalize: divide the top-k gates by their sum (Mixtral; HF's
-      ``norm_topk_prob`` of Qwen-MoE / OLMoE). Off for top-1.
+      ``norm_topk_prob`` of Qwen-MoE / OLMoE / DeepSeek-V3). Off for top-1.
+    scoring: how tokens-choose scores experts: ``"softmax"`` over experts, or
+      ``"sigmoid"`` (DeepSeek-V3: independent sigmoid scores, the gates the
+      chosen experts' scores; :func:`~moe_jax.nn.router.group_limited_top_k_gates`).
+    score_bias: sigmoid scoring chooses experts by ``score + b`` with a
+      per-expert ``score_bias [E]`` (DeepSeek-V3's ``e_score_correction_bias``,
+      its auxiliary-loss-free load balancing). It changes which experts are
+      picked, never a gate, so it has no gradient: DeepSeek adjusts it by a
+      rule outside the optimizer, which this library does not implement (it
+      is read from and written to checkpoints and stays fixed; the layer
+      stops its gradient).
+    num_expert_groups, topk_groups: sigmoid scoring: the experts form
+      ``num_expert_groups`` contiguous groups and only the ``topk_groups`` best
+      (by the sum of their two best biased scores) are eligible (HF
+      ``n_group`` / ``topk_group``).
+    routed_scaling_factor: multiplies the routed experts' gates (after
+      ``renormalize``; DeepSeek-V3's 2.5). Sigmoid scoring only.
     jitter_noise: Switch multiplicative router-input noise amplitude; only
       used when a ``"jitter"`` rng is supplied.
     batch_prioritized: BPR -- confident tokens claim slots first.
@@ -138,6 +155,11 @@ class MoeConfig:
   capacity_factor: float | None = 1.25
   min_capacity: int = 4
   renormalize: bool = False
+  scoring: str = "softmax"
+  score_bias: bool = False
+  num_expert_groups: int = 1
+  topk_groups: int = 1
+  routed_scaling_factor: float = 1.0
   jitter_noise: float = 0.0
   batch_prioritized: bool = False
   dispatch: str = "sorted"
@@ -161,6 +183,7 @@ class MoeConfig:
     if self.router == "tokens_choose" and not 1 <= self.num_selected <= self.num_experts:
       raise ValueError(f"MoeConfig.num_selected={self.num_selected} must be in "
                        f"[1, num_experts={self.num_experts}]")
+    self._check_scoring()
     if self.dispatch not in DISPATCH_METHODS:
       raise ValueError(f"MoeConfig.dispatch {self.dispatch!r} unknown; known: "
                        f"{DISPATCH_METHODS}")
@@ -192,6 +215,25 @@ class MoeConfig:
     if self.shared_expert_gate and self.shared_hidden_dim is None:
       raise ValueError("MoeConfig.shared_expert_gate needs a shared expert (shared_expert_dim "
                        "and num_shared_experts >= 1)")
+
+  def _check_scoring(self) -> None:
+    if self.scoring not in SCORINGS:
+      raise ValueError(f"MoeConfig.scoring {self.scoring!r} unknown; known: {SCORINGS}")
+    if self.scoring == "softmax":
+      for name, default in (("score_bias", False), ("num_expert_groups", 1), ("topk_groups", 1),
+                            ("routed_scaling_factor", 1.0)):
+        if getattr(self, name) != default:
+          raise ValueError(f"MoeConfig.{name}={getattr(self, name)!r} needs scoring='sigmoid'")
+      return
+    if self.router != "tokens_choose":
+      raise ValueError("MoeConfig.scoring='sigmoid' needs router='tokens_choose'")
+    g, tg = self.num_expert_groups, self.topk_groups
+    if g < 1 or self.num_experts % g or not 1 <= tg <= g:
+      raise ValueError(f"MoeConfig: num_expert_groups={g} must divide num_experts="
+                       f"{self.num_experts} and topk_groups={tg} be in [1, {g}]")
+    if self.num_selected > self.num_experts // g * tg:
+      raise ValueError(f"MoeConfig.num_selected={self.num_selected} exceeds the "
+                       f"{self.num_experts // g * tg} experts of topk_groups={tg} groups")
 
   @property
   def shared_hidden_dim(self) -> int | None:
@@ -258,7 +300,8 @@ class MoeLayer(nn.Module):
       cap = compute_capacity(s, c.num_experts, num_selected=c.num_selected,
                              capacity_factor=cf, min_capacity=c.min_capacity)
       route = functools.partial(tokens_choose_route, num_selected=c.num_selected, capacity=cap,
-                                renormalize=c.renormalize, batch_prioritized=c.batch_prioritized)
+                                renormalize=c.renormalize, batch_prioritized=c.batch_prioritized,
+                                **self._scoring_options())
     plan = plan_from_context() if c.expert_parallel else None
     if plan is not None and not plan.is_trivial:
       routing = route_local(route, logits_GSE, plan)
@@ -277,6 +320,19 @@ class MoeLayer(nn.Module):
     if c.shared_hidden_dim is not None:
       y = y + self._shared_experts(x)
     return y
+
+  def _scoring_options(self) -> dict[str, Any]:
+    """Keywords of the sigmoid (DeepSeek-V3) router; creates ``score_bias`` when configured."""
+    c = self.config
+    if c.scoring == "softmax":
+      return {}
+    bias_E = None
+    if c.score_bias:
+      bias_E = jax.lax.stop_gradient(self.param(
+          "score_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("unmodeled",)),
+          (c.num_experts,), jnp.float32))
+    return dict(scoring=c.scoring, score_bias_E=bias_E, num_expert_groups=c.num_expert_groups,
+                topk_groups=c.topk_groups, gate_scale=c.routed_scaling_factor)
 
   def _shared_experts(self, x: Array) -> Array:
     """The always-on experts' output, gated by ``sigmoid(x · w)`` when configured."""

@@ -157,3 +157,57 @@ def test_groups_and_dtypes(init_params):
 def test_config_errors(kw, match):
   with pytest.raises(ValueError, match=match):
     MoeConfig(**kw)
+
+
+def _deepseek_layer_and_hf(dispatch="sorted"):
+  torch = pytest.importorskip("torch")
+  dsv3 = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+  from transformers import DeepseekV3Config
+  cfg = DeepseekV3Config(hidden_size=D, moe_intermediate_size=F, n_routed_experts=8,
+                         num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=2,
+                         norm_topk_prob=True, routed_scaling_factor=2.5)
+  torch.manual_seed(0)
+  hf = dsv3.DeepseekV3MoE(cfg).eval()
+  with torch.no_grad():
+    for p in hf.parameters():
+      p.normal_(0, 0.5)
+    hf.gate.e_score_correction_bias.normal_(0, 0.3)
+  moe = MoeConfig(num_experts=8, num_selected=2, renormalize=True, scoring="sigmoid",
+                  score_bias=True, num_expert_groups=4, topk_groups=2, routed_scaling_factor=2.5,
+                  shared_expert_dim=F, num_shared_experts=2, capacity_factor=None,
+                  dispatch=dispatch)
+  t = lambda a: np.asarray(a.detach().numpy())  # noqa: E731
+  gu, down = t(hf.experts.gate_up_proj), t(hf.experts.down_proj)
+  params = {"router": {"kernel": t(hf.gate.weight).T},
+            "score_bias": t(hf.gate.e_score_correction_bias),
+            "experts": {"wi_0": {"kernel": gu[:, :F].transpose(0, 2, 1)},
+                        "wi_1": {"kernel": gu[:, F:].transpose(0, 2, 1)},
+                        "wo": {"kernel": down.transpose(0, 2, 1)}},
+            "shared_expert": {n: {"kernel": t(getattr(hf.shared_experts, hn).weight).T}
+                              for n, hn in (("wi_0", "gate_proj"), ("wi_1", "up_proj"),
+                                            ("wo", "down_proj"))}}
+  return MoeLayer(config=moe, hidden_dim=F), params, hf, torch
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "ragged"])
+def test_sigmoid_router_with_shared_experts_matches_deepseek_v3(dispatch):
+  layer, params, hf, torch = _deepseek_layer_and_hf(dispatch)
+  x = _x(3)
+  v = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+  assert jax.tree.map(jnp.shape, nn.unbox(v)) == jax.tree.map(jnp.shape, params)
+  y = layer.apply({"params": params}, x, mutable=COLLECTIONS)[0]
+  with torch.no_grad():
+    want = hf(torch.tensor(np.asarray(x))).numpy()
+  np.testing.assert_allclose(np.asarray(y), want, atol=1e-5, rtol=1e-5)
+  grads = jax.grad(lambda p: layer.apply({"params": p}, x, mutable=COLLECTIONS)[0].sum())(params)
+  assert float(jnp.abs(grads["score_bias"]).max()) == 0.0  # the correction bias is not trained
+  assert float(jnp.abs(grads["router"]["kernel"]).max()) > 0.0
+
+
+def test_sigmoid_scoring_config_errors():
+  with pytest.raises(ValueError, match="needs scoring='sigmoid'"):
+    MoeConfig(num_experts=8, score_bias=True)
+  with pytest.raises(ValueError, match="num_expert_groups=3 must divide"):
+    MoeConfig(num_experts=8, scoring="sigmoid", num_expert_groups=3)
+  with pytest.raises(ValueError, match="exceeds the 2 experts"):
+    MoeConfig(num_experts=8, num_selected=3, scoring="sigmoid", num_expert_groups=4)

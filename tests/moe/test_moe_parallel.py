@@ -130,3 +130,16 @@ def test_missing_rule_raises(init_params):
   with jax.set_mesh(make_mesh({"expert": 8})), nn.logical_axis_rules(rules):
     with pytest.raises(ValueError, match="no rule for 'expert'"):
       jax.jit(layer.apply)(params, x)
+
+
+def test_sigmoid_router_expert_parallel_equals_single_device(init_params):
+  """DeepSeek-V3's router (its correction bias closed over by the local routing)."""
+  layer = _layer(scoring="sigmoid", score_bias=True, num_expert_groups=4, topk_groups=2,
+                 renormalize=True, routed_scaling_factor=2.5)
+  x, r, params = _setup(layer, init_params)
+  params["params"]["score_bias"] = jnp.linspace(-0.3, 0.3, E)
+  fn = _value_and_grad(layer)
+  (l0, (y0, _)), g0 = fn(params, x, r)
+  with jax.set_mesh(make_mesh({"data": 2, "expert": 4})), nn.logical_axis_rules(DEFAULT_RULES):
+    (l1, (y1, _)), g1 = _value_and_grad(layer)(params, x, r)
+  chex.assert_trees_all_close((y1, l1, g1), (y0, l0, g0), atol=1e-5, rtol=1e-5)
