@@ -44,8 +44,8 @@ Examples = Union[Sequence[Mapping[str, str]], Mapping[str, Sequence[Mapping[str,
 Data = Union[str, Examples]
 
 __all__ = ["Data", "LoadedModel", "TrainResult", "add_adapters", "encode_prompts", "evaluate",
-           "export_hf", "export_peft", "finetune", "load", "predict", "router_probabilities", "save",
-           "upcycle_model"]
+           "export_hf", "export_peft", "finetune", "load", "predict", "router_probabilities",
+           "save", "upcycle_model"]
 
 
 # ----------------------------------------------------------------------------- models

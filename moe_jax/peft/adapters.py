@@ -148,6 +148,24 @@ def lora_update(a: Array, b: Array, scaling: float) -> Array:
   return (ab * scaling).reshape(a.shape[:-1] + b.shape[1:])
 
 
+def expert_lora_update(a_EIR: Array, b_ERK: Array, scaling: float) -> Array:
+  """Per-expert ``scaling · A_e B_e``: ``[E, I, R] x [E, R, K] -> [E, I, K]`` (float32)."""
+  ab = jnp.einsum("eir,erk->eik", a_EIR.astype(jnp.float32), b_ERK.astype(jnp.float32),
+                  precision=jax.lax.Precision.HIGHEST)
+  return ab * scaling
+
+
+def expert_lora_kernel(kernel_EIK: Array, a_EIR: Array, b_ERK: Array, *, scaling: float
+                       ) -> Array:
+  """The stacked expert kernel with each expert's LoRA added (float32, see :class:`ExpertLora`)."""
+  return kernel_EIK.astype(jnp.float32) + expert_lora_update(a_EIR, b_ERK, scaling)
+
+
+def expert_scale_kernel(wo_EFD: Array, scale_EF: Array) -> Array:
+  """``wo`` with row ``f`` of expert ``e`` times ``s[e, f]``: each expert's hidden scaled."""
+  return wo_EFD.astype(jnp.float32) * scale_EF.astype(jnp.float32)[..., None]
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -239,6 +257,61 @@ class LoraAdapter(nn.Module):
 
 
 
+class ExpertLora(nn.Module):
+  """One LoRA per routed expert on a stacked kernel ``[E, I, K]``; returns the adapted kernel.
+
+  ``lora_a [E, I, R]`` and ``lora_b [E, R, K]`` carry the kernel's logical
+  axes (``expert`` first), so expert parallelism shards them with the
+  kernel. Adapting the kernel, not the activations, keeps every dispatch
+  path as it is; the price is one ``E·I·K`` float32 update per step (the
+  size of the kernel, ``R/K`` of its matmul FLOPs per token group), which
+  is also why the result is float32: a small update added in bfloat16 would
+  round away against the weights (the dispatch casts to its compute dtype).
+
+  Attributes:
+    peft: rank and alpha.
+    axes: the kernel's logical axes ``(expert, in, out)``.
+    param_dtype: storage dtype (keep float32, see the module docstring).
+  """
+
+  peft: PeftConfig
+  axes: Sequence[str]
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, kernel_EIK: Array) -> Array:
+    e, i, k = kernel_EIK.shape
+    r = self.peft.rank
+    expert, a_in, a_out = self.axes
+    a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=1,
+                                              out_axis=2, batch_axis=(0,))
+    a = self.param("lora_a", nn.with_logical_partitioning(
+        a_init, (expert, a_in, ADAPTER_RANK_AXIS)), (e, i, r), jnp.dtype(self.param_dtype))
+    b = self.param("lora_b", nn.with_logical_partitioning(
+        nn.initializers.zeros, (expert, ADAPTER_RANK_AXIS, a_out)), (e, r, k),
+        jnp.dtype(self.param_dtype))
+    return expert_lora_kernel(kernel_EIK, a, b, scaling=self.peft.scaling)
+
+
+class ExpertScale(nn.Module):
+  """One (IA)^3 vector per routed expert, ``scale [E, F]``, folded into ``wo [E, F, D]``.
+
+  Scaling row ``f`` of expert ``e``'s ``wo`` is scaling its hidden ``h[..., f]``
+  before ``wo``: (IA)^3's FFN site, per expert, on every dispatch path.
+  Returns float32 (see :class:`ExpertLora`).
+  """
+
+  axes: Sequence[str]
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, wo_EFD: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                             tuple(self.axes[:2])),
+                       wo_EFD.shape[:2], jnp.dtype(self.param_dtype))
+    return expert_scale_kernel(wo_EFD, scale)
+
+
 # ----------------------------------------------------------------------------- adapter families
 
 
@@ -268,10 +341,14 @@ class AdapterFamily:
     apply: ``(adapter, x, y, route_x, valid) -> y'``: the projection's output
       ``y`` (from input ``x``) adapted; ``route_x`` and ``valid`` are the
       router's input and the real-token mask (mixtures only).
+    expert: ``(peft, kernel_axes, parent) -> module``: the per-expert adapter
+      of a stacked expert kernel (``module(kernel) -> adapted kernel``); see
+      :class:`ExpertLora`, :class:`ExpertScale`.
   """
 
   build: Callable[[PeftConfig, Projection, Any], nn.Module]
   apply: Callable[..., Array]
+  expert: Callable[[PeftConfig, tuple[str, ...], Any], nn.Module] | None = None
 
 
 def _apply_scale(adapter: nn.Module, x: Array, y: Array, route_x: Array | None,
@@ -291,10 +368,12 @@ ADAPTERS: dict[str, AdapterFamily] = {
     "scale": AdapterFamily(
         build=lambda peft, proj, parent: ScaleAdapter(peft=peft, axes=proj.out_axes,
                                                       parent=parent),
-        apply=_apply_scale),
+        apply=_apply_scale,
+        expert=lambda peft, axes, parent: ExpertScale(axes=axes, parent=parent)),
     "lora": AdapterFamily(
         build=lambda peft, proj, parent: LoraAdapter(
             peft=peft, in_axes=proj.in_axes, out_features=proj.out_features,
             out_axes=proj.out_axes, dtype=proj.dtype, parent=parent),
-        apply=_apply_lora),
+        apply=_apply_lora,
+        expert=lambda peft, axes, parent: ExpertLora(peft=peft, axes=axes, parent=parent)),
 }

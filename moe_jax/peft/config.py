@@ -24,9 +24,20 @@ FFN input projection (``wi``, or ``wi_0`` and ``wi_1``) and ``ffn_out`` the
 output projection ``wo`` (LoRA sites only). Scaling sites ``q``/``k``/``v``
 scale the projection output before RoPE, so they fold exactly into the
 kernels. The defaults are the (IA)^3 paper's and Hugging Face ``peft``'s.
-The routed experts of an MoE FFN are not a site (their E FFNs already are the
-experts); a dense FFN beside them (a shared expert, the dense layers of an
-``every_other`` layout) is.
+The ``ffn`` sites adapt dense FFNs (a shared expert and the dense layers of
+an ``every_other`` layout included), not the routed experts of an MoE FFN.
+
+The ``expert_*`` sites adapt the routed experts' stacked kernels, one adapter
+*per expert*: ``expert_ffn`` scales each expert's hidden (``scale [E, F]``,
+(IA)^3 / MoV), ``expert_in`` / ``expert_out`` add a per-expert LoRA to the
+input kernels (``wi`` or ``wi_0`` and ``wi_1``) / the output kernel ``wo``
+(``lora_a [E, D, R]``, ``lora_b [E, R, F]``). They adapt the kernels
+themselves (``W_e + (alpha / R) A_e B_e``, ``wo_e`` rows times ``s_e``), so
+every dispatch path (padded, sorted, ragged, expert parallel) runs them
+unchanged. The MoE router already picks an expert, hence its adapter, per
+token, so a mixture method (``mov`` / ``molora``) on these sites must have
+``num_experts=1`` (a second router inside each expert would need the
+token's merge weights inside every dispatch path).
 
 Routers (mixtures only) are described in :mod:`moe_jax.peft.routers`.
 """
@@ -37,8 +48,9 @@ import dataclasses
 from typing import Any, Mapping
 
 ATTENTION_SITES = ("q", "k", "v", "o")
-SCALE_SITES = ("q", "k", "v", "ffn")
-LORA_SITES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
+SCALE_SITES = ("q", "k", "v", "ffn", "expert_ffn")
+LORA_SITES = ("q", "k", "v", "o", "ffn_in", "ffn_out", "expert_in", "expert_out")
+EXPERT_SITES = ("expert_ffn", "expert_in", "expert_out")
 ROUTERS = ("token", "sentence")
 
 
@@ -76,8 +88,8 @@ def register_method(method: Method) -> Method:
                      f"{_REGISTRY[method.name]}")
   unknown = [s for s in method.sites if s not in LORA_SITES + SCALE_SITES]
   if unknown or not set(method.default_sites) <= set(method.sites):
-    raise ValueError(f"{method}: sites must be among {LORA_SITES + ('ffn',)} and include the "
-                     "default sites")
+    known = tuple(dict.fromkeys(LORA_SITES + SCALE_SITES))
+    raise ValueError(f"{method}: sites must be among {known} and include the default sites")
   _REGISTRY[method.name] = method
   return method
 
@@ -160,6 +172,11 @@ class PeftConfig:
     object.__setattr__(self, "sites", tuple(s for s in allowed if s in sites))
     if self.num_experts < 1:
       raise ValueError(f"PeftConfig.num_experts must be >= 1, got {self.num_experts}")
+    experts = [s for s in self.sites if s in EXPERT_SITES]
+    if experts and self.num_experts > 1:
+      raise ValueError(f"PeftConfig.sites {experts}: the routed experts get one adapter each, "
+                       f"picked by the MoE router, so a mixture of {self.num_experts} adapters "
+                       "cannot sit there; use num_experts=1 (or lora / ia3)")
     mixtures = tuple(name for name, m in _REGISTRY.items() if m.mixture)
     if not spec.mixture and self.num_experts != 1:
       raise ValueError(f"PeftConfig.num_experts={self.num_experts} needs a mixture method "

@@ -10,6 +10,8 @@ transformers loads with no ``peft`` installed:
   ``kernel[..., K, Dh] *= s`` (and the bias);
 * (IA)^3 on ``ffn`` scales the hidden before ``wo``: ``wo.kernel[F, :] *= s``;
 * LoRA adds ``(alpha / R) · A B`` to the kernel.
+* per-expert adapters (``expert_*`` sites) fold expert by expert into the
+  stacked kernels: ``wo[e, f, :] *= s[e, f]``, ``W_e += (alpha / R) · A_e B_e``.
 
 A kernel with a leading expert axis (BAM's attention experts) gets the same
 update in every expert, as the adapted model computes it.
@@ -43,7 +45,7 @@ from moe_jax.checkpoints.hf_common import CheckpointError
 from moe_jax.checkpoints.io import (atomic_directory, open_safetensors, read_json, write_json,
                                     write_safetensors)
 from moe_jax.checkpoints.native import flatten, unflatten
-from moe_jax.peft.adapters import lora_update
+from moe_jax.peft.adapters import expert_lora_update, lora_update
 from moe_jax.peft.config import ADAPTER_PREFIX, PeftConfig
 from moe_jax.peft.layers import adapt
 from moe_jax.peft.params import check_tree, merge_params, param_shapes, split_params
@@ -83,8 +85,8 @@ def _fold_node(node: Mapping, peft: PeftConfig, where: str) -> dict:
     adapter = _single(adapter, site, where)
     if "scale" in adapter:
       s = np.asarray(adapter["scale"], np.float32)
-      if site == "hidden":
-        target, col = "wo", s[:, None]
+      if site == "hidden":  # dense wo [F, D] or routed experts' wo [E, F, D]
+        target, col = "wo", s[..., None]
       else:
         target, col = site, s
       layer = dict(out[target])
@@ -97,8 +99,11 @@ def _fold_node(node: Mapping, peft: PeftConfig, where: str) -> dict:
     elif "lora_a" in adapter:
       layer = dict(out[site])
       kernel = np.asarray(layer["kernel"])
-      update = np.asarray(lora_update(jnp.asarray(adapter["lora_a"]),
-                                      jnp.asarray(adapter["lora_b"]), peft.scaling))
+      a, b = jnp.asarray(adapter["lora_a"]), jnp.asarray(adapter["lora_b"])
+      if a.ndim == b.ndim == kernel.ndim == 3 and a.shape[0] == b.shape[0] == kernel.shape[0]:
+        update = np.asarray(expert_lora_update(a, b, peft.scaling))  # one LoRA per expert
+      else:
+        update = np.asarray(lora_update(a, b, peft.scaling))
       # A kernel may carry a leading expert axis (a BAM attention expert): one adapter
       # serves every expert, so its update adds to each.
       if kernel.shape[kernel.ndim - update.ndim:] != update.shape or kernel.ndim > update.ndim + 1:

@@ -125,17 +125,6 @@ def _targets(node: Mapping, peft: PeftConfig, where: str, out: list) -> list:
 # ----------------------------------------------------------------------------- module names
 
 
-def _leaf_paths(tree: Mapping, prefix: str = "") -> dict[str, tuple[int, ...]]:
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      out.update(_leaf_paths(value, name))
-    else:
-      out[name] = tuple(np.shape(value))
-  return out
-
-
 def _probe_tree(shapes: Mapping, prefix: str, markers: Mapping[str, int]) -> dict:
   out = {}
   for key, value in shapes.items():

@@ -39,8 +39,14 @@ stream: its mask is treated as the queries' own causal mask. An FFN nested
 in another module (an MoE layer's shared expert) uses the nearest enclosing
 block's record.
 
-**What is not a site.** The routed experts of an MoE FFN (stacked kernels,
-no projection calls) and the fused output projection of a mixture of
+**Routed experts** (:class:`~moe_jax.moe.experts.RoutedExperts`, kind
+``"experts"``) make no projection calls: they hand their stacked kernels to
+the dispatch. Their kernel holders' calls (``wi_0``/``wi_1``/``wi``/``wo``)
+are intercepted instead and return the kernels adapted per expert
+(``expert_*`` sites, :class:`~moe_jax.peft.adapters.ExpertLora`), so every
+dispatch path computes the adapted experts.
+
+**What is not a site.** The fused output projection of a mixture of
 attention (``o`` is combined with the expert weights in one contraction;
 asking for ``o`` there raises). A BAM attention expert's ``q``/``k``/``v``
 carry an expert axis ``[B, L, E, ...]``; one adapter serves every expert.
@@ -60,6 +66,7 @@ import jax.numpy as jnp
 
 from moe_jax.models import registry
 from moe_jax.moe.attention_mixture import AttentionMixture
+from moe_jax.moe.experts import RoutedExperts
 from moe_jax.nn.attention import Attention
 from moe_jax.nn.attention_kernels import as_dense_mask
 from moe_jax.nn.mlp import Mlp
@@ -79,7 +86,8 @@ class Site:
   """Where a site's adapters sit.
 
   Attributes:
-    sublayer: the kind of sublayer (``"attention"`` or ``"ffn"``).
+    sublayer: the kind of sublayer (``"attention"``, ``"ffn"`` or ``"experts"``:
+      the stacked kernels of routed experts, adapted per expert).
     projections: names of the sublayer's projection children it adapts.
     on: ``"output"`` (the projection's output is adapted) or ``"input"``
       (its input is: the FFN hidden, before ``wo``).
@@ -104,6 +112,11 @@ SITES: dict[str, Site] = {
     "ffn": Site(sublayer="ffn", projections=("wo",), on="input", adapter_name="hidden"),
     "ffn_in": Site(sublayer="ffn", projections=("wi", "wi_0", "wi_1")),
     "ffn_out": Site(sublayer="ffn", projections=("wo",)),
+    # routed experts: the stacked kernels themselves are adapted, one adapter per expert
+    "expert_ffn": Site(sublayer="experts", projections=("wo",), on="input",
+                       adapter_name="hidden"),
+    "expert_in": Site(sublayer="experts", projections=("wi", "wi_0", "wi_1")),
+    "expert_out": Site(sublayer="experts", projections=("wo",)),
 }
 
 
@@ -135,6 +148,7 @@ def register_sublayer(cls: type, kind: str, unsupported: tuple[str, ...] = ()) -
 register_sublayer(Attention, "attention")
 register_sublayer(AttentionMixture, "attention", unsupported=("o",))
 register_sublayer(Mlp, "ffn")
+register_sublayer(RoutedExperts, "experts")
 
 
 def _sublayer(module: Any) -> _Sublayer | None:
@@ -198,6 +212,8 @@ class _Interceptor:
     parent = module.parent
     parent_sub = _sublayer(parent)
     if parent_sub is not None and (parent_sub.kind, module.name) in self.sites:
+      if parent_sub.kind == "experts":
+        return self._expert_kernel_call(module, parent, next_fun(*args, **kwargs))
       return self._projection_call(parent_sub.kind, module, parent, next_fun, args, kwargs)
     try:
       return next_fun(*args, **kwargs)
@@ -213,6 +229,8 @@ class _Interceptor:
       raise ValueError(f"{module.name}: {type(module).__name__} has no separate "
                        f"{SITES[asked[0]].projections} projection to adapt (site {asked[0]!r}); "
                        "choose PeftConfig.sites without it")
+    if sub.kind == "experts":  # kernel holders: no tokens, no routing context
+      return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["x_BLD"]
     if sub.kind == "attention":
       ctx = self._attention_context(path, x, kwargs)
@@ -280,6 +298,15 @@ class _Interceptor:
       if SITES[name].on == "output":
         y = self._adapt(name, module, parent, proj, x, y, ctx)
     return y
+
+  def _expert_kernel_call(self, module, parent, kernel: Array) -> Array:
+    """A routed experts' stacked kernel, adapted per expert (input scaling, then LoRA)."""
+    names = self.sites[("experts", module.name)]
+    for name in sorted(names, key=lambda n: SITES[n].on != "input"):
+      spec = SITES[name]
+      scope = parent.scope.push(ADAPTER_PREFIX + (spec.adapter_name or module.name), reuse=True)
+      kernel = self.family.expert(self.peft, tuple(module.axes), scope)(kernel)
+    return kernel
 
   def _adapt(self, site: str, module, parent, proj: Projection, x: Array, y: Array,
              ctx: RouteContext | None) -> Array:

@@ -154,8 +154,9 @@ def _check_sites(adapted: nn.Module, adapter_shapes: Mapping) -> None:
     if not {spec.adapter_name or p for p in spec.projections} & found:
       raise ValueError(
           f"init_adapter_params: site {site!r} of {peft.method} matches no module of "
-          f"{type(adapted).__name__} (the routed experts of an MoE FFN and the output "
-          "projection of a mixture of attention take no adapters); remove it from "
+          f"{type(adapted).__name__} (the ffn sites adapt dense FFNs and the expert_* sites "
+          "routed experts; the output projection of a mixture of attention takes no "
+          "adapters); remove it from "
           f"PeftConfig.sites (adapted here: {sorted(found)})")
 
 
