@@ -266,7 +266,8 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
              keep_checkpoints: int | None = 3, resume: bool = True, log_every: int = 1,
              seed: int = 0, mesh: Any = None, num_microbatches: int = 1,
              frozen_param_dtype: str | None = None, pack: bool = True, vocabulary: Any = None,
-             progress_bar: bool = False, echo: bool = False) -> TrainResult:
+             progress_bar: bool = False, echo: bool = False, tensorboard: bool = True,
+             wandb_project: str | None = None) -> TrainResult:
   """Trains ``model`` for ``steps`` steps with :func:`moe_jax.train.run.train`.
 
   That is the function ``python -m moe_jax.train`` runs: with the same
@@ -315,6 +316,10 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
     vocabulary: the seqio vocabulary of in-memory examples (default the
       model's tokenizer, or bytes).
     progress_bar, echo: tqdm bar and printed log lines.
+    tensorboard: with ``model_dir``: TensorBoard event files in its
+      ``train/`` and ``eval/`` (``TrainerConfig.tensorboard``).
+    wandb_project: also log to this Weights & Biases project (needs
+      ``pip install wandb``; ``TrainerConfig.wandb_project``).
   """
   from moe_jax.checkpoints.orbax import CheckpointConfig
   from moe_jax.train import run
@@ -330,7 +335,8 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
                                   weight_decay=weight_decay, clip_grad_norm=clip_grad_norm),
       trainer=TrainerConfig(num_train_steps=steps, log_every=log_every, seed=seed, eval_steps=None,
                             progress_bar=progress_bar, num_microbatches=num_microbatches,
-                            frozen_param_dtype=frozen_param_dtype),
+                            frozen_param_dtype=frozen_param_dtype, tensorboard=tensorboard,
+                            wandb_project=wandb_project),
       partitioner=_partitioner_config(mesh), metrics_writer=writer,
       checkpoint=CheckpointConfig(save_every=checkpoint_every, keep=keep_checkpoints,
                                   restore=resume),
@@ -584,26 +590,13 @@ def export_hf(model: LoadedModel, path: str | os.PathLike, **options: Any) -> Pa
   return export(path, model.config, model.params, **options)
 
 
-def export_peft(model: LoadedModel, path: str | os.PathLike, *,
-                base_model_name_or_path: str | None = None, dtype: str = "float32") -> Path:
-  """Writes an adapted model's adapters as a Hugging Face ``peft`` adapter directory.
-
-  ``peft.PeftModel.from_pretrained`` loads it onto the base that
-  :func:`export_hf` writes for the unadapted model, and vLLM's multi-LoRA
-  server reads it (:func:`moe_jax.peft.export_peft`: LoRA, (IA)^3 and
-  single-expert MoV / MoLoRA; larger mixtures raise ``ValueError``: use :func:`save`).
-
-  Args:
-    model: an adapted model (:func:`add_adapters`).
-    path: target directory.
-    base_model_name_or_path: recorded in ``adapter_config.json``.
-    dtype: tensor dtype in the file.
-  """
+def export_peft(model: LoadedModel, path: str | os.PathLike, **options: Any) -> Path:
+  """Writes an adapted model's adapters as a Hugging Face ``peft`` directory (what
+  ``PeftModel.from_pretrained`` and vLLM load onto the base :func:`export_hf` writes);
+  ``options`` of :func:`moe_jax.peft.export_peft`. Larger mixtures raise: use :func:`save`."""
   from moe_jax import peft
 
   cfg = peft.peft_config_of(model.module)
   if cfg is None:
-    raise ValueError("export_peft: the model has no adapters (add_adapters first); export the "
-                     "model itself with export_hf")
-  return peft.export_peft(path, model.config, model.params, cfg,
-                          base_model_name_or_path=base_model_name_or_path, dtype=dtype)
+    raise ValueError("export_peft: the model has no adapters (add_adapters first)")
+  return peft.export_peft(path, model.config, model.params, cfg, **options)

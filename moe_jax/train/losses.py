@@ -32,13 +32,24 @@ trainer applies the model with ``mutable=list(MUTABLE_COLLECTIONS)``:
   every leaf of a collection whose *name* contains ``"metrics"`` (e.g. the
   MoE layer's ``"moe_metrics"``), is logged as a metric: leaves with the same
   name (last path component) are averaged across layers. Only scalars are
-  logged; vector leaves (e.g. per-expert usage) are skipped.
+  averaged; vector leaves (e.g. per-expert usage) are skipped.
+* besides, every leaf of ``"moe_metrics"`` (the routers') is logged per layer
+  by :func:`collect_layer_metrics` as ``router/{path}/{name}``, the path with
+  ``layer_{i}`` for the layer, e.g. ``router/layer_3/mlp/load_balancing_loss``
+  and the vector ``router/layer_3/mlp/expert_usage`` (a histogram in
+  TensorBoard).
 * anything else sown into ``"intermediates"`` (hidden states) is dropped.
+
+A scanned stack (``scan_layers``) sows one leaf per block of its period with a
+leading axis over the scan steps (:mod:`moe_jax.models.stack`); both
+collectors split that axis back into layers (layer ``i`` is ``block_{i % P}``
+at index ``i // P``), so scanned and unrolled stacks log the same metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import jax
@@ -161,6 +172,48 @@ def collect_aux_losses(state: Mapping[str, Any]) -> tuple[Array, dict[str, Array
   return total_aux_loss(state), by_name
 
 
+_UNROLLED = re.compile(r"^layers_(\d+)$")
+_BLOCK = re.compile(r"^block_(\d+)$")
+_SCANNED = "layers"  # the nn.scan of stack.make_blocks
+
+
+def _scan_period(params: Any, tree: Any, prefix: list[str]) -> int:
+  """P of the scanned stack at ``prefix``: its ``block_{j}`` count in ``params``, else in ``tree``."""
+  for root in (params, tree):
+    node = root
+    for name in prefix:
+      node = node.get(name) if isinstance(node, Mapping) else None
+    if isinstance(node, Mapping):
+      blocks = [int(m.group(1)) for k in node if (m := _BLOCK.match(str(k)))]
+      if root is params or blocks:
+        return max(blocks) + 1 if blocks else 1
+  return 1
+
+
+def _layer_leaves(tree: Any, params: Any = None) -> list[tuple[tuple[str, ...], Array]]:
+  """``[(path, value)]`` of a collection's leaves, one per layer and call.
+
+  Unrolled ``layers_{i}`` become ``layer_{i}``; a scanned stack's leaf
+  (``layers[/block_j]/...`` with a leading axis N/P) is split into its
+  layers ``layer_{k·P + j}``. ``params`` (the model's, same paths) gives P.
+  """
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [(f"layer_{m.group(1)}" if (m := _UNROLLED.match(n)) else n)
+             for n in _path_names(path)]
+    if _SCANNED not in names[:-1]:
+      out.append((tuple(names), leaf))
+      continue
+    s = names.index(_SCANNED)
+    m = _BLOCK.match(names[s + 1]) if s + 2 < len(names) else None
+    j, rest = (int(m.group(1)), names[s + 2:]) if m else (0, names[s + 1:])
+    period = _scan_period(params, tree, names[:s + 1])
+    leaf = jnp.asarray(leaf)
+    for k in range(leaf.shape[0] if leaf.ndim else 0):
+      out.append((tuple(names[:s]) + (f"layer_{k * period + j}",) + tuple(rest), leaf[k]))
+  return out
+
+
 def collect_metrics(state: Mapping[str, Any]) -> dict[str, Array]:
   """``{name: mean over leaves}`` of the scalar metrics sown by the model."""
   sums: dict[str, list[Array]] = {}
@@ -170,8 +223,7 @@ def collect_metrics(state: Mapping[str, Any]) -> dict[str, Array]:
     whole = "metrics" in collection
     if not whole and collection != "intermediates":
       continue
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      names = _path_names(path)
+    for names, leaf in _layer_leaves(tree):
       if not whole and not any("metrics" in n for n in names):
         continue
       if jnp.ndim(leaf) != 0:
@@ -179,3 +231,16 @@ def collect_metrics(state: Mapping[str, Any]) -> dict[str, Array]:
       sums.setdefault(names[-1] if names else collection, []).append(
           jnp.asarray(leaf, jnp.float32))
   return {name: sum(vals) / len(vals) for name, vals in sums.items()}
+
+
+def collect_layer_metrics(state: Mapping[str, Any], params: Any = None) -> dict[str, Array]:
+  """``{"router/{path}/{name}": value}``: each router metric per layer (see the module docstring).
+
+  Scalars and vectors (per-expert usage) alike; a leaf sown by several calls
+  is averaged. ``params`` (the applied parameters) tells a scanned stack's
+  period; without them it is read from the sown tree.
+  """
+  groups: dict[str, list[Array]] = {}
+  for names, leaf in _layer_leaves(state.get(METRICS_COLLECTION, {}), params):
+    groups.setdefault("/".join(("router",) + names), []).append(jnp.asarray(leaf, jnp.float32))
+  return {k: sum(v) / len(v) for k, v in groups.items()}

@@ -26,6 +26,8 @@ mesh                   ``PartitionerConfig`` (data parallel)         ``mesh``
 FSDP (ZeRO-3)          ``PartitionerConfig.fsdp`` (False)            ``mesh={"fsdp": True}``
 grad accumulation      ``TrainerConfig.num_microbatches`` (1)        ``num_microbatches``
 frozen params dtype    ``TrainerConfig.frozen_param_dtype`` (None)   ``frozen_param_dtype``
+TensorBoard events     ``TrainerConfig.tensorboard`` (True)          ``tensorboard``
+Weights & Biases       ``TrainerConfig.wandb_project`` (None)        ``wandb_project``
 remat / scan layers    model config ``remat_policy``, ``scan_layers``  (the model's config)
 =====================  ============================================  =====================
 
@@ -42,6 +44,7 @@ moe_jax.train`` run the very same steps (``tests/train/test_run.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -54,10 +57,11 @@ from moe_jax.checkpoints import assignment, orbax
 from moe_jax.checkpoints.hf_common import CheckpointError
 from moe_jax.checkpoints.lock import model_dir_lock
 from moe_jax.train.evaluation import InferEvalConfig, make_eval_fn
+from moe_jax.train.metric_writers import MetricWriter, make_metric_writer
 from moe_jax.train.optimizers import OptimizerConfig, make_optimizer
 from moe_jax.train.partitioner import Partitioner, PartitionerConfig
-from moe_jax.train.trainer import (DatasetConfig, MetricsWriter, Trainer, TrainerConfig,
-                                   TrainState, make_data_iterator)
+from moe_jax.train.trainer import (DatasetConfig, Trainer, TrainerConfig, TrainState,
+                                   make_data_iterator)
 from moe_jax.train.wrappers import BaseModel, model_from_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -80,7 +84,7 @@ def check_vocabulary(model: BaseModel, dataset: DatasetConfig) -> None:
 def build_trainer(model: BaseModel, *, trainer: TrainerConfig,
                   optimizer: OptimizerConfig | None = None,
                   partitioner: PartitionerConfig | Partitioner | None = None,
-                  trainable: Any = None, metrics_writer: MetricsWriter | None = None,
+                  trainable: Any = None, metrics_writer: MetricWriter | None = None,
                   eval_only: bool = False) -> Trainer:
   """The :class:`~moe_jax.train.trainer.Trainer` of a run.
 
@@ -145,7 +149,7 @@ def train(*, model: BaseModel, train_dataset: DatasetConfig, trainer: TrainerCon
           checkpoint: orbax.CheckpointConfig | None = None,
           eval_dataset: DatasetConfig | None = None, infer_eval: InferEvalConfig | None = None,
           init_from: Any = None, params: Any = None, trainable: Any = None,
-          metrics_writer: MetricsWriter | None = None,
+          metrics_writer: MetricWriter | None = None,
           operative_config: str | None = None) -> TrainState:
   """Trains ``model`` on ``train_dataset``; resumes from ``model_dir`` if it has checkpoints.
 
@@ -160,8 +164,9 @@ def train(*, model: BaseModel, train_dataset: DatasetConfig, trainer: TrainerCon
     model: a model wrapper (:mod:`moe_jax.train.wrappers`).
     train_dataset: the training data.
     trainer: the loop's schedule (steps, log and eval periods, seed).
-    model_dir: checkpoints, ``model_config.json`` and ``metrics.jsonl`` go
-      there (``None``: nothing is written and nothing resumed).
+    model_dir: checkpoints, ``model_config.json``, ``metrics.jsonl`` and the
+      TensorBoard event files (``train/``, ``eval/``) go there (``None``:
+      nothing is written and nothing resumed).
     optimizer: default ``OptimizerConfig()`` (Adafactor).
     partitioner: a ``PartitionerConfig`` or a ``Partitioner``.
     checkpoint: when to save and whether to resume (default ``CheckpointConfig()``).
@@ -174,9 +179,12 @@ def train(*, model: BaseModel, train_dataset: DatasetConfig, trainer: TrainerCon
       excludes ``init_from``.
     trainable: trainable-parameter regexes, a bool pytree, or a callable
       ``params -> mask``; overrides ``optimizer.trainable_regexes``.
-    metrics_writer: default ``MetricsWriter(model_dir)`` (printed and
+    metrics_writer: default ``JsonlWriter(model_dir)`` (printed and
       appended to ``metrics.jsonl``; rows of steps after the resumed
-      checkpoint, left by a killed run, are dropped).
+      checkpoint, left by a killed run, are dropped). The rows also go to
+      TensorBoard (``trainer.tensorboard``) and W&B (``trainer.wandb_project``)
+      either way (:func:`~moe_jax.train.metric_writers.make_metric_writer`);
+      the writers are closed when training ends or fails.
     operative_config: gin's operative config, written to ``config.gin``
       (the CLI passes it).
 
@@ -187,12 +195,14 @@ def train(*, model: BaseModel, train_dataset: DatasetConfig, trainer: TrainerCon
     raise ValueError("train: give params or init_from, not both")
   check_vocabulary(model, train_dataset)
   model_dir = None if model_dir is None else Path(model_dir)
+  writer = make_metric_writer(model_dir, tensorboard=trainer.tensorboard,
+                              wandb_project=trainer.wandb_project, base=metrics_writer,
+                              wandb_config={"trainer": dataclasses.asdict(trainer)})
   with model_dir_lock(model_dir, "training"):
     if model_dir is not None:
       orbax.check_run_compatible(model_dir, model.config, operative_config)
     tr = build_trainer(model, trainer=trainer, optimizer=optimizer, partitioner=partitioner,
-                       trainable=trainable,
-                       metrics_writer=metrics_writer or MetricsWriter(model_dir))
+                       trainable=trainable, metrics_writer=writer)
     logger.info("%s", tr.partitioner)
     data = make_data_iterator(train_dataset, model)
     ckpt = None if model_dir is None else orbax.Checkpointer(
@@ -207,8 +217,11 @@ def train(*, model: BaseModel, train_dataset: DatasetConfig, trainer: TrainerCon
                              eval_steps=trainer.eval_steps)
       state = tr.train(state, data, checkpointer=ckpt, eval_fn=eval_fn)
     finally:
-      if ckpt is not None:
-        ckpt.close()
+      try:
+        if ckpt is not None:
+          ckpt.close()
+      finally:
+        writer.close()
   return state
 
 
@@ -248,8 +261,8 @@ def evaluate(*, checkpoint_path: str | Path | None = None, model: BaseModel | No
     model: the model wrapper; default built from the checkpoint's config.
     params: parameters to evaluate instead of a checkpoint's (then ``model``
       is required and ``checkpoint_path`` must be ``None``).
-    model_dir: where ``metrics.jsonl`` lines go; default ``checkpoint_path``
-      for a training directory, else nowhere.
+    model_dir: where ``metrics.jsonl`` lines and TensorBoard ``eval/`` events
+      go; default ``checkpoint_path`` for a training directory, else nowhere.
     eval_dataset: validation-loss data.
     infer_eval: inference metrics (the tasks' ``metric_fns``).
     partitioner: a ``PartitionerConfig`` (default data parallel over all
@@ -268,9 +281,10 @@ def evaluate(*, checkpoint_path: str | Path | None = None, model: BaseModel | No
     model = model_from_checkpoint(str(checkpoint_path))
   if model_dir is None and checkpoint_path is not None and orbax.is_training_dir(checkpoint_path):
     model_dir = checkpoint_path
-  tr = build_trainer(model, trainer=TrainerConfig(num_train_steps=0, progress_bar=False),
-                     partitioner=partitioner, eval_only=True,
-                     metrics_writer=MetricsWriter(model_dir, echo=echo))
+  config = TrainerConfig(num_train_steps=0, progress_bar=False)
+  writer = make_metric_writer(model_dir, tensorboard=config.tensorboard, echo=echo)
+  tr = build_trainer(model, trainer=config, partitioner=partitioner, eval_only=True,
+                     metrics_writer=writer)
   fn = make_eval_fn(tr, eval_dataset=eval_dataset, infer_eval=infer_eval, eval_steps=eval_steps)
   if fn is None:
     return {}
@@ -278,4 +292,7 @@ def evaluate(*, checkpoint_path: str | Path | None = None, model: BaseModel | No
     params, at = jax.device_put(params, tr.state_shardings.params), 0
   else:
     params, at = _restore_params(tr, checkpoint_path, step)
-  return fn(TrainState(step=np.int32(at), params=params, opt_state=None))
+  try:
+    return fn(TrainState(step=np.int32(at), params=params, opt_state=None))
+  finally:
+    writer.close()

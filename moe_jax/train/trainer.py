@@ -13,9 +13,13 @@
   device between log lines: metrics stay on device and are fetched every
   ``log_every`` steps (and before a checkpoint), so host-side input work
   overlaps the device's step. Each log line goes to stdout (with a tqdm
-  progress bar) and to ``model_dir/metrics.jsonl``: loss, cross-entropy,
-  z-loss, accuracy, auxiliary losses and model metrics (see :mod:`losses`),
-  gradient norm, learning rate, steps/s and target tokens/s.
+  progress bar) and to the run's metric writers (``model_dir/metrics.jsonl``,
+  TensorBoard, W&B: :mod:`metric_writers`): loss, cross-entropy, z-loss,
+  accuracy, auxiliary losses and model metrics (see :mod:`losses`), per-layer
+  router metrics (``router/...``), gradient norm, learning rate, steps/s,
+  seconds per step (``step_time``) and non-padding target tokens/s, all
+  averaged over the steps since the last line (the learning rate is the last
+  step's).
 * A non-finite loss (or gradient norm, or auxiliary loss) raises
   :class:`NonFiniteError` naming the first bad step and the values, *before*
   any checkpoint of the bad state is written: nothing good on disk is lost.
@@ -24,13 +28,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
-import os
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
@@ -41,12 +40,13 @@ import numpy as np
 import optax
 
 from moe_jax.train.wrappers import BaseModel
+# The JSON-lines writer kept its old names here (callers import them from this module).
+from moe_jax.train.metric_writers import METRICS_FILE, to_json as _to_json  # noqa: F401
+from moe_jax.train.metric_writers import JsonlWriter as MetricsWriter, MetricWriter
 from moe_jax.train.optimizers import Optimizer, masked_global_norm
 from moe_jax.train.partitioner import Partitioner
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @flax.struct.dataclass
@@ -87,6 +87,11 @@ class TrainerConfig:
       and no optimizer state, and trainable parameters (and their optimizer
       state) keep their own dtype. The backbone's weights are rounded once,
       as a bfloat16 checkpoint would be.
+    tensorboard: with a ``model_dir``, also write the metric rows as
+      TensorBoard event files in ``model_dir/train`` and ``model_dir/eval``
+      (:mod:`moe_jax.train.metric_writers`).
+    wandb_project: also log the rows to this Weights & Biases project
+      (``None``: off). Needs ``pip install wandb``; checked before training.
   """
 
   num_train_steps: int
@@ -98,6 +103,8 @@ class TrainerConfig:
   check_finite_every_step: bool = False
   num_microbatches: int = 1
   frozen_param_dtype: str | None = None
+  tensorboard: bool = True
+  wandb_project: str | None = None
 
   def __post_init__(self):
     if self.num_train_steps < 0:
@@ -182,70 +189,11 @@ def cast_frozen(params: Any, trainable_mask: Any, dtype: Any) -> Any:
   return jax.tree.map(cast, params, trainable_mask)
 
 
-class MetricsWriter:
-  """Appends JSON lines to ``model_dir/metrics.jsonl`` and prints them (process 0)."""
-
-  def __init__(self, model_dir: str | os.PathLike | None, *, echo: bool = True):
-    self.path = None if model_dir is None else Path(model_dir) / METRICS_FILE
-    self.echo = echo and jax.process_index() == 0
-    self.bar = None  # a tqdm bar to print through, while one is active
-
-  def drop_rows_after(self, step: int) -> None:
-    """Removes rows of steps after ``step`` (a resumed run re-runs them: one row per step).
-
-    The file is rewritten atomically; unparsable lines are kept.
-    """
-    if self.path is None or jax.process_index() != 0 or not self.path.exists():
-      return
-    from moe_jax.checkpoints.io import write_text_atomic
-
-    lines = self.path.read_text().splitlines(keepends=True)
-    keep = []
-    for line in lines:
-      try:
-        after = int(json.loads(line).get("step", 0)) > step
-      except (ValueError, TypeError, AttributeError):
-        after = False
-      if not after:
-        keep.append(line)
-    if len(keep) != len(lines):
-      write_text_atomic(self.path, "".join(keep))
-
-  def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> None:
-    row = {"step": int(step), "split": split,
-           **{k: _to_json(v) for k, v in sorted(metrics.items())}}
-    if self.path is not None and jax.process_index() == 0:
-      self.path.parent.mkdir(parents=True, exist_ok=True)
-      with open(self.path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    if self.echo:
-      text = f"[{split}] step {step}: " + " ".join(
-          f"{k}={_fmt(v)}" for k, v in sorted(metrics.items()))
-      if self.bar is not None:
-        self.bar.write(text, file=sys.stdout)
-      else:
-        print(text, flush=True)
-
-
-def _to_json(v):
-  if isinstance(v, (np.generic, np.ndarray)):
-    v = v.item() if np.ndim(v) == 0 else v.tolist()
-  if isinstance(v, float) and not math.isfinite(v):
-    return str(v)
-  return v
-
-
-def _fmt(v) -> str:
-  if isinstance(v, (float, np.floating)):
-    return f"{float(v):.4g}"
-  return str(v)
-
-
 class Trainer:
   """Sharded training of a model wrapper with an optimizer (see the module docstring)."""
 
   def __init__(self, *, model: BaseModel, optimizer: Optimizer | None, partitioner: Partitioner,
-               config: TrainerConfig, metrics_writer: MetricsWriter | None = None):
+               config: TrainerConfig, metrics_writer: MetricWriter | None = None):
     """``optimizer=None`` gives an evaluation-only trainer (``eval_step``, ``score_batch``)."""
     self.model = model
     self.optimizer = optimizer
@@ -507,11 +455,12 @@ class Trainer:
     n_steps = timer[1]
     timer[0], timer[1] = now, 0
     keys = set().union(*(m.keys() for m in host))
-    avg = {k: float(np.mean([m[k] for m in host if k in m])) for k in keys}
+    avg = {k: _mean([m[k] for m in host if k in m]) for k in keys}
     tokens = float(sum(m.get("num_tokens", 0.0) for m in host))
     avg.pop("num_tokens", None)
     avg["learning_rate"] = float(host[-1]["learning_rate"])
     avg["steps_per_sec"] = n_steps / elapsed
+    avg["step_time"] = elapsed / max(n_steps, 1)
     avg["tokens_per_sec"] = tokens / elapsed
     step = pending[-1][0]
     self.writer.write(step, "train", avg)
@@ -538,7 +487,13 @@ class Trainer:
         continue
       vals = np.array([m[k] for m in host], np.float64)
       out[k] = float(np.sum(vals * tokens) / max(tokens.sum(), 1.0)) if k == "accuracy" \
-          else float(np.mean(vals))
+          else _mean(vals)
     out["num_tokens"] = float(tokens.sum())
     out["num_batches"] = len(host)
     return out
+
+
+def _mean(values) -> Any:
+  """Mean over steps / batches: a float, or a float64 array for vector metrics (expert usage)."""
+  m = np.mean(np.asarray(values, np.float64), axis=0)
+  return float(m) if np.ndim(m) == 0 else m

@@ -137,6 +137,7 @@ class BaseModel(abc.ABC):
       metrics["aux_loss"] = aux_total
       metrics.update({f"aux_loss/{k}": v for k, v in aux_by_name.items()})
     metrics.update({f"model/{k}": v for k, v in losses_lib.collect_metrics(state).items()})
+    metrics.update(losses_lib.collect_layer_metrics(state, params))
     return loss, metrics
 
   def score_batch(self, params: Any, batch: Batch) -> Array:
