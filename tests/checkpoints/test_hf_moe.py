@@ -144,3 +144,20 @@ def test_unsupported_fields_are_named(tmp_path):
   with pytest.raises(CheckpointError, match="OlmoeForCausalLM: it has q/k norms per head"):
     export_hf(tmp_path / "x", qwen3.replace(hf_model_type="olmoe"), {})
   assert not (tmp_path / "x").exists()
+
+
+def test_fused_in_memory_layout_loads(checkpoint, tmp_path):
+  """transformers 5's in-memory names (experts.gate_up_proj / down_proj) load like the saved ones."""
+  import shutil
+
+  from safetensors.torch import save_file
+
+  variant, path, model = checkpoint
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+  (tmp_path / "fused").mkdir()
+  shutil.copy(path / "config.json", tmp_path / "fused" / "config.json")
+  save_file(state, str(tmp_path / "fused" / "model.safetensors"))
+  fused, saved = load_hf(tmp_path / "fused"), load_hf(path)
+  import jax
+  jax.tree.map(np.testing.assert_array_equal, fused.params, saved.params)
