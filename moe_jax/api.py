@@ -591,9 +591,7 @@ def export_hf(model: LoadedModel, path: str | os.PathLike, **options: Any) -> Pa
 
 
 def export_peft(model: LoadedModel, path: str | os.PathLike, **options: Any) -> Path:
-  """Writes an adapted model's adapters as a Hugging Face ``peft`` directory (what
-  ``PeftModel.from_pretrained`` and vLLM load onto the base :func:`export_hf` writes);
-  ``options`` of :func:`moe_jax.peft.export_peft`. Larger mixtures raise: use :func:`save`."""
+  """The adapters as a Hugging Face ``peft`` / vLLM directory (:func:`peft.export_peft`)."""
   from moe_jax import peft
 
   cfg = peft.peft_config_of(model.module)
