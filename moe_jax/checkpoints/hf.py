@@ -5,7 +5,8 @@ Supported architectures: ``LlamaForCausalLM``, ``MistralForCausalLM``,
 ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` (:mod:`hf_gemma`), ``Phi3ForCausalLM``
 (:mod:`hf_phi3`), ``MixtralForCausalLM`` (:mod:`hf_mixtral`),
 ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM``, ``OlmoeForCausalLM``
-(:mod:`hf_qwen_moe`) and ``T5ForConditionalGeneration`` (:mod:`hf_t5`). A dense
+(:mod:`hf_qwen_moe`), ``DeepseekV3ForCausalLM`` (:mod:`hf_deepseek`) and
+``T5ForConditionalGeneration`` (:mod:`hf_t5`). A dense
 decoder exports as the family :func:`~moe_jax.checkpoints.hf_llama.export_model_type`
 picks; an MoE decoder as its ``hf_model_type`` when that is one of the MoE
 families (an import, or an upcycling ``target``), else as Mixtral. float32, bfloat16 and
@@ -38,6 +39,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def converters() -> dict[str, Converter]:
   """model_type -> converter, for every supported HF architecture."""
+  from moe_jax.checkpoints.hf_deepseek import DeepseekConverter
   from moe_jax.checkpoints.hf_gemma import GemmaConverter
   from moe_jax.checkpoints.hf_llama import LlamaConverter
   from moe_jax.checkpoints.hf_mixtral import MixtralConverter
@@ -48,8 +50,8 @@ def converters() -> dict[str, Converter]:
   table: dict[str, Converter] = {}
   # Subclass configs first: converter_for_config takes the first isinstance match
   # (MoeDecoderConfig is a DecoderConfig); converter_for_config picks among the dense ones.
-  for conv in (MixtralConverter(), QwenMoeConverter(), LlamaConverter(), GemmaConverter(),
-               Phi3Converter(), T5Converter()):
+  for conv in (DeepseekConverter(), MixtralConverter(), QwenMoeConverter(), LlamaConverter(),
+               GemmaConverter(), Phi3Converter(), T5Converter()):
     for model_type in conv.model_types:
       table[model_type] = conv
   return table
@@ -180,9 +182,12 @@ def converter_for_config(config: Any) -> Converter:
   """The converter whose ``config_type`` ``config`` is an instance of; for the dense
   families, which share ``DecoderConfig``, the one of the family that expresses it."""
   from moe_jax.checkpoints.hf_llama import LlamaConverter, export_model_type
+  from moe_jax.models.deepseek import DeepseekConfig
   from moe_jax.models.moe_decoder import MoeDecoderConfig
 
   table = converters()
+  if isinstance(config, DeepseekConfig):  # latent attention: only DeepSeek-V3 expresses it
+    return table["deepseek_v3"]
   if isinstance(config, MoeDecoderConfig):  # its MoE family, else Mixtral (which says why not)
     return table[config.hf_model_type if config.hf_model_type in
                  ("qwen2_moe", "qwen3_moe", "olmoe") else "mixtral"]

@@ -29,10 +29,13 @@ _KINDS: dict[str, tuple[str, str]] = {
                     "moe_jax.models.moe_decoder:MoeDecoder"),
     "bam_decoder": ("moe_jax.models.bam_decoder:BamDecoderConfig",
                     "moe_jax.models.bam_decoder:BamDecoder"),
+    "deepseek_decoder": ("moe_jax.models.deepseek:DeepseekConfig",
+                         "moe_jax.models.deepseek:DeepseekDecoder"),
 }
 # How many ``[B, L]`` token arrays the module's ``__call__`` takes positionally
 # (1 for decoder-only, 2 for encoder-decoder); used to derive parameter shapes.
-_TOKEN_INPUTS: dict[str, int] = {"decoder": 1, "t5": 2, "moe_decoder": 1, "bam_decoder": 1}
+_TOKEN_INPUTS: dict[str, int] = {"decoder": 1, "t5": 2, "moe_decoder": 1, "bam_decoder": 1,
+                                 "deepseek_decoder": 1}
 #: kind -> {hook name: "pkg.mod:function"} (see the module docstring).
 _HOOKS: dict[str, dict[str, str]] = {}
 HOOKS = ("trainable_mask", "save")

@@ -1,0 +1,162 @@
+"""DeepSeek-V3 in and out: tiny random transformers checkpoints (latent attention with and
+without a q latent, dense first layer, group-limited sigmoid router with a non-zero correction
+bias, a shared expert); our logits and greedy tokens (KV-cached) match theirs, and our export
+reloads in transformers with the same logits."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from moe_jax import decoding  # noqa: E402
+from moe_jax.checkpoints import CheckpointError, export_hf, load_hf  # noqa: E402
+
+VOCAB = 67
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+              n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5,
+              kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16,
+              n_group=4, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
+              norm_topk_prob=True, max_position_embeddings=64, tie_word_embeddings=False,
+              rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+VARIANTS = {
+    "q_lora": dict(q_lora_rank=24),  # q_a -> norm -> q_b, interleaved RoPE
+    "q_direct": dict(q_lora_rank=None, rope_interleave=False, attention_bias=True),
+}
+
+
+def make_hf(path, variant):
+  torch.manual_seed(0)
+  cfg = transformers.DeepseekV3Config(**COMMON, **VARIANTS[variant])
+  cfg._attn_implementation = "eager"
+  model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("mlp.gate.weight"):
+        p.normal_(0, 1.0)  # confident routers: no near-ties that float rounding could flip
+      elif "norm" in name:
+        p.normal_(1.0, 0.2)  # exercise the norm mappings
+      elif name.endswith("bias"):
+        p.normal_(0, 0.5)
+    for layer in model.model.layers[1:]:  # the correction bias (a buffer): non-zero
+      layer.mlp.gate.e_score_correction_bias.normal_(0, 0.3)
+  model.save_pretrained(path, safe_serialization=True)
+  return model
+
+
+def hf_logits(model, ids, mask):
+  pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
+                position_ids=torch.tensor(pos, dtype=torch.long))
+  return out.logits.float().numpy()
+
+
+def batch(rng, b=3, length=10):
+  ids = rng.integers(3, VOCAB, size=(b, length))
+  mask = np.ones((b, length), np.int64)
+  mask[1, :3] = 0  # left padding
+  return np.where(mask == 1, ids, 0), mask
+
+
+def our_logits(loaded, ids, mask):
+  out, _ = loaded.module.apply({"params": loaded.params}, jnp.asarray(ids),
+                               valid_BL=jnp.asarray(mask, bool))
+  return np.asarray(out)
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def checkpoint(request, tmp_path_factory):
+  path = tmp_path_factory.mktemp(request.param)
+  return request.param, path, make_hf(path, request.param)
+
+
+def test_import_matches_transformers_and_export_reloads(checkpoint, tmp_path):
+  variant, path, model = checkpoint
+  loaded = load_hf(path)
+  c = loaded.config
+  m = c.moe
+  assert c.moe_layout == (1, 2) and m.capacity_factor is None and m.scoring == "sigmoid"
+  assert (m.num_expert_groups, m.topk_groups, m.routed_scaling_factor) == (4, 2, 2.5)
+  assert m.shared_hidden_dim == 32 and m.expert_dim == 32 and c.d_ff == 96
+  assert c.q_lora_rank == VARIANTS[variant]["q_lora_rank"]
+  assert np.abs(loaded.params["layers_1"]["mlp"]["score_bias"]).max() > 0
+  ids, mask = batch(np.random.default_rng(0))
+  valid = mask.astype(bool)
+  ours = our_logits(loaded, ids, mask)
+  diff = np.abs(ours[valid] - hf_logits(model, ids, mask)[valid]).max()
+  print(f"{variant}: import max |logit diff| {diff:.2e}")
+  assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
+
+  export_hf(tmp_path / "out", c, loaded.params)
+  written = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert written["architectures"] == ["DeepseekV3ForCausalLM"]
+  again = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "out", attn_implementation="eager").eval()
+  assert type(again).__name__ == "DeepseekV3ForCausalLM"
+  diff = np.abs(hf_logits(again, ids, mask)[valid] - ours[valid]).max()
+  print(f"{variant}: export max |logit diff| {diff:.2e}")
+  assert diff <= 1e-4, f"{variant}: exported, max |logit diff| {diff}"
+  back = load_hf(tmp_path / "out")
+  assert back.config == c
+
+
+def test_greedy_tokens_match_transformers(checkpoint):
+  variant, path, model = checkpoint
+  loaded = load_hf(path)
+  cache = loaded.module.init_cache(2, 16)
+  assert cache.layers[0].latent.shape == (2, 16, 16)  # the compressed cache: R + P per token
+  ids, mask = batch(np.random.default_rng(1), length=6)
+  with torch.no_grad():
+    ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0,
+                         min_new_tokens=0)
+  ref = ref[:, ids.shape[1]:].numpy()
+  out = decoding.generate(loaded.module, loaded.params, ids, prompt_valid_BP=mask,
+                          max_new_tokens=8, eos_id=2, pad_id=0)
+  ref = np.pad(ref, ((0, 0), (0, 8 - ref.shape[1])), constant_values=0)
+  np.testing.assert_array_equal(out.tokens_BN, ref, err_msg=variant)
+
+
+def test_fused_in_memory_layout_and_mtp_layers_load(checkpoint, tmp_path):
+  """transformers 5's in-memory names (experts.gate_up_proj / down_proj) load like the saved
+  ones; multi-token-prediction layers past num_hidden_layers are skipped."""
+  import shutil
+
+  from safetensors.torch import save_file
+
+  variant, path, model = checkpoint
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+  state["model.layers.3.eh_proj.weight"] = torch.zeros(4, 4)  # an MTP layer's tensor
+  (tmp_path / "fused").mkdir()
+  shutil.copy(path / "config.json", tmp_path / "fused" / "config.json")
+  save_file(state, str(tmp_path / "fused" / "model.safetensors"))
+  fused, saved = load_hf(tmp_path / "fused"), load_hf(path)
+  ids, mask = batch(np.random.default_rng(2))
+  np.testing.assert_array_equal(our_logits(fused, ids, mask), our_logits(saved, ids, mask))
+
+
+def test_unsupported_fields_are_named(tmp_path):
+  from moe_jax.checkpoints.hf_deepseek import DeepseekConverter
+
+  conv = DeepseekConverter()
+  base = {**COMMON, "model_type": "deepseek_v3", "q_lora_rank": 24}
+  yarn = {"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0, "mscale_all_dim": 1.0}
+  with pytest.raises(CheckpointError, match="rope_parameters.rope_type='yarn'"):
+    conv.config_from_hf({**base, "rope_parameters": yarn})
+  with pytest.raises(CheckpointError, match="quantization_config"):
+    conv.config_from_hf({**base, "quantization_config": {"quant_method": "fp8"}})
+  with pytest.raises(CheckpointError, match="num_key_value_heads=2"):
+    conv.config_from_hf({**base, "num_key_value_heads": 2})
+  c = conv.config_from_hf(base)
+  softmax = c.replace(moe=c.moe.replace(scoring="softmax", score_bias=False, num_expert_groups=1,
+                                        topk_groups=1, routed_scaling_factor=1.0))
+  with pytest.raises(CheckpointError, match="sigmoid scores"):
+    export_hf(tmp_path / "x", softmax, {})
+  assert not (tmp_path / "x").exists()
