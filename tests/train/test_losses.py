@@ -101,3 +101,31 @@ def test_model_loss_adds_aux_losses(numpy_params):
   np.testing.assert_allclose(m1["aux_loss/penalty"], 0.25)
   np.testing.assert_allclose(m1["model/metrics"], 2.0)
   assert "aux_loss" not in m0
+
+
+def test_router_metrics_per_layer_are_the_same_scanned_and_unrolled():
+  """A scanned stack's [N/P]-stacked leaves are split into the unrolled stack's layers."""
+  import dataclasses
+
+  from moe_jax.checkpoints import layout
+  from moe_jax.models.moe_decoder import MoeDecoderConfig
+  from moe_jax.moe.layer import MoeConfig
+  from moe_jax.train.wrappers import DecoderOnlyModel
+
+  config = MoeDecoderConfig(vocab_size=64, d_model=16, num_layers=4, num_heads=2, d_ff=32,
+                            moe=MoeConfig(num_experts=4, num_selected=2),
+                            moe_layout="every_other")
+  unrolled = DecoderOnlyModel(config)
+  scanned = DecoderOnlyModel(dataclasses.replace(config, scan_layers=True))
+  params = jax.jit(unrolled.init_params)(jax.random.key(0))
+  tokens = np.random.default_rng(0).integers(1, 64, (2, 8)).astype(np.int32)
+  batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens}
+  _, a = jax.jit(unrolled.loss_fn)(params, batch)
+  _, b = jax.jit(scanned.loss_fn)(layout.stack_layers(params, 2), batch)
+  per_layer = {k for k in a if k.startswith("router/")}
+  assert per_layer == {k for k in b if k.startswith("router/")}
+  assert {k.split("/")[1] for k in per_layer} == {"layer_1", "layer_3"}  # the MoE layers
+  assert np.shape(a["router/layer_3/mlp/expert_usage"]) == (4,)
+  for k in per_layer | {k for k in a if k.startswith("model/")}:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert not np.allclose(a["router/layer_1/mlp/expert_usage"], a["router/layer_3/mlp/expert_usage"])
