@@ -190,15 +190,19 @@ def _scan_period(params: Any, tree: Any, prefix: list[str]) -> int:
   return 1
 
 
-def _layer_leaves(tree: Any, params: Any = None) -> list[tuple[tuple[str, ...], Array]]:
+def _layer_leaves(tree: Any, params: Any = None, keep: Any = None
+                  ) -> list[tuple[tuple[str, ...], Array]]:
   """``[(path, value)]`` of a collection's leaves, one per layer and call.
 
   Unrolled ``layers_{i}`` become ``layer_{i}``; a scanned stack's leaf
   (``layers[/block_j]/...`` with a leading axis N/P) is split into its
-  layers ``layer_{k·P + j}``. ``params`` (the model's, same paths) gives P.
+  layers ``layer_{k·P + j}``. ``params`` (the model's, same paths) gives P;
+  ``keep(path names)`` selects leaves before any is split.
   """
   out = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if keep is not None and not keep(_path_names(path)):
+      continue
     names = [(f"layer_{m.group(1)}" if (m := _UNROLLED.match(n)) else n)
              for n in _path_names(path)]
     if _SCANNED not in names[:-1]:
@@ -223,9 +227,8 @@ def collect_metrics(state: Mapping[str, Any]) -> dict[str, Array]:
     whole = "metrics" in collection
     if not whole and collection != "intermediates":
       continue
-    for names, leaf in _layer_leaves(tree):
-      if not whole and not any("metrics" in n for n in names):
-        continue
+    keep = None if whole else (lambda names: any("metrics" in n for n in names))
+    for names, leaf in _layer_leaves(tree, keep=keep):
       if jnp.ndim(leaf) != 0:
         continue
       sums.setdefault(names[-1] if names else collection, []).append(
