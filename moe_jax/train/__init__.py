@@ -25,6 +25,8 @@ Modules (plain Python; gin names are registered in :mod:`moe_jax.cli.configurabl
   ``predict_batch``), ``model_from_checkpoint``.
 * :mod:`trainer` -- ``Trainer`` (sharded train step, loop, metrics, NaN stop),
   ``TrainerConfig``, ``DatasetConfig``.
+* :mod:`metric_writers` -- where metric rows go: ``metrics.jsonl``,
+  TensorBoard event files (``model_dir/train``, ``model_dir/eval``), W&B.
 * :mod:`evaluation` -- validation loss and the tasks' seqio metric functions
   (``InferEvalConfig``, ``make_eval_fn``).
 * :mod:`run` -- ``build_trainer``, ``train``, ``evaluate``: the one way every
