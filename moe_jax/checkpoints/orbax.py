@@ -7,7 +7,7 @@ Layout of a training ``model_dir``::
                                 readable without orbax (moe_jax.models.registry)
       config.gin                the operative gin config (written by the CLI)
       metrics.jsonl             one JSON object per log / eval line
-      train/ eval/              TensorBoard event files of the same rows (moe_jax.train.metric_writers)
+      train/ eval/              TensorBoard event files of those rows (train.metric_writers)
       checkpoints/<step>/
         params/                 orbax StandardSave of the (sharded) parameters
         opt_state/              orbax StandardSave of the optimizer state

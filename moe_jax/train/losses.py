@@ -178,7 +178,7 @@ _SCANNED = "layers"  # the nn.scan of stack.make_blocks
 
 
 def _scan_period(params: Any, tree: Any, prefix: list[str]) -> int:
-  """P of the scanned stack at ``prefix``: its ``block_{j}`` count in ``params``, else in ``tree``."""
+  """P of the scanned stack at ``prefix``: its ``block_{j}`` count in ``params`` (else ``tree``)."""
   for root in (params, tree):
     node = root
     for name in prefix:

@@ -47,8 +47,8 @@ class _FakeWandb(types.ModuleType):
 
 
 def _dataset(split):
-  return DatasetConfig(mixture_or_task_name="synthetic_lm_text", task_feature_lengths={"targets": 32},
-                       batch_size=8, seed=3, split=split)
+  return DatasetConfig(mixture_or_task_name="synthetic_lm_text",
+                       task_feature_lengths={"targets": 32}, batch_size=8, seed=3, split=split)
 
 
 def _run(model_dir, **trainer):
