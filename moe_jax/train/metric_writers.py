@@ -140,7 +140,7 @@ def _numeric(v) -> np.ndarray | None:
 
 
 def index_histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """``(counts [E], edges [E + 1])``: bucket ``e`` is ``[e - 0.5, e + 0.5]``, holding ``values[e]``."""
+  """``(counts [E], edges [E + 1])``: bucket ``e``, ``[e - 0.5, e + 0.5]``, holds ``values[e]``."""
   return np.asarray(values, np.float64), np.arange(len(values) + 1, dtype=np.float64) - 0.5
 
 
