@@ -69,6 +69,7 @@ from moe_jax.moe.attention_mixture import AttentionMixture
 from moe_jax.moe.experts import RoutedExperts
 from moe_jax.nn.attention import Attention
 from moe_jax.nn.attention_kernels import as_dense_mask
+from moe_jax.nn.latent_attention import LatentAttention
 from moe_jax.nn.mlp import Mlp
 from moe_jax.peft.adapters import ADAPTERS, Projection
 from moe_jax.peft.config import ADAPTER_PREFIX, PeftConfig
@@ -148,6 +149,9 @@ def register_sublayer(cls: type, kind: str, unsupported: tuple[str, ...] = ()) -
 register_sublayer(Attention, "attention")
 register_sublayer(AttentionMixture, "attention", unsupported=("o",))
 register_sublayer(Mlp, "ffn")
+# DeepSeek's latent attention: ``q`` (q_b when there is a q latent) and ``o`` are sites; its
+# keys and values come out of the shared latent (``kv_a`` / ``kv_b``), no k / v projection.
+register_sublayer(LatentAttention, "attention", unsupported=("k", "v"))
 register_sublayer(RoutedExperts, "experts")
 
 
