@@ -160,6 +160,18 @@ def test_tensorboard_can_be_turned_off(tmp_path):
   assert kinds(metric_writers.make_metric_writer(None)) == ["JsonlWriter"]  # no model_dir
   assert TrainerConfig(num_train_steps=1).tensorboard  # on by default, like t5x
 
+  # Both options are TrainerConfig fields: gin binds them like any other.
+  import gin
+
+  from moe_jax.cli import configurables
+  configurables.parse_gin([], ["TrainerConfig.tensorboard = False",
+                               "TrainerConfig.wandb_project = 'proj'"], finalize=False)
+  try:
+    config = gin.get_configurable("train.TrainerConfig")(num_train_steps=1)
+  finally:
+    gin.clear_config()
+  assert (config.tensorboard, config.wandb_project) == (False, "proj")
+
 
 def test_resumed_run_replaces_the_killed_runs_later_rows(tmp_path):
   w = metric_writers.TensorBoardWriter(tmp_path)
