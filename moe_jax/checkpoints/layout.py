@@ -40,7 +40,8 @@ def _stack_leaves(*xs: Any) -> Any:
     return xs[0].replace_boxed(_stack_leaves(*[x.unbox() for x in xs])).replace(
         names=(AXIS,) + tuple(names))
   if isinstance(xs[0], jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype)
+    return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype,
+                                sharding=_sharding_with(xs[0], lambda spec: (None,) + spec))
   if isinstance(xs[0], jax.Array):
     return jax.numpy.stack(xs)
   return np.stack([np.asarray(x) for x in xs])
@@ -53,8 +54,19 @@ def _index_leaf(x: Any, i: int) -> Any:
       raise ValueError(f"stacked leaf has logical axes {names}; expected a leading {AXIS!r}")
     return x.replace_boxed(_index_leaf(x.unbox(), i)).replace(names=names[1:])
   if isinstance(x, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
+    return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype,
+                                sharding=_sharding_with(x, lambda spec: spec[1:]))
   return x[i]
+
+
+def _sharding_with(x: jax.ShapeDtypeStruct, respec) -> Any:
+  """``x``'s sharding with its spec gaining / losing the leading axis (a ``NamedSharding``
+  only: one that names no axis, e.g. ``SingleDeviceSharding``, is kept as it is)."""
+  sharding = getattr(x, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*respec(spec)))
+  return sharding
 
 
 def _tree_map(f, *trees):
@@ -99,13 +111,20 @@ def stack_layers(node: Mapping, p: int = 1) -> dict:
   return out
 
 
-def unstack_layers(node: Mapping) -> dict:
-  """Inverse of :func:`stack_layers`: one ``layers`` subtree -> ``layers_{i}`` subtrees."""
+def unstack_layers(node: Mapping, num_layers: int | None = None) -> dict:
+  """Inverse of :func:`stack_layers`: one ``layers`` subtree -> ``layers_{i}`` subtrees.
+
+  ``num_layers`` (default: read off the first leaf) is needed only when the
+  stack has no leaf to read it from (an optimizer state's masked subtree).
+  """
   stacked = node[AXIS]
   p = period(stacked)
   blocks = [stacked] if p == 1 else [stacked[f"block_{j}"] for j in range(p)]
-  steps = jax.tree.leaves(blocks[0], is_leaf=_is_box)[0]
-  steps = (steps.unbox() if _is_box(steps) else steps).shape[0]
+  if num_layers is not None:
+    steps = num_layers // p
+  else:
+    steps = jax.tree.leaves(blocks[0], is_leaf=_is_box)[0]
+    steps = (steps.unbox() if _is_box(steps) else steps).shape[0]
   out = {k: v for k, v in node.items() if k != AXIS}
   for i in range(steps * p):
     out[f"layers_{i}"] = _tree_map(lambda x, i=i: _index_leaf(x, i // p), blocks[i % p])
@@ -123,8 +142,32 @@ def match_layout(tree: Any, target: Any) -> Any:
   if layer_keys(tree) and is_scanned(target):
     tree = stack_layers(tree, period(target[AXIS]))
   elif is_scanned(tree) and layer_keys(target):
-    tree = unstack_layers(tree)
+    tree = unstack_layers(tree, len(layer_keys(target)))
   return {k: match_layout(v, target[k]) if k in target else v for k, v in tree.items()}
+
+
+def same_layout(tree: Any, target: Any) -> bool:
+  """Whether no block stack of ``tree`` is laid out otherwise than ``target``'s."""
+  if not isinstance(tree, Mapping) or not isinstance(target, Mapping):
+    return True
+  if (layer_keys(tree) and is_scanned(target)) or (is_scanned(tree) and layer_keys(target)):
+    return False
+  return all(same_layout(v, target[k]) for k, v in tree.items() if k in target)
+
+
+def match_layout_within(tree: Any, params: Any, target: Any) -> Any:
+  """``tree`` (an optimizer state, a train state) with every parameter-shaped subtree
+  relaid out like ``target``.
+
+  A subtree is parameter-shaped when it is a mapping with the top-level keys of
+  ``params`` (the parameters ``tree`` goes with) or of ``target`` (the same
+  parameters in the other layout): optax's ``mu`` / ``nu`` / ``v_row`` trees,
+  masked or not. Everything else (step counts, empty states) passes through.
+  """
+  keys = {frozenset(params), frozenset(target)}
+  shaped = lambda x: isinstance(x, Mapping) and frozenset(x) in keys  # noqa: E731
+  return jax.tree.map(lambda x: match_layout(x, target) if shaped(x) else x, tree,
+                      is_leaf=lambda x: shaped(x) or _is_box(x))
 
 
 def with_stack_options(loaded: Any, *, scan_layers: bool | None = None,

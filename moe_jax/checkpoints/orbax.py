@@ -41,6 +41,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from moe_jax.checkpoints import layout
 from moe_jax.checkpoints.hf_common import CheckpointError
 from moe_jax.checkpoints.native import CONFIG_FILE, FORMAT_VERSION, load_model_config
 from moe_jax.models import registry
@@ -108,8 +109,21 @@ def _diff(old: str, new: str, old_name: str, new_name: str) -> str:
 
 
 #: Operative-config lines a resumed run may change: the training length (training
-#: longer continues the run).
-_MAY_CHANGE = re.compile(r"\s*(TRAIN_STEPS|TrainerConfig\.num_train_steps)\s*=")
+#: longer continues the run) and how the block stack is computed (remat, scanned or
+#: unrolled layers: the restore relays the checkpoint out, layout.py).
+_MAY_CHANGE = re.compile(r"\s*(TRAIN_STEPS|TrainerConfig\.num_train_steps|"
+                         r"[\w.]+\.(scan_layers|remat_policy))\s*=")
+#: Model-config fields that change how a model is computed, not what it is.
+_STACK_OPTIONS = ("scan_layers", "remat_policy")
+
+
+def _model_identity(config: Any) -> Any:
+  """A model-config dict without its stack options (at any nesting: CALM's LMs)."""
+  if isinstance(config, dict):
+    return {k: _model_identity(v) for k, v in config.items() if k not in _STACK_OPTIONS}
+  if isinstance(config, list):
+    return [_model_identity(v) for v in config]
+  return config
 
 
 def _comparable(text: str) -> list[str]:
@@ -123,8 +137,9 @@ def check_run_compatible(model_dir: str | os.PathLike, config: Any,
   A directory with checkpoints belongs to its run: its ``model_config.json``
   must describe the same model, and its ``config.gin`` (when both runs come
   from gin) must be the same config, but for the training length
-  (``TRAIN_STEPS``: a rerun may train longer). Raises ``CheckpointError``
-  with a diff.
+  (``TRAIN_STEPS``: a rerun may train longer) and the stack options
+  (``scan_layers``, ``remat_policy``: the restore converts the layout).
+  Raises ``CheckpointError`` with a diff.
   (Optimizer-tree and data-feature mismatches are caught by the restore,
   which also runs before anything is written.)
   """
@@ -138,7 +153,7 @@ def check_run_compatible(model_dir: str | os.PathLike, config: Any,
     new = json.loads(json.dumps({"kind": registry.kind_of(config),  # tuples -> lists
                                  "config": registry.config_to_dict(config)}))
     old = {"kind": old.get("kind"), "config": old.get("config")}
-    if old != new:
+    if _model_identity(old) != _model_identity(new):
       dump = lambda d: json.dumps(d, indent=1, sort_keys=True, default=str)  # noqa: E731
       raise CheckpointError(
           f"{model_dir}: holds checkpoints of another model; this run's model differs "
@@ -271,8 +286,15 @@ class Checkpointer:
     if step not in self.manager.all_steps():
       raise CheckpointError(f"{self.model_dir / CHECKPOINTS_DIR}: no step {step}; "
                             f"have {self.all_steps()}")
-    items = {"params": ocp.args.StandardRestore(abstract_params)}
     step_dir = self.model_dir / CHECKPOINTS_DIR / str(step)
+    target_params, target_opt_state = abstract_params, abstract_opt_state
+    stored = _stored_params_tree(step_dir)
+    relayout = stored is not None and not layout.same_layout(stored, abstract_params)
+    if relayout:  # restore in the checkpoint's layout, then convert (layout.py)
+      abstract_params = layout.match_layout(target_params, stored)
+      if target_opt_state is not None:
+        abstract_opt_state = layout.match_layout_within(target_opt_state, target_params, stored)
+    items = {"params": ocp.args.StandardRestore(abstract_params)}
     if abstract_opt_state is not None:
       if not (step_dir / "opt_state").is_dir():
         raise CheckpointError(
@@ -293,6 +315,12 @@ class Checkpointer:
     out = {"step": step, "params": restored["params"]}
     if abstract_opt_state is not None:
       out["opt_state"] = restored["opt_state"]
+    if relayout:
+      out["params"] = _placed_like(layout.match_layout(out["params"], target_params),
+                                   target_params)
+      if "opt_state" in out:
+        converted = layout.match_layout_within(out["opt_state"], abstract_params, target_params)
+        out["opt_state"] = _placed_like(converted, target_opt_state)
     return out
 
   def wait_until_finished(self) -> None:
@@ -301,6 +329,24 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _stored_params_tree(step_dir: Path) -> Any:
+  """The key structure of a step's stored parameters (``None`` if orbax cannot say)."""
+  try:
+    meta = ocp.StandardCheckpointHandler().metadata(step_dir / "params")
+  except (FileNotFoundError, ValueError, KeyError, TypeError, OSError):
+    return None
+  tree = getattr(meta, "tree", meta)
+  return tree if isinstance(tree, dict) else None
+
+
+def _placed_like(tree: Any, abstract: Any) -> Any:
+  """``tree``'s arrays put on the shardings of ``abstract`` (a relaid-out restore)."""
+  def put(x, a):
+    sharding = getattr(a, "sharding", None)
+    return x if sharding is None else jax.device_put(x, sharding)
+  return jax.tree.map(put, tree, abstract)
 
 
 def _single_device_abstract(shapes: Any) -> Any:
