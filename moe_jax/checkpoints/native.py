@@ -64,7 +64,10 @@ def save_model(path: str | os.PathLike, config: Any, params: Mapping, *,
     write_json(tmp / CONFIG_FILE, {"format_version": FORMAT_VERSION, "kind": kind,
                                    "config": registry.config_to_dict(config),
                                    **({"metadata": dict(metadata)} if metadata else {})})
-    save_file(flatten(unbox(params)), str(tmp / f"{PARAMS_STEM}.safetensors"))
+    # C order: safetensors.numpy writes a transposed (Fortran-ordered) array's raw buffer,
+    # i.e. the transpose of its values (an imported HF kernel is a ``.T`` view).
+    save_file(flatten(unbox(params), leaf=np.ascontiguousarray),
+              str(tmp / f"{PARAMS_STEM}.safetensors"))
     for name, data in (extra_files or {}).items():
       (tmp / name).write_bytes(data)
   return Path(path)

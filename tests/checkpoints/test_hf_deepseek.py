@@ -160,3 +160,19 @@ def test_unsupported_fields_are_named(tmp_path):
   with pytest.raises(CheckpointError, match="sigmoid scores"):
     export_hf(tmp_path / "x", softmax, {})
   assert not (tmp_path / "x").exists()
+
+
+def test_scanned_stack_and_native_checkpoint(checkpoint, tmp_path):
+  """A scanned stack (dense layer 0, MoE layers 1-2) and our own format give the same logits."""
+  from moe_jax.checkpoints import load_checkpoint, save_model
+
+  variant, path, _ = checkpoint
+  loaded = load_hf(path)
+  ids, mask = batch(np.random.default_rng(3))
+  want = our_logits(loaded, ids, mask)
+  scanned = load_hf(path, scan_layers=True)
+  np.testing.assert_allclose(our_logits(scanned, ids, mask), want, atol=1e-5)
+  save_model(tmp_path / "native", loaded.config, loaded.params)
+  native = load_checkpoint(tmp_path / "native")
+  assert native.config == loaded.config
+  np.testing.assert_array_equal(our_logits(native, ids, mask), want)

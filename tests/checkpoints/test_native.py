@@ -33,6 +33,16 @@ def test_roundtrip_keeps_config_and_dtype(saved):
   jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
 
 
+def test_transposed_arrays_roundtrip(saved, tmp_path):
+  """A Fortran-ordered leaf (an HF kernel imported as a ``.T`` view) keeps its values."""
+  path, cfg, params = saved
+  params = jax.tree.map(np.asarray, params)
+  head = np.asarray(params["lm_head"]["kernel"])
+  params["lm_head"]["kernel"] = np.asfortranarray(head)
+  save_model(tmp_path / "f", cfg, params)
+  np.testing.assert_array_equal(load_checkpoint(tmp_path / "f").params["lm_head"]["kernel"], head)
+
+
 def test_shape_mismatch_names_tensor(saved):
   path, cfg, _ = saved
   data = json.loads((path / "model_config.json").read_text())
