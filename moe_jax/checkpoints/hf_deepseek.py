@@ -24,10 +24,11 @@ HF config                      ours
 =============================  ==============================================
 
 Routing is dropless (``capacity_factor=None``), as transformers and the
-serving stacks run it. Only the default RoPE is implemented: a
-``rope_parameters.rope_type`` other than ``"default"`` (the released V3's
-``"yarn"``, whose ``mscale_all_dim`` also rescales the softmax) is refused by
-name, as are FP8 checkpoints (``quantization_config``: dequantize first).
+serving stacks run it. RoPE is the default or YaRN (the released V3's
+``rope_type: "yarn"``: :class:`~moe_jax.nn.latent_attention.YarnRope`,
+``DeepseekConfig.rope_yarn``, whose ``mscale_all_dim`` also rescales the
+softmax); another ``rope_parameters.rope_type`` is refused by name, as are
+FP8 checkpoints (``quantization_config``: dequantize first).
 The multi-token-prediction layers of released checkpoints
 (``model.layers.{num_hidden_layers + j}.*``, ``num_nextn_predict_layers``)
 are not part of the causal LM and are skipped on load; export writes none.
@@ -64,19 +65,42 @@ from moe_jax.checkpoints.hf_common import CheckpointError, TensorGetter, require
 from moe_jax.checkpoints.hf_llama import _mlp_to_hf, base_config_fields, decoder_params_to_hf
 from moe_jax.models.deepseek import DeepseekConfig, DeepseekDecoder
 from moe_jax.moe.layer import MoeConfig
+from moe_jax.nn.latent_attention import YarnRope
 
 _GLU = (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj"))
 
 
-def _rope_check(hf: Mapping[str, Any]) -> None:
-  params = dict(hf.get("rope_parameters") or {})
-  legacy = dict(hf.get("rope_scaling") or {})
-  kind = params.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
-  if kind not in (None, "default"):
+_YARN_KEYS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor")
+
+
+def _yarn_from_hf(hf: Mapping[str, Any]) -> YarnRope | None:
+  """The YaRN settings of ``rope_parameters`` (or legacy ``rope_scaling``); ``None``: default."""
+  rope = {**dict(hf.get("rope_scaling") or {}), **dict(hf.get("rope_parameters") or {})}
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind in (None, "default"):
+    return None
+  if kind != "yarn":
     raise CheckpointError(
         f"config.json: rope_parameters.rope_type={kind!r} is not supported for deepseek_v3 "
-        "(only 'default' RoPE is implemented; YaRN would also need its mscale_all_dim "
-        "softmax scale)")
+        "(implemented: 'default', 'yarn')")
+  factor = rope.get("factor")
+  if factor is None or "original_max_position_embeddings" not in rope:
+    raise CheckpointError("config.json: rope_parameters of rope_type 'yarn' need 'factor' and "
+                          "'original_max_position_embeddings'")
+  return YarnRope(factor=float(factor),
+                  original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                  truncate=bool(rope.get("truncate", True)),
+                  **{k: float(rope[k]) for k in _YARN_KEYS if rope.get(k) is not None})
+
+
+def _rope_to_hf(c: DeepseekConfig) -> dict[str, Any]:
+  rope: dict[str, Any] = {"rope_theta": c.rope_theta, "rope_type": "default"}
+  y = c.rope_yarn
+  if y is not None:
+    rope.update(rope_type="yarn", factor=y.factor, truncate=y.truncate,
+                original_max_position_embeddings=y.original_max_position_embeddings,
+                **{k: getattr(y, k) for k in _YARN_KEYS if getattr(y, k) is not None})
+  return rope
 
 
 def deepseek_incompatibilities(c: DeepseekConfig) -> list[str]:
@@ -84,7 +108,11 @@ def deepseek_incompatibilities(c: DeepseekConfig) -> list[str]:
   why = []
   m = c.moe
   if c.rope_scaling is not None:
-    why.append(f"it scales RoPE ({c.rope_scaling.kind}); only default RoPE is exported")
+    why.append(f"it scales RoPE ({c.rope_scaling.kind}); DeepSeek-V3 has default or YaRN RoPE "
+               "(DeepseekConfig.rope_yarn)")
+  if c.attn_scale is not None:
+    why.append(f"its softmax scale is set ({c.attn_scale}); DeepSeek-V3's follows from its head "
+               "dims and YaRN")
   if c.activation != "silu":
     why.append(f"its FFN activation is {c.activation!r}; DeepSeek-V3's is SwiGLU ('silu')")
   k = c.moe_layers[0] if c.moe_layers else c.num_layers
@@ -114,7 +142,7 @@ class DeepseekConverter:
     if hf.get("quantization_config"):
       raise CheckpointError("config.json: quantization_config is set (an FP8 checkpoint); "
                             "dequantize it to bfloat16 / float32 first")
-    _rope_check(hf)
+    yarn = _yarn_from_hf(hf)
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
       raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (expected 'silu')")
@@ -146,7 +174,7 @@ class DeepseekConverter:
         v_head_dim=int(require(hf, "v_head_dim")),
         q_lora_rank=None if q_lora is None else int(q_lora),
         rope_interleave=bool(hf.get("rope_interleave", True)),
-        attention_bias=bool(hf.get("attention_bias", False)))
+        attention_bias=bool(hf.get("attention_bias", False)), rope_yarn=yarn)
 
   def config_to_hf(self, c: DeepseekConfig) -> dict[str, Any]:
     why = deepseek_incompatibilities(c)
@@ -174,7 +202,7 @@ class DeepseekConverter:
         "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple)
         else c.eos_token_id,
         "pad_token_id": c.pad_token_id, "rope_interleave": c.rope_interleave,
-        "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"},
+        "rope_parameters": _rope_to_hf(c),
         "rope_theta": c.rope_theta, "attention_bias": c.attention_bias,
         "num_nextn_predict_layers": 0, "torch_dtype": c.param_dtype,
     }

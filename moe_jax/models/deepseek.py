@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from moe_jax.models.decoder import DecodeCache, layer_caches
 from moe_jax.models.moe_decoder import MoeDecoder, MoeDecoderBlock, MoeDecoderConfig
-from moe_jax.nn.latent_attention import LatentAttention, LatentCache
+from moe_jax.nn.latent_attention import LatentAttention, LatentCache, YarnRope
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,7 +56,10 @@ class DeepseekConfig(MoeDecoderConfig):
     rope_interleave: RoPE rotates adjacent pairs (DeepSeek's released weights).
     attention_bias: biases on the ``q_a``, ``kv_a`` and ``o`` projections (HF
       ``attention_bias``); ``qkv_bias`` / ``attn_out_bias`` do not apply.
-    attn_scale: softmax scale; ``None``: ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``.
+    attn_scale: softmax scale; ``None``: ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``
+      (times YaRN's ``softmax_factor``).
+    rope_yarn: YaRN scaling of the RoPE dims (DeepSeek-V3's released configs);
+      exclusive with ``rope_scaling``.
   """
 
   kv_lora_rank: int
@@ -67,6 +70,7 @@ class DeepseekConfig(MoeDecoderConfig):
   rope_interleave: bool = True
   attention_bias: bool = False
   attn_scale: float | None = None
+  rope_yarn: YarnRope | None = None
 
   def __post_init__(self):
     if self.head_dim is None and self.d_model % self.num_heads:
@@ -87,6 +91,8 @@ class DeepseekConfig(MoeDecoderConfig):
     unsupported += [name for name in ("sliding_window", "attn_logit_softcap",
                                       "query_pre_attn_scalar", "local_rope_theta")
                     if getattr(self, name) is not None]
+    if self.rope_yarn is not None and self.rope_scaling is not None:
+      unsupported.append("rope_scaling (with rope_yarn)")
     if self.num_kv_heads not in (None, self.num_heads):
       unsupported.append("num_kv_heads")
     if self.norm_scale_offset:
@@ -112,6 +118,7 @@ class DeepseekBlock(MoeDecoderBlock):
         qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, out_features=c.d_model,
         q_lora_rank=c.q_lora_rank, use_bias=c.attention_bias, scale=c.attn_scale,
         rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, rope_interleave=c.rope_interleave,
+        yarn=c.rope_yarn,
         norm_eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
         attention_impl=c.attention_impl)
 

@@ -28,6 +28,12 @@ serves it: ``R + P`` numbers per token and layer (576 for V3) instead of
 projections so attention runs in the latent space) would save that
 expansion at long context and is not implemented.
 
+**YaRN** (:class:`YarnRope`, DeepSeek-V3's long-context RoPE): blended
+inverse frequencies, the rotated dims multiplied by its ``attention_factor``
+and, with ``mscale_all_dim``, the softmax scale by
+``(0.1 · mscale_all_dim · ln(factor) + 1)^2`` -- the non-rotary dims too, as
+DeepSeek's reference (and transformers' ``yarn_apply_mscale``) do.
+
 ``rope_interleave`` (DeepSeek's released weights): the RoPE dims of a head
 are rotated in adjacent pairs ``(x0, x1), (x2, x3)...``; that equals the
 "rotate-half" rotation of the de-interleaved vector ``[x0, x2, ... ; x1, x3,
@@ -52,6 +58,8 @@ Parameters (logical axes; ``latent`` is a replicated axis, see
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -85,6 +93,71 @@ class LatentCache:
             dtype) -> "LatentCache":
     return cls(latent=jnp.zeros((batch, slots, kv_lora_rank), dtype),
                k_rope=jnp.zeros((batch, slots, rope_dim), dtype))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class YarnRope:
+  """YaRN rotary scaling (Peng et al. 2023) with DeepSeek's ``mscale`` options.
+
+  Attributes:
+    factor: context extension factor (s).
+    original_max_position_embeddings: the pre-extension context length.
+    beta_fast, beta_slow: rotations bounding the interpolation ramp.
+    mscale, mscale_all_dim: DeepSeek's magnitude scales (see :attr:`rope_factor`,
+      :attr:`softmax_factor`).
+    attention_factor: explicit factor on the rotated dims (``None``: derived).
+    truncate: round the ramp bounds to whole dims (transformers' default).
+  """
+
+  factor: float
+  original_max_position_embeddings: int
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
+  attention_factor: float | None = None
+  truncate: bool = True
+
+  def __post_init__(self):
+    if not self.factor > 0 or self.original_max_position_embeddings < 1:
+      raise ValueError(f"YarnRope: factor must be > 0 and original_max_position_embeddings "
+                       f">= 1, got {self.factor}, {self.original_max_position_embeddings}")
+
+  @staticmethod
+  def _mscale(factor: float, m: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+  @property
+  def rope_factor(self) -> float:
+    """The factor on the rotated dims (transformers' ``attention_factor`` on cos / sin)."""
+    if self.attention_factor is not None:
+      return self.attention_factor
+    if self.mscale and self.mscale_all_dim:
+      return self._mscale(self.factor, self.mscale) / self._mscale(self.factor, self.mscale_all_dim)
+    return self._mscale(self.factor)
+
+  @property
+  def softmax_factor(self) -> float:
+    """The factor on the softmax scale: ``mscale(factor, mscale_all_dim)^2`` (1 without it)."""
+    return self._mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+  def inverse_frequencies(self, dim: int, theta: float) -> np.ndarray:
+    """``[dim / 2]`` float32: extrapolated (high) and interpolated (low) frequencies, ramped."""
+    def correction_dim(rotations: float) -> float:
+      return (dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi))
+              / (2 * math.log(theta)))
+
+    low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+    if self.truncate:
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+      high += 0.001
+    pos = (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolate = 1 - ramp
+    inv = (1.0 / (self.factor * pos)) * (1 - extrapolate) + (1.0 / pos) * extrapolate
+    return inv.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -143,8 +216,9 @@ class LatentAttention(nn.Module):
     out_features: D of the output projection.
     q_lora_rank: Rq; ``None``: queries projected directly from the token.
     use_bias: biases on ``q_a``, ``kv_a`` and ``o`` (HF ``attention_bias``).
-    scale: softmax scale; ``None``: ``(N + P) ** -0.5``.
+    scale: softmax scale; ``None``: ``(N + P) ** -0.5`` (times YaRN's ``softmax_factor``).
     rope_theta, rope_scaling: RoPE of the P dims.
+    yarn: YaRN scaling of the RoPE dims and the softmax (instead of ``rope_scaling``).
     rope_interleave: RoPE pairs adjacent dims (DeepSeek's weights) instead of halves.
     norm_eps: epsilon of the two latent RMSNorms.
     dtype, param_dtype: compute and storage dtypes.
@@ -165,6 +239,7 @@ class LatentAttention(nn.Module):
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling | None = None
   rope_interleave: bool = True
+  yarn: YarnRope | None = None
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -196,23 +271,31 @@ class LatentAttention(nn.Module):
                     use_bias=self.use_bias, **common)
 
   def _inv_freq(self) -> np.ndarray:
+    if self.yarn is not None:
+      if self.rope_scaling is not None:
+        raise ValueError(f"{type(self).__name__}: yarn and rope_scaling are exclusive")
+      return self.yarn.inverse_frequencies(self.qk_rope_head_dim, self.rope_theta)
     return rope_inverse_frequencies(self.qk_rope_head_dim, self.rope_theta, self.rope_scaling)
+
+  def _rope(self, x_BLHP: Array, positions_BL: Array) -> Array:
+    y = rope_decoupled(x_BLHP, positions_BL, self._inv_freq(), interleave=self.rope_interleave)
+    if self.yarn is not None and self.yarn.rope_factor != 1.0:
+      y = y * jnp.asarray(self.yarn.rope_factor, y.dtype)
+    return y
 
   def project_q(self, x_BLD: Array, positions_BL: Array) -> Array:
     """Queries ``[B, L, H, N + P]``, RoPE applied to the last P dims."""
     h = x_BLD if self.q_lora_rank is None else self.q_a_norm(self.q_a(x_BLD))
     q = self.q(h)
     n = self.qk_nope_head_dim
-    q_rope = rope_decoupled(q[..., n:], positions_BL, self._inv_freq(),
-                            interleave=self.rope_interleave)
+    q_rope = self._rope(q[..., n:], positions_BL)
     return jnp.concatenate([q[..., :n], q_rope], axis=-1)
 
   def compress_kv(self, x_BSD: Array, positions_BS: Array) -> LatentCache:
     """The cached stream of ``x``: normed latents ``[B, S, R]`` and rotated ``k_rope [B, S, P]``."""
     kv = self.kv_a(x_BSD)
     latent, k_rope = kv[..., :self.kv_lora_rank], kv[..., self.kv_lora_rank:]
-    k_rope = rope_decoupled(k_rope[:, :, None, :], positions_BS, self._inv_freq(),
-                            interleave=self.rope_interleave)[:, :, 0, :]
+    k_rope = self._rope(k_rope[:, :, None, :], positions_BS)[:, :, 0, :]
     return LatentCache(latent=self.kv_a_norm(latent), k_rope=k_rope)
 
   def __call__(self, x_BLD: Array, *, mask_BLS: Array | AttentionMask | None,
@@ -239,7 +322,9 @@ class LatentAttention(nn.Module):
                                               (zero, start, zero)))
       kv = jax.tree.map(lambda a: a.astype(q.dtype), new_cache)
     k, v = expand_latent(self.kv_b(kv.latent), kv.k_rope, self.qk_nope_head_dim)
-    scale = self.qk_head_dim ** -0.5 if self.scale is None else self.scale
+    scale = self.scale
+    if scale is None:
+      scale = self.qk_head_dim ** -0.5 * (1.0 if self.yarn is None else self.yarn.softmax_factor)
     impl = "xla" if cache is not None else self.attention_impl
     out = mla_attend(q, k, v, mask=mask_BLS, scale=scale, impl=impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))

@@ -24,7 +24,10 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_interm
               norm_topk_prob=True, max_position_embeddings=64, tie_word_embeddings=False,
               rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 VARIANTS = {
-    "q_lora": dict(q_lora_rank=24),  # q_a -> norm -> q_b, interleaved RoPE
+    # q_a -> norm -> q_b, interleaved RoPE with YaRN (rotated dims and softmax rescaled)
+    "q_lora": dict(q_lora_rank=24, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
+        beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=1.0)),
     "q_direct": dict(q_lora_rank=None, rope_interleave=False, attention_bias=True),
 }
 
@@ -85,6 +88,7 @@ def test_import_matches_transformers_and_export_reloads(checkpoint, tmp_path):
   assert (m.num_expert_groups, m.topk_groups, m.routed_scaling_factor) == (4, 2, 2.5)
   assert m.shared_hidden_dim == 32 and m.expert_dim == 32 and c.d_ff == 96
   assert c.q_lora_rank == VARIANTS[variant]["q_lora_rank"]
+  assert (c.rope_yarn is not None) == (variant == "q_lora")
   assert np.abs(loaded.params["layers_1"]["mlp"]["score_bias"]).max() > 0
   ids, mask = batch(np.random.default_rng(0))
   valid = mask.astype(bool)
@@ -147,9 +151,10 @@ def test_unsupported_fields_are_named(tmp_path):
 
   conv = DeepseekConverter()
   base = {**COMMON, "model_type": "deepseek_v3", "q_lora_rank": 24}
-  yarn = {"rope_type": "yarn", "factor": 40.0, "rope_theta": 10000.0, "mscale_all_dim": 1.0}
-  with pytest.raises(CheckpointError, match="rope_parameters.rope_type='yarn'"):
-    conv.config_from_hf({**base, "rope_parameters": yarn})
+  with pytest.raises(CheckpointError, match="rope_parameters.rope_type='longrope'"):
+    conv.config_from_hf({**base, "rope_parameters": {"rope_type": "longrope"}})
+  with pytest.raises(CheckpointError, match="need 'factor' and 'original_max_position"):
+    conv.config_from_hf({**base, "rope_parameters": {"rope_type": "yarn", "factor": 40.0}})
   with pytest.raises(CheckpointError, match="quantization_config"):
     conv.config_from_hf({**base, "quantization_config": {"quant_method": "fp8"}})
   with pytest.raises(CheckpointError, match="num_key_value_heads=2"):

@@ -127,3 +127,23 @@ def test_narrow_values_padding_is_exact():
   logits = jnp.where(jnp.tril(jnp.ones((4, 4), bool)), logits, -jnp.inf)
   ref = jnp.einsum("bhls,bshv->blhv", jax.nn.softmax(logits, -1), v)
   np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_yarn_matches_transformers():
+  """YaRN's frequencies, rotated-dim factor and DeepSeek's softmax mscale, as transformers."""
+  pytest.importorskip("torch")
+  from transformers import DeepseekV3Config
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, yarn_apply_mscale
+
+  from moe_jax.nn.latent_attention import YarnRope
+  rope = dict(rope_type="yarn", rope_theta=10000.0, factor=40.0,
+              original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
+              mscale=0.707, mscale_all_dim=1.0)
+  cfg = DeepseekV3Config(qk_rope_head_dim=64, rope_parameters=rope)
+  inv, factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+  y = YarnRope(factor=40.0, original_max_position_embeddings=4096, mscale=0.707,
+               mscale_all_dim=1.0)
+  np.testing.assert_allclose(y.inverse_frequencies(64, 10000.0), inv.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(y.rope_factor, factor, rtol=1e-7)
+  np.testing.assert_allclose(y.softmax_factor, yarn_apply_mscale(cfg.rope_parameters, 1.0),
+                             rtol=1e-7)
