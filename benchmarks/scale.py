@@ -8,7 +8,8 @@ config's train step -- the trainer's own jitted step with its shardings -- is
 compiled by XLA's TPU compiler for the slice named, and its per-device memory
 (``memory_analysis``) is set against the chip's HBM; no TPU is used. The
 eval_shape plan of the same config on the same slice's devices is printed
-beside it.
+beside it (``KEY_compiled_over_plan``: compiled total / planned total, the
+issue asks for 1 +- 0.15).
 
 * ``runs/pod_mixtral_8x7b_upcycled.gin`` on v5p-128 (64 chips, 95 GiB),
 * ``runs/pod_t5_xl_mov10.gin`` on v4-32 (16 chips, 32 GiB),
@@ -63,6 +64,7 @@ def pod_figures(key: str, gin_file: str, topology: str, bindings: list[str]) -> 
       f"{key}_hbm_frac": round(compiled.hbm_fraction, 4),
       f"{key}_total_gib": round(compiled.total_bytes / 2**30, 2),
       f"{key}_plan_total_gib": round(mesh_plan.total_bytes / 2**30, 2),
+      f"{key}_compiled_over_plan": round(compiled.total_bytes / mesh_plan.total_bytes, 3),
       f"{key}_rows_per_device": compiled.batch_per_device,
       f"{key}_hlo_over_model_flops": round(compiled.hlo_flops / compiled.model_flops, 3),
       f"{key}_compile_s": round(compiled.compile_seconds, 1),

@@ -6,7 +6,7 @@ Reads the same gin files as ``python -m moe_jax.train`` and builds the same
 objects (model wrapper, optimizer, partitioner rules, dataset) but never
 initialises a parameter: shapes come from ``jax.eval_shape`` of the model's
 ``init``, optimizer-state shapes from ``jax.eval_shape`` of the optimizer's
-``init``, and activations from tracing (not running) ``jax.vjp`` of the
+``init``, and activations from tracing (not running) the gradient of the
 loss. For each mesh it prints, per device:
 
 * **params**: every parameter's bytes divided by the mesh axes its logical
@@ -15,14 +15,17 @@ loss. For each mesh it prints, per device:
 * **optimizer**: the optimizer state (AdamW moments, Adafactor's factored
   statistics; frozen parameters have none), sharded like the trainer shards it;
 * **grads**: gradients of the trainable parameters, sharded like them;
-* **activations**: the residuals the backward pass keeps, for this device's
-  share of the global batch (``batch`` splits over the ``data`` and ``expert``
-  axes). A residual with a dimension of a ``model``-sharded size (heads, FFN,
-  vocab: the sizes of logical axes the rules map to ``model``, other than
-  ``d_model``) is divided by the ``model`` axis -- an estimate of what GSPMD
-  does with the modules' logical constraints, not a measurement. Residuals with a parameter's shape (the
-  parameter cast to the compute dtype) are counted once, sharded like it. No
-  rematerialisation (the trainer does none);
+* **activations**: the most bytes the train step's intermediates hold at
+  once, for this device's share of the global batch (``batch`` splits over
+  the ``data`` and ``expert`` axes): a liveness walk (:mod:`.liveness`) over
+  the traced gradient computation, forward then backward, so remat policies,
+  scanned layers, microbatches and the dispatch / attention path that runs on
+  the mesh are what is sized. An array with a dimension of a
+  ``model``-sharded size (heads, FFN, vocab: the sizes of logical axes the
+  rules map to ``model``, other than ``d_model``) is divided by the ``model``
+  axis -- an estimate of what GSPMD does with the modules' logical
+  constraints, not a measurement. Arrays with a parameter's shape (the
+  parameter cast to the compute dtype) are sharded like it;
 * **step time**: matmul FLOPs per device divided by ``--peak_tflops`` x
   ``--mfu``. FLOPs are ``2·N·T`` forward, ``2·N·T`` for input gradients and
   ``2·N_trainable·T`` for weight gradients, with N the *active* matmul
@@ -314,8 +317,7 @@ def residuals(model: Any, params: Any, mask: Any, batch: Mapping[str, Any]) -> l
   trainable = [x for x, f in zip(flat, flags) if f]
   frozen = [x for x, f in zip(flat, flags) if not f]
   closed = jax.make_jaxpr(vjp_fn)(trainable, frozen, dict(batch))
-  out = _residual_avals(closed)
-  return out + remat_working_set(model, params, batch)
+  return _residual_avals(closed)
 
 
 def _residual_avals(closed: Any) -> list[Any]:
@@ -328,45 +330,6 @@ def _residual_avals(closed: Any) -> list[Any]:
     seen.add(v)
     out.append(v.aval)
   return out
-
-
-def _remat_blocks(jaxpr: Any) -> list[Any]:
-  """The ``checkpoint`` (remat) equations of a jaxpr and of the jaxprs inside it (scan bodies)."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in ("checkpoint", "remat", "remat2"):
-      found.append(eqn)
-      continue
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else (value,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          found.extend(_remat_blocks(inner))
-  return found
-
-
-def remat_working_set(model: Any, params: Any, batch: Mapping[str, Any]) -> list[Any]:
-  """Residuals of the largest rematerialised block, as its backward pass recomputes them.
-
-  A block under ``remat_policy`` keeps only what its policy saves until the
-  backward pass reaches it; then its forward pass runs again and all of its
-  residuals (attention probabilities, FFN activations, MoE buffers) are alive
-  while its gradients are computed: the peak is the saved residuals plus one
-  block's. Without remat there is no such block and nothing is added.
-  """
-  closed = jax.make_jaxpr(lambda p, b: model.loss_fn(p, b)[0])(params, dict(batch))
-  best, best_bytes = [], -1
-  for eqn in _remat_blocks(closed.jaxpr):
-    inner = eqn.params["jaxpr"]
-    inner = inner if hasattr(inner, "consts") else jax.extend.core.ClosedJaxpr(inner, ())
-    fn = jax.extend.core.jaxpr_as_fun(inner)
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
-    vjp = jax.make_jaxpr(lambda *xs: jax.vjp(lambda *ys: fn(*ys), *xs)[1])(*avals)
-    res = _residual_avals(vjp)
-    size = sum(_nbytes(a) for a in res)
-    if size > best_bytes:
-      best, best_bytes = res, size
-  return best
 
 
 def _model_axis_sizes(partitioner: Partitioner, boxed: Any) -> set[int]:
@@ -387,33 +350,6 @@ def _model_axis_sizes(partitioner: Partitioner, boxed: Any) -> set[int]:
       if name == "embed":
         embed.add(int(size))
   return sharded - embed
-
-
-def activation_bytes(partitioner: Partitioner, avals: Sequence[Any], boxed: Any, specs: Any,
-                     rows: float) -> int:
-  """Bytes on one device of the residuals ``avals`` of one batch row, for ``rows`` rows.
-
-  A residual with a parameter's shape is that parameter cast to the compute
-  dtype: it is counted once, sharded like the parameter. Every other residual
-  grows with the rows and is divided by the ``model`` axis when one of its
-  dimensions has a model-sharded size (:func:`_model_axis_sizes`).
-  """
-  param_shards: dict[tuple[int, ...], int] = {}
-  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-  for (_, _, leaf), spec in zip(_logical_leaves(boxed), spec_leaves):
-    shape = tuple(leaf.shape)
-    param_shards[shape] = min(param_shards.get(shape, sys.maxsize),
-                              _spec_shards(partitioner, spec))
-  m = int(partitioner.mesh.shape["model"])
-  sizes = _model_axis_sizes(partitioner, boxed) if m > 1 else set()
-  total = 0.0
-  for a in avals:
-    if tuple(a.shape) in param_shards:
-      total += _nbytes(a) / param_shards[tuple(a.shape)]
-    else:
-      split = any(d in sizes and d % m == 0 for d in a.shape)
-      total += rows * _nbytes(a) / (m if split else 1)
-  return int(total)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -488,14 +424,18 @@ def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
 
 def mesh_activation_bytes(part: "AbstractPartitioner", model: Any, abstract: Any, mask: Any,
                           boxed: Any, specs: Any, dataset: Any, rows: float) -> int:
-  """Activation bytes per device for ``rows`` rows per batch shard, traced on the mesh.
+  """Peak bytes per device of a train step's intermediates, ``rows`` rows per batch shard.
 
-  The loss is traced with one row per batch shard under the abstract mesh and
-  the rules, so layers that switch path on a mesh (the expert-parallel MoE:
-  padded capacity buffers and ``all_to_all`` instead of ``ragged_dot``) are
-  sized as they will run. Residuals are global arrays: one row's share is
-  their bytes over the batch shards.
+  The gradient of the loss (with respect to the trainable parameters, the
+  frozen ones closed over as the trainer's masked optimizer makes them) is
+  traced with one row per batch shard under the mesh and the rules, so layers
+  that switch path on a mesh (expert-parallel dispatch, attention kernels on
+  the slice's platform) are sized as they will run; :mod:`.liveness` walks it
+  for the most bytes alive at once (the gradients themselves are not
+  counted: the plan's ``grads``). Sizes per device: :func:`_size_per_device`.
   """
+  from moe_jax.plan.liveness import peak_bytes
+
   shards = part.num_batch_shards
   batch, _ = _dummy_batch(model, dataset, rows=shards)
   if isinstance(part, AbstractPartitioner):
@@ -503,8 +443,75 @@ def mesh_activation_bytes(part: "AbstractPartitioner", model: Any, abstract: Any
   else:
     context = jax.set_mesh(part.mesh)  # concrete devices: their platform picks the kernels
   with context, nn.logical_axis_rules(part.rules):
-    avals = residuals(model, abstract, mask, batch)
-  return activation_bytes(part, avals, boxed, specs, rows / shards)
+    closed = _grad_jaxpr(model, abstract, mask, batch)
+  size_of = _size_per_device(part, boxed, specs, rows / shards)
+  return int(peak_bytes(closed, size_of, skip_outputs=True))
+
+
+def _grad_jaxpr(model: Any, params: Any, mask: Any, batch: Mapping[str, Any]) -> Any:
+  """The jaxpr of the loss's gradient with respect to the trainable parameters."""
+  flat, treedef = jax.tree.flatten(params)
+  flags = [bool(m) for m in jax.tree.leaves(mask)]
+
+  def grad_fn(trainable, frozen, b):
+    def loss(t):
+      it_t, it_f = iter(t), iter(frozen)
+      merged = [next(it_t) if f else next(it_f) for f in flags]
+      return model.loss_fn(jax.tree.unflatten(treedef, merged), b)[0]
+    return jax.grad(loss)(trainable)
+
+  trainable = [x for x, f in zip(flat, flags) if f]
+  frozen = [x for x, f in zip(flat, flags) if not f]
+  return jax.make_jaxpr(grad_fn)(trainable, frozen, dict(batch))
+
+
+def _size_per_device(part: Partitioner, boxed: Any, specs: Any, factor: float):
+  """``size_of(aval, local)`` for :func:`moe_jax.plan.liveness.peak_bytes`.
+
+  A parameter-shaped array (a weight cast to the compute dtype, a gradient) is
+  sharded like the parameter; one layer's slice of a scanned parameter is
+  gathered over ``data`` (FSDP gathers each layer's weights as it runs). Any
+  other array grows with the rows: ``factor`` is the traced row's share of the
+  rows per device (global shapes), and it is split over ``model`` when a
+  dimension has a model-sharded size (:func:`_model_axis_sizes`). Inside a
+  ``shard_map`` (``local``) shapes are per device already, of one row.
+  """
+  sizes = dict(part.mesh.shape)
+  global_div: dict[tuple, int] = {}
+  local_weights: set[tuple] = set()
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+  def axes_of(entry):
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+  for (_, axes, leaf), spec in zip(_logical_leaves(boxed), spec_leaves):
+    dims = [axes_of(e) for e in tuple(spec)] + [()] * (len(leaf.shape) - len(tuple(spec)))
+    shape = tuple(int(d) for d in leaf.shape)
+    variants = [(shape, dims)]
+    if axes[:1] == ("layers",):
+      variants.append((shape[1:], [tuple(a for a in d if a != "data") for d in dims[1:]]))
+    for shp, dd in variants:
+      div = math.prod(sizes[a] for d in dd for a in d)
+      global_div[shp] = min(global_div.get(shp, sys.maxsize), div)
+      for keep in (dd, [tuple(a for a in d if a != "data") for d in dd]):
+        local_weights.add(tuple(n // math.prod(sizes[a] for a in d) for n, d in zip(shp, keep)))
+  m = int(sizes["model"])
+  split_sizes = _model_axis_sizes(part, boxed) if m > 1 else set()
+  rows_per_shard = factor * part.num_batch_shards
+
+  def size_of(aval: Any, local: bool) -> float:
+    shape = tuple(getattr(aval, "shape", ()))
+    if not hasattr(aval, "dtype") or not shape:
+      return 0.0
+    n = _nbytes(aval)
+    if local:
+      return n if shape in local_weights else n * rows_per_shard
+    if shape in global_div:
+      return n / global_div[shape]
+    split = any(d in split_sizes and d % m == 0 for d in shape)
+    return n * factor / (m if split else 1)
+
+  return size_of
 
 
 def _describe(config: Any) -> str:

@@ -62,8 +62,9 @@ def test_compiled_train_step_agrees_with_the_plan():
   assert c.argument_bytes == pytest.approx(state, rel=0.15)
   assert c.alias_bytes == pytest.approx(state, rel=0.15)
   # The step's peak: XLA's temporaries (activations, gradients, collective buffers, its
-  # own scratch) against the plan's residual-based estimate -- same order, not 15%
-  # (measured 1.56x here; README "Fitting a pod" lists the pod configs' ratios).
+  # own scratch) against the plan's liveness walk -- same order, not 15% on a model this
+  # small, where XLA's fixed scratch dominates (measured 1.70x here; README "Fitting a
+  # pod" lists the pod configs' ratios).
   assert 0.5 < c.total_bytes / p.total_bytes < 2.5
   assert c.hlo_flops == pytest.approx(c.model_flops, rel=0.5)
   assert "temporaries" in c.format()
