@@ -27,7 +27,8 @@ _RUNTIME_MACROS = ("MODEL_DIR", "INIT_CHECKPOINT")
 def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
                   meshes: Sequence[PartitionerConfig] = (), num_devices: int | None = None,
                   search_paths: Sequence[str] = (), topology: str | None = None,
-                  compile: bool = True) -> Any:  # pylint: disable=redefined-builtin
+                  compile: bool = True,  # pylint: disable=redefined-builtin
+                  platform: str | None = None) -> Any:
   """:func:`plan_run` for the objects a ``python -m moe_jax.train`` config builds.
 
   The bindings of ``train`` (``train.model``, ``train.train_dataset``,
@@ -39,6 +40,8 @@ def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
   first of ``meshes`` or the config's partitioner) and a ``CompiledPlan``
   returned; with ``compile=False``, the eval_shape plan is traced on that
   slice's devices (its platform's attention kernels and dispatch paths).
+  ``platform`` picks the kernels of an eval_shape plan without a topology
+  (:func:`plan_run`).
   """
   devices = None
   if topology is not None and not compile:
@@ -79,7 +82,7 @@ def plan_from_gin(files: Sequence[str], bindings: Sequence[str] = (), *,
   return plan_run(b["model"], dataset=b["train_dataset"], optimizer=b.get("optimizer"),
                   partitioners=tuple(meshes) or (base,),
                   num_devices=num_devices, trainable=b.get("trainable"),
-                  trainer=b.get("trainer"), devices=devices)
+                  trainer=b.get("trainer"), devices=devices, platform=platform)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,13 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--mfu", type=float, default=0.4)
   p.add_argument("--compile", action="store_true")
   p.add_argument("--topology", default=None)
+  p.add_argument("--platform", choices=("tpu", "gpu", "cpu"), default=None)
   own, rest = p.parse_known_args(argv)
   if "-h" in rest or "--help" in rest:
     print(plan_lib.__doc__ + "\nPlan flags: --mesh=data=D,expert=E,model=M (repeatable), "
           "--num_devices=N, --peak_tflops=F (per device, default 275: TPU v4 bf16), "
           "--mfu=F (default 0.4); --compile --topology=v5p-128 (v4-N, v5e-N, v6e-N, "
           "GEN:AxBxC) compiles the trainer's train step for that TPU slice (needs "
-          "moe-jax[tpu]); gin flags as python -m moe_jax.train.")
+          "moe-jax[tpu]); --platform=tpu|gpu|cpu sizes that platform's kernels "
+          "(attention, MoE dispatch) without a topology (default: this machine's); gin "
+          "flags as python -m moe_jax.train.")
     return 0
   try:
     args = configurables.parse_flags(rest, prog="python -m moe_jax.plan",
@@ -112,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise ValueError("--compile compiles one mesh: give at most one --mesh")
     plan = plan_from_gin(args.gin_file, args.bindings, meshes=meshes,
                          num_devices=own.num_devices, search_paths=args.search_paths,
-                         topology=own.topology, compile=own.compile)
+                         topology=own.topology, compile=own.compile,
+                         platform=own.platform)
   except (configurables.GinConfigError, ValueError, RuntimeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

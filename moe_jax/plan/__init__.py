@@ -41,6 +41,7 @@ is planned for ``--num_devices``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -358,7 +359,8 @@ def _model_axis_sizes(partitioner: Partitioner, boxed: Any) -> set[int]:
 def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
              partitioners: Sequence[PartitionerConfig] = (PartitionerConfig(data=1),),
              num_devices: int | None = None, trainable: Any = None,
-             trainer: Any = None, devices: Sequence[Any] | None = None) -> Plan:
+             trainer: Any = None, devices: Sequence[Any] | None = None,
+             platform: str | None = None) -> Plan:
   """Plans a training run for each mesh; nothing is allocated.
 
   Args:
@@ -376,8 +378,11 @@ def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
     devices: the devices the run will use (e.g. a TPU slice's, from
       :func:`moe_jax.plan.compiled.topology_devices`): activations are then
       traced on their mesh, so platform-dependent paths (attention kernels on
-      TPU / GPU) are the ones that will run. Default: an abstract mesh (the
-      paths of this machine's backend).
+      TPU / GPU) are the ones that will run. Default: an abstract mesh.
+    platform: ``"tpu"`` / ``"gpu"`` / ``"cpu"``: the kernels (attention
+      implementation, MoE dispatch kernel and exchange) are chosen for it, by
+      the function the trainer's modules call (``attention_kernels.building_for``).
+      Default: the platform of ``devices``, else this machine's backend.
 
   Raises:
     ValueError: a mesh that does not divide a parameter or the batch (named).
@@ -417,13 +422,14 @@ def plan_run(model: Any, *, dataset: Any, optimizer: Any = None,
         opt_bytes=sharded_bytes(part, abstract_opt, opt_specs),
         grad_bytes=grad_bytes * (2 if micro > 1 else 1),  # the accumulator and one microbatch's
         activation_bytes=mesh_activation_bytes(part, model, abstract, mask, boxed, specs,
-                                               dataset, rows / micro),
+                                               dataset, rows / micro, platform=platform),
         flops_per_device=flops / part.mesh.size))
   return Plan(model=_describe(model.config), counts=counts, tokens=tokens, meshes=tuple(meshes))
 
 
 def mesh_activation_bytes(part: "AbstractPartitioner", model: Any, abstract: Any, mask: Any,
-                          boxed: Any, specs: Any, dataset: Any, rows: float) -> int:
+                          boxed: Any, specs: Any, dataset: Any, rows: float, *,
+                          platform: str | None = None) -> int:
   """Peak bytes per device of a train step's intermediates, ``rows`` rows per batch shard.
 
   The gradient of the loss (with respect to the trainable parameters, the
@@ -434,6 +440,7 @@ def mesh_activation_bytes(part: "AbstractPartitioner", model: Any, abstract: Any
   for the most bytes alive at once (the gradients themselves are not
   counted: the plan's ``grads``). Sizes per device: :func:`_size_per_device`.
   """
+  from moe_jax.nn.attention_kernels import building_for
   from moe_jax.plan.liveness import peak_bytes
 
   shards = part.num_batch_shards
@@ -441,8 +448,10 @@ def mesh_activation_bytes(part: "AbstractPartitioner", model: Any, abstract: Any
   if isinstance(part, AbstractPartitioner):
     context = jax.sharding.use_abstract_mesh(part.mesh)
   else:
-    context = jax.set_mesh(part.mesh)  # concrete devices: their platform picks the kernels
-  with context, nn.logical_axis_rules(part.rules):
+    context = jax.set_mesh(part.mesh)
+    platform = platform or part.mesh.devices.flat[0].platform  # the kernels of its devices
+  chosen = building_for(platform) if platform else contextlib.nullcontext()
+  with context, chosen, nn.logical_axis_rules(part.rules):
     closed = _grad_jaxpr(model, abstract, mask, batch)
   size_of = _size_per_device(part, boxed, specs, rows / shards)
   return int(peak_bytes(closed, size_of, skip_outputs=True))

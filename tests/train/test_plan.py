@@ -141,3 +141,21 @@ def test_published_sizes(capsys):
 def test_cli_errors(capsys):
   assert plan_cli.main(["--gin_file=runs/pod_finetune.gin", "--mesh=data=x"]) == 2
   assert "size of 'data' is not an integer" in capsys.readouterr().err
+
+
+def test_platform_picks_the_kernels_that_will_run(monkeypatch):
+  """``platform=``: the plan traces through ``building_for``, the trainer's kernel choice."""
+  from moe_jax.nn import attention_kernels
+
+  seen = []
+  original = attention_kernels.resolve_impl
+  monkeypatch.setattr(attention_kernels, "resolve_impl", lambda impl, platform=None: seen.append(
+      attention_kernels.target_platform()) or original(impl, platform))
+  model = DecoderOnlyModel(MOE)
+  mesh = [PartitionerConfig(data=4, expert=2)]
+  tpu = plan.plan_run(model, dataset=DATA, partitioners=mesh, platform="tpu").meshes[0]
+  assert "tpu" in seen  # the traced train step (parameter shapes are traced for any)
+  seen.clear()
+  cpu = plan.plan_run(model, dataset=DATA, partitioners=mesh).meshes[0]
+  assert set(seen) == {jax.default_backend()}
+  assert tpu.param_bytes == cpu.param_bytes and tpu.activation_bytes > 0
