@@ -69,3 +69,36 @@ def test_operative_config_may_change_the_stack_options():
   new = "DecoderConfig.scan_layers = True\nDecoderConfig.remat_policy = 'full'\nX.y = 1\n"
   assert orbax._comparable(old) == orbax._comparable(new)
   assert orbax._comparable(old) != orbax._comparable(new.replace("X.y = 1", "X.y = 2"))
+
+
+def test_masked_optimizer_state_converts(tmp_path):
+  """A PEFT-style trainable subset: optax.masked moments (MaskedNode leaves) relay out too."""
+  import flax.linen as nn
+
+  from moe_jax.checkpoints import layout
+  from moe_jax.train.optimizers import make_optimizer
+
+  def state(scan):
+    model = DecoderOnlyModel(CONFIG.replace(scan_layers=scan))
+    abstract = nn.meta.unbox(model.abstract_boxed_params())
+    opt = make_optimizer(OptimizerConfig(name="adamw"), abstract, trainable=[r".*mlp.*"])
+    return abstract, opt.tx
+
+  abstract, tx = state(False)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract)
+  opt_state = tx.init(params)
+  opt_state = jax.tree.map(lambda x: x + 1.5 if x.dtype == np.float32 else x, opt_state)
+  ckpt = orbax.Checkpointer(tmp_path, orbax.CheckpointConfig(async_save=False))
+  ckpt.save(1, params=params, opt_state=opt_state)
+  scanned, scanned_tx = state(True)
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  place = lambda t: jax.tree.map(  # noqa: E731
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), t)
+  target_opt = jax.eval_shape(scanned_tx.init, scanned)
+  got = ckpt.restore(abstract_params=place(scanned), abstract_opt_state=place(target_opt))
+  ckpt.close()
+  assert jax.tree.structure(got["opt_state"]) == jax.tree.structure(target_opt)
+  want = layout.match_layout_within(opt_state, params, scanned)
+  jax.tree.map(np.testing.assert_array_equal, got["opt_state"], want)
+  jax.tree.map(np.testing.assert_array_equal, layout.unrolled(got["params"]), params)
