@@ -73,6 +73,7 @@ class DeepseekConfig(MoeDecoderConfig):
   rope_yarn: YarnRope | None = None
 
   def __post_init__(self):
+    # DecoderConfig wants a head_dim when D is not a multiple of H; MLA never reads it.
     if self.head_dim is None and self.d_model % self.num_heads:
       object.__setattr__(self, "head_dim", self.qk_nope_head_dim + self.qk_rope_head_dim)
     super().__post_init__()
