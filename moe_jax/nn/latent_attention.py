@@ -23,10 +23,14 @@ is ``Q ** -0.5`` unless ``scale`` overrides it (YaRN's ``mscale``).
 **The cache holds the compressed stream** (:class:`LatentCache`: the normed
 latent ``[B, S, R]`` and the rotated shared key ``[B, S, P]``), as DeepSeek
 serves it: ``R + P`` numbers per token and layer (576 for V3) instead of
-``H·(Q + V)`` (40960). Each step re-expands the cached latents through
-``kv_b``; the "absorbed" form (folding ``kv_b`` into the query and output
-projections so attention runs in the latent space) would save that
-expansion at long context and is not implemented.
+``H·(Q + V)`` (40960). Decoding with it attends in the latent space
+(:func:`mla_attend_absorbed`, DeepSeek-V2's "absorbed" form): the key half of
+``kv_b`` is folded into the queries (``q_nope · W_k -> [B, L, H, R]``) and
+its value half applied after the softmax, so a step costs ``O(S·H·R)``
+rather than re-expanding every cached slot through ``kv_b``
+(``O(S·R·H·(N + V))``: some 400x the attention itself at V3's sizes).
+Training and uncached prefill expand the keys and values once and use the
+attention kernels.
 
 **YaRN** (:class:`YarnRope`, DeepSeek-V3's long-context RoPE): blended
 inverse frequencies, the rotated dims multiplied by its ``attention_factor``
@@ -68,7 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.nn.attention_kernels import AttentionMask, attention, check_impl
+from moe_jax.nn.attention_kernels import AttentionMask, as_dense_mask, attention, check_impl
 from moe_jax.nn.embeddings import RopeScaling, apply_rope, rope_inverse_frequencies
 from moe_jax.nn.linear import Linear
 from moe_jax.nn.norms import RMSNorm
@@ -187,6 +191,31 @@ def expand_latent(kv_BSHX: Array, k_rope_BSP: Array, nope_dim: int) -> tuple[Arr
   return jnp.concatenate([k_nope, k_rope], axis=-1), v
 
 
+def mla_attend_absorbed(q_BLHQ: Array, latent_BSR: Array, k_rope_BSP: Array, kv_b_RHX: Array,
+                        *, mask_BLS: Array | AttentionMask | None, scale: float) -> Array:
+  """Attention ``[B, L, H, V]`` over compressed keys and values, never expanded per slot.
+
+  With ``W_k = kv_b[:, :, :N]`` and ``W_v = kv_b[:, :, N:]``: ``k_nope · q_nope
+  = latent · (W_k q_nope)`` and ``probs · v = (probs · latent) · W_v``, so the
+  logits are ``(q_nope W_k^T) · latent + q_rope · k_rope`` and the output
+  ``(probs · latent) · W_v``. Softmax in float32; xla only (for decoding,
+  where L is small).
+  """
+  p = k_rope_BSP.shape[-1]
+  n = q_BLHQ.shape[-1] - p
+  q_lat_BLHR = jnp.einsum("blhn,rhn->blhr", q_BLHQ[..., :n], kv_b_RHX[..., :n])
+  logits = (jnp.einsum("blhr,bsr->bhls", q_lat_BLHR, latent_BSR,
+                       preferred_element_type=jnp.float32)
+            + jnp.einsum("blhp,bsp->bhls", q_BLHQ[..., n:], k_rope_BSP,
+                         preferred_element_type=jnp.float32)) * scale
+  mask = as_dense_mask(mask_BLS, q_BLHQ.shape[1])
+  if mask is not None:
+    logits = jnp.where(jnp.asarray(mask, bool)[:, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(latent_BSR.dtype)
+  ctx_BLHR = jnp.einsum("bhls,bsr->blhr", probs, latent_BSR)
+  return jnp.einsum("blhr,rhv->blhv", ctx_BLHR, kv_b_RHX[..., n:])
+
+
 def mla_attend(q_BLHQ: Array, k_BSHQ: Array, v_BSHV: Array, *,
                mask: Array | AttentionMask | None, scale: float, impl: str = "xla") -> Array:
   """Softmax attention ``[B, L, H, V]`` whose values may be narrower than the keys (V < Q).
@@ -204,6 +233,25 @@ def mla_attend(q_BLHQ: Array, k_BSHQ: Array, v_BSHV: Array, *,
 
 
 # ----------------------------------------------------------------------------- module
+
+
+class LatentKernel(nn.Module):
+  """The ``kv_b`` kernel ``[R, H, N + V]`` (``kv_b/kernel``, as a ``Linear`` stores it),
+  handed to the attention whole: uncached it expands the latents, cached it is absorbed."""
+
+  features: tuple[int, int]
+  axes: tuple[str, str, str]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = None
+
+  @nn.compact
+  def __call__(self, rank: int) -> Array:
+    init = self.kernel_init or nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=-1)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
+                        (rank,) + tuple(self.features), jnp.dtype(self.param_dtype))
+    return kernel.astype(jnp.dtype(self.dtype))
 
 
 class LatentAttention(nn.Module):
@@ -265,8 +313,9 @@ class LatentAttention(nn.Module):
     self.kv_a = Linear(self.kv_lora_rank + self.qk_rope_head_dim, ("embed", "latent"),
                        use_bias=self.use_bias, **common)
     self.kv_a_norm = RMSNorm(**norm)
-    self.kv_b = Linear((h, self.qk_nope_head_dim + self.v_head_dim),
-                       ("latent", "heads", "kv"), **common)
+    self.kv_b = LatentKernel(features=(h, self.qk_nope_head_dim + self.v_head_dim),
+                             axes=("latent", "heads", "kv"), dtype=self.dtype,
+                             param_dtype=self.param_dtype, kernel_init=self.kernel_init)
     self.o = Linear(self.out_features, ("heads", "kv", "embed"), in_dims=2,
                     use_bias=self.use_bias, **common)
 
@@ -309,23 +358,33 @@ class LatentAttention(nn.Module):
     """
     if positions_BL is None:
       raise ValueError("LatentAttention needs positions_BL (RoPE)")
+    if cache is not None and cache_index is None:
+      raise ValueError("LatentAttention: a cache needs its cache_index")
     q = self.project_q(x_BLD, positions_BL)
     kv = self.compress_kv(x_BLD, positions_BL)
-    new_cache = None
-    if cache is not None:
-      start = jnp.asarray(cache_index, jnp.int32)
-      zero = jnp.zeros((), jnp.int32)
-      new_cache = LatentCache(
-          latent=jax.lax.dynamic_update_slice(cache.latent, kv.latent.astype(cache.latent.dtype),
-                                              (zero, start, zero)),
-          k_rope=jax.lax.dynamic_update_slice(cache.k_rope, kv.k_rope.astype(cache.k_rope.dtype),
-                                              (zero, start, zero)))
-      kv = jax.tree.map(lambda a: a.astype(q.dtype), new_cache)
-    k, v = expand_latent(self.kv_b(kv.latent), kv.k_rope, self.qk_nope_head_dim)
     scale = self.scale
     if scale is None:
       scale = self.qk_head_dim ** -0.5 * (1.0 if self.yarn is None else self.yarn.softmax_factor)
-    impl = "xla" if cache is not None else self.attention_impl
-    out = mla_attend(q, k, v, mask=mask_BLS, scale=scale, impl=impl)
+    kv_b_RHX = self.kv_b(self.kv_lora_rank)
+    if cache is None:
+      out = self._expanded(q, kv, kv_b_RHX, mask_BLS, scale)
+      return self.o(out), None
+    start = jnp.asarray(cache_index, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    new_cache = LatentCache(
+        latent=jax.lax.dynamic_update_slice(cache.latent, kv.latent.astype(cache.latent.dtype),
+                                            (zero, start, zero)),
+        k_rope=jax.lax.dynamic_update_slice(cache.k_rope, kv.k_rope.astype(cache.k_rope.dtype),
+                                            (zero, start, zero)))
+    out = mla_attend_absorbed(q, new_cache.latent.astype(q.dtype),
+                              new_cache.k_rope.astype(q.dtype), kv_b_RHX, mask_BLS=mask_BLS,
+                              scale=scale)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return self.o(out), new_cache
+
+  def _expanded(self, q: Array, kv: LatentCache, kv_b_RHX: Array, mask, scale: float) -> Array:
+    """Uncached attention: keys and values expanded once, through the attention kernels."""
+    kv_BSHX = jnp.einsum("bsr,rhx->bshx", kv.latent, kv_b_RHX)
+    k, v = expand_latent(kv_BSHX, kv.k_rope, self.qk_nope_head_dim)
+    out = mla_attend(q, k, v, mask=mask, scale=scale, impl=self.attention_impl)
+    return nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))

@@ -147,3 +147,19 @@ def test_yarn_matches_transformers():
   np.testing.assert_allclose(y.rope_factor, factor, rtol=1e-7)
   np.testing.assert_allclose(y.softmax_factor, yarn_apply_mscale(cfg.rope_parameters, 1.0),
                              rtol=1e-7)
+
+
+def test_absorbed_attention_equals_expanded():
+  """The decoding form (kv_b folded into queries and outputs) against explicit keys / values."""
+  from moe_jax.nn.latent_attention import expand_latent, mla_attend_absorbed
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (2, 3, H, N + P))
+  latent = jax.random.normal(ks[1], (2, 5, R))
+  k_rope = jax.random.normal(ks[2], (2, 5, P))
+  kv_b = jax.random.normal(ks[3], (R, H, N + V)) * 0.3
+  valid = jnp.asarray([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], bool)
+  mask = attention_mask(valid, jnp.arange(2, 5), None)
+  k, v = expand_latent(jnp.einsum("bsr,rhx->bshx", latent, kv_b), k_rope, N)
+  want = mla_attend(q, k, v, mask=mask, scale=0.3)
+  got = mla_attend_absorbed(q, latent, k_rope, kv_b, mask_BLS=mask, scale=0.3)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
