@@ -279,8 +279,8 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
     data: a registered seqio task / mixture name, or in-memory examples
       (``[{"inputs": ..., "targets": ...}]``; registered as a seqio task with
       :func:`moe_jax.data.tasks.register_in_memory_task`).
-    steps: training steps.
-    batch_size: global batch size (rows; packed rows hold several examples).
+    steps, batch_size: training steps; global batch (rows; packed rows hold
+      several examples).
     feature_lengths: e.g. ``{"inputs": 32, "targets": 16}``; default the
       longest example (in-memory and small tasks).
     learning_rate: peak learning rate.
@@ -289,37 +289,31 @@ def finetune(model: LoadedModel, data: Data, *, steps: int, batch_size: int = 8,
       weight-decay and clipping arguments must keep their defaults).
     schedule: ``"constant"``, ``"rsqrt"`` or ``"cosine"`` (decays to
       ``end_lr`` at ``steps``).
-    warmup_steps: linear warm-up.
-    end_lr: the cosine schedule's final learning rate.
+    warmup_steps, end_lr: linear warm-up; the cosine schedule's final rate.
     weight_decay: decoupled weight decay (matrices only).
     clip_grad_norm: clip gradients to this global norm (``None``: no clipping).
     trainable: ``"auto"`` (adapters for adapted models, composition layers
       for CALM, everything otherwise), ``None`` (everything), regexes, a bool
       pytree or a callable ``params -> mask``.
-    model_dir: write ``metrics.jsonl``, orbax checkpoints and
-      ``model_config.json`` there (``None``: nothing is written).
+    model_dir: write metrics, checkpoints and the config there (``None``: nothing).
     checkpoint_every: with ``model_dir``: save every this many steps (and at
       the end); ``None``: only at the end.
     keep_checkpoints: with ``model_dir``: keep the newest this many (``None``: all).
     resume: with ``model_dir``: continue from its newest checkpoint, if any
       (parameters, optimizer state and data position), instead of ``model``'s
       parameters.
-    log_every: record metrics every this many steps (``history``).
-    seed: data shuffling and per-step RNG.
+    log_every, seed: record metrics every this many steps (``history``); data
+      shuffling and per-step RNG.
     mesh: a ``PartitionerConfig`` or ``{"data": ..., "expert": ..., "model": ...}``
       (default: data parallel over every device); ``"fsdp": True`` also shards
       parameters and optimizer state over the data axis.
-    num_microbatches: gradient accumulation (``TrainerConfig.num_microbatches``).
-    frozen_param_dtype: e.g. ``"bfloat16"``: frozen parameters in that dtype
-      (``TrainerConfig.frozen_param_dtype``).
-    pack: pack several examples per row.
-    vocabulary: the seqio vocabulary of in-memory examples (default the
-      model's tokenizer, or bytes).
+    num_microbatches, frozen_param_dtype, tensorboard, wandb_project: the
+      :class:`~moe_jax.train.trainer.TrainerConfig` fields of those names
+      (gradient accumulation; e.g. ``"bfloat16"`` frozen parameters; event
+      files in ``model_dir``'s ``train/`` and ``eval/``; a W&B project).
+    pack, vocabulary: pack several examples per row; the seqio vocabulary of
+      in-memory examples (default the model's tokenizer, or bytes).
     progress_bar, echo: tqdm bar and printed log lines.
-    tensorboard: with ``model_dir``: TensorBoard event files in its
-      ``train/`` and ``eval/`` (``TrainerConfig.tensorboard``).
-    wandb_project: also log to this Weights & Biases project (needs
-      ``pip install wandb``; ``TrainerConfig.wandb_project``).
   """
   from moe_jax.checkpoints.orbax import CheckpointConfig
   from moe_jax.train import run

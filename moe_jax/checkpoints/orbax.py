@@ -41,7 +41,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from moe_jax.checkpoints import layout
+from moe_jax.checkpoints.layout import match_layout, match_layout_within, same_layout
 from moe_jax.checkpoints.hf_common import CheckpointError
 from moe_jax.checkpoints.native import CONFIG_FILE, FORMAT_VERSION, load_model_config
 from moe_jax.models import registry
@@ -289,11 +289,11 @@ class Checkpointer:
     step_dir = self.model_dir / CHECKPOINTS_DIR / str(step)
     target_params, target_opt_state = abstract_params, abstract_opt_state
     stored = _stored_params_tree(step_dir)
-    relayout = stored is not None and not layout.same_layout(stored, abstract_params)
+    relayout = stored is not None and not same_layout(stored, abstract_params)
     if relayout:  # restore in the checkpoint's layout, then convert (layout.py)
-      abstract_params = layout.match_layout(target_params, stored)
+      abstract_params = match_layout(target_params, stored)
       if target_opt_state is not None:
-        abstract_opt_state = layout.match_layout_within(target_opt_state, target_params, stored)
+        abstract_opt_state = match_layout_within(target_opt_state, target_params, stored)
     items = {"params": ocp.args.StandardRestore(abstract_params)}
     if abstract_opt_state is not None:
       if not (step_dir / "opt_state").is_dir():
@@ -316,10 +316,10 @@ class Checkpointer:
     if abstract_opt_state is not None:
       out["opt_state"] = restored["opt_state"]
     if relayout:
-      out["params"] = _placed_like(layout.match_layout(out["params"], target_params),
+      out["params"] = _placed_like(match_layout(out["params"], target_params),
                                    target_params)
       if "opt_state" in out:
-        converted = layout.match_layout_within(out["opt_state"], abstract_params, target_params)
+        converted = match_layout_within(out["opt_state"], abstract_params, target_params)
         out["opt_state"] = _placed_like(converted, target_opt_state)
     return out
 
