@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax.checkpoints import orbax
+from moe_jax.checkpoints import layout, orbax
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.train import trainer as trainer_lib
 from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig
@@ -52,7 +52,7 @@ def test_resume_in_the_other_layout(tmp_path, first, then):
   want, got = _losses(tmp_path / "straight"), _losses(tmp_path / "switched")
   assert abs(got[3] - want[3]) <= 1e-5, (got, want)
   # the whole state was carried over: parameters and both Adam moments
-  like = lambda tree: orbax.layout.match_layout(tree, straight.params)  # noqa: E731
+  like = lambda tree: layout.match_layout(tree, straight.params)  # noqa: E731
   assert ("layers" in resumed.params) == then
   adam = resumed.opt_state[0]
   for a, b in [(straight.params, resumed.params), (straight.opt_state[0].mu, adam.mu),
@@ -75,7 +75,6 @@ def test_masked_optimizer_state_converts(tmp_path):
   """A PEFT-style trainable subset: optax.masked moments (MaskedNode leaves) relay out too."""
   import flax.linen as nn
 
-  from moe_jax.checkpoints import layout
   from moe_jax.train.optimizers import make_optimizer
 
   def state(scan):
