@@ -46,6 +46,18 @@ the rows of the unadapted parts. ``peft`` loads these; servers that ignore
 ``target_modules`` lists the short names (``["q_proj", "v_proj"]``, what
 vLLM expects) when every module of that name is adapted, which is what our
 sites do (every layer), else the full module names.
+
+**MoE models with fused experts** (transformers 5: ``mlp.experts.gate_up_proj``
+/ ``down_proj`` as stacked parameters): on loading, ``peft`` (0.18+) rewrites
+every ``target_modules`` entry named like a pre-fusion expert projection
+(``gate_proj`` / ``up_proj`` / ``down_proj``, Mixtral's ``w1`` / ``w2`` /
+``w3``, the router ``gate``), short *or* full name, into
+``target_parameters=["gate_up_proj", ...]`` on the experts, so LoRA meant for
+the dense FFN or the shared experts would land on the routed experts (and its
+tensors go missing). For those model types such modules are listed in
+``target_parameters`` by their full weight names instead
+(``model.layers.0.mlp.gate_proj.weight``), which ``peft`` leaves as they are
+and applies to exactly that ``nn.Linear`` weight (the same ``W + s · B A``).
 """
 
 from __future__ import annotations
@@ -64,6 +76,11 @@ from moe_jax.peft.params import split_params
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_STEM = "adapter_model"
 _KEY_PREFIX = "base_model.model."
+# HF model types whose experts transformers 5 fuses and whose LoRA target_modules peft rewrites
+# onto them by name (peft.utils.transformers_weight_conversion), and the names it rewrites.
+_FUSED_EXPERT_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
+                                 "deepseek_v3"})
+_EXPERT_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate"})
 
 
 # ----------------------------------------------------------------------------- our adapters
@@ -180,6 +197,26 @@ def _names(adapted: list[str], modules: set[str]) -> list[str]:
   return short if selected == set(adapted) else sorted(adapted)
 
 
+def _split_parameters(names: list[str], adapted: list[str], modules: set[str],
+                      hf_config: Mapping, patterns: Mapping[str, int]
+                      ) -> tuple[list[str], list[str] | None]:
+  """``(target_modules, target_parameters)``: on fused-expert MoE types, the modules peft
+  would rewrite onto the experts move to ``target_parameters`` by full weight name."""
+  if hf_config.get("model_type") not in _FUSED_EXPERT_TYPES:
+    return names, None
+  moved = [m for m in adapted if m.rsplit(".", 1)[-1] in _EXPERT_NAMES]
+  if not moved:
+    return names, None
+  for m in moved:
+    if m in patterns:
+      raise ValueError(f"{m}: a LoRA on part of this fused module has no peft form on "
+                       f"{hf_config.get('model_type')} (peft retargets it onto the fused experts; "
+                       "as a target parameter it cannot carry a rank pattern); fold it with "
+                       "moe_jax.peft.merge_and_export_hf")
+  kept = [m for m in adapted if m not in moved]
+  return _names(kept, modules) if kept else [], [m + ".weight" for m in moved]
+
+
 # ----------------------------------------------------------------------------- tensors
 
 
@@ -222,7 +259,8 @@ def _ia3_tensor(module: str, parts: list, out_rows: int, in_features: int
 
 
 def _peft_config(peft: PeftConfig, hf_config: Mapping, base: str | None, targets: list[str],
-                 feedforward: list[str], patterns: dict[str, int]) -> dict[str, Any]:
+                 feedforward: list[str], patterns: dict[str, int],
+                 parameters: list[str] | None = None) -> dict[str, Any]:
   arch = (hf_config.get("architectures") or [""])[0]
   common = {"base_model_name_or_path": base, "revision": None, "inference_mode": True,
             "task_type": "SEQ_2_SEQ_LM" if "ConditionalGeneration" in arch else "CAUSAL_LM",
@@ -231,6 +269,8 @@ def _peft_config(peft: PeftConfig, hf_config: Mapping, base: str | None, targets
   if not peft.is_lora:
     return {"peft_type": "IA3", **common, "feedforward_modules": feedforward,
             "init_ia3_weights": True}
+  if parameters:
+    common["target_parameters"] = parameters
   return {"peft_type": "LORA", **common, "r": peft.rank, "lora_alpha": peft.alpha,
           "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
           "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
@@ -294,7 +334,11 @@ def export_peft(path: str | os.PathLike, config: Any, params: Mapping, peft: Pef
   adapted = sorted(by_module)
   names = _names(adapted, modules)
   ff_names = [n for n in names if any(m == n or m.endswith("." + n) for m in feedforward)]
-  meta = _peft_config(peft, hf_config, base_model_name_or_path, names, ff_names, patterns)
+  parameters = None
+  if peft.is_lora:
+    names, parameters = _split_parameters(names, adapted, modules, hf_config, patterns)
+  meta = _peft_config(peft, hf_config, base_model_name_or_path, names, ff_names, patterns,
+                      parameters)
   target = np.dtype(_NP_DTYPES[dtype])
   with atomic_directory(path) as tmp:
     write_json(tmp / PEFT_CONFIG_FILE, meta)

@@ -3,6 +3,8 @@ FFN and the routed experts; identity adapters leave the logits unchanged, k / v 
 name; the folded LoRA exports to transformers, and the adapters as a peft directory, with
 our logits."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,19 +71,25 @@ def test_folded_lora_exports_to_transformers(tmp_path):
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(tokens)).logits.numpy()
   np.testing.assert_allclose(theirs, ours, atol=1e-4)
-  # attention adapters as a Hugging Face peft directory (q -> q_proj here, q_b_proj with a q
-  # latent) on the exported base. (Dense-FFN targets are left out: peft 0.21 also matches
-  # gate_proj / up_proj onto transformers 5's fused experts.gate_up_proj of the MoE layers.)
+  # attention, dense-FFN and shared-expert adapters as a Hugging Face peft directory (q ->
+  # q_proj here, q_b_proj with a q latent) on the exported base; the FFN modules go to
+  # target_parameters, else peft (0.21) retargets gate_proj / up_proj / down_proj onto
+  # transformers 5's fused experts.gate_up_proj / down_proj of the MoE layers.
   hf_peft = pytest.importorskip("peft")
-  cfg = peft.PeftConfig(method="lora", rank=2, sites=("q", "o"))
+  cfg = peft.PeftConfig(method="lora", rank=2, sites=("q", "o", "ffn_in", "ffn_out"))
   model = peft.adapt(module, cfg)
   params = with_adapters(model, base)
   ours = _logits(model, params, jnp.asarray(tokens))
   export_hf(tmp_path / "base", config, base)
   peft.export_peft(tmp_path / "adapter", config, params, cfg)
+  meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert meta["target_modules"] == ["o_proj", "q_proj"]
+  assert "model.layers.1.mlp.shared_experts.down_proj.weight" in meta["target_parameters"]
   plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base",
                                                             attn_implementation="eager")
   with torch.no_grad():
     theirs = hf_peft.PeftModel.from_pretrained(plain, tmp_path / "adapter").eval()(
         input_ids=torch.tensor(tokens)).logits.numpy()
+  assert not any(".experts." in name for name, _ in plain.named_modules()
+                 if "lora" in name)  # nothing landed on the routed experts
   np.testing.assert_allclose(theirs, ours, atol=1e-4)

@@ -170,3 +170,32 @@ def test_t5_lora_loads_with_peft(tmp_path):
   with torch.no_grad():
     ref = hf(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_moe", "qwen3_moe"])
+def test_moe_dense_and_shared_ffn_lora_loads_with_peft(variant, tmp_path):
+  # transformers 5 fuses the experts (mlp.experts.gate_up_proj); peft retargets LoRA named
+  # gate_proj / up_proj / down_proj onto them, so the dense layer's and the shared expert's
+  # FFN adapters are written as target_parameters and must land on those Linear weights only
+  common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                num_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                moe_intermediate_size=16, mlp_only_layers=[0])
+  if variant == "qwen2_moe":
+    cfg = transformers.Qwen2MoeConfig(**common, shared_expert_intermediate_size=24)
+    cls = transformers.Qwen2MoeForCausalLM
+  else:
+    cfg = transformers.Qwen3MoeConfig(**common, head_dim=8)
+    cls = transformers.Qwen3MoeForCausalLM
+  loaded = _save_hf(tmp_path / "base", cls, cfg)
+  lora = peft.PeftConfig(method="lora", sites=("q", "v", "ffn_in", "ffn_out"), rank=2)
+  model = peft.adapt(loaded, lora)
+  params = randomize_adapters(with_adapters(model, loaded.params, seed=9))
+  out = peft.export_peft(tmp_path / "adapter", loaded.config, params, lora)
+  meta = json.loads((out / "adapter_config.json").read_text())
+  assert meta["target_modules"] == ["q_proj", "v_proj"]
+  assert "model.layers.0.mlp.gate_proj.weight" in meta["target_parameters"]
+  ids = _ids()
+  ours = _ours(model, params, ids)
+  assert np.abs(ours - _ours(loaded.module, loaded.params, ids)).max() > 1e-3
+  np.testing.assert_allclose(_peft_logits(tmp_path / "base", out, ids), ours, atol=1e-4)
