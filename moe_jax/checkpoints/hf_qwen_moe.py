@@ -28,6 +28,12 @@ experts ``moe_intermediate_size``). A config the target cannot express raises
 :class:`CheckpointError` saying what is missing; OLMoE's ``clip_qkv`` (no
 field of ours) is refused on import by name.
 
+``shared_expert_intermediate_size: 0`` is a Qwen2-MoE without a shared expert
+(ours: ``shared_expert_dim=None``): transformers still builds one, zero wide,
+with its gate, so the checkpoint holds ``shared_expert.*_proj.weight`` of shape
+``[0, D]`` / ``[D, 0]`` and a ``[1, D]`` gate that scales zeros. Import reads
+and drops them; export writes a model with no shared expert that way.
+
 Export writes Qwen2-MoE attention biases always: a model without them (a
 Llama upcycled into Qwen2-MoE) gets zero biases and ``qkv_bias: true``, which
 every reader (transformers 4 and 5, vLLM) builds, and which compute the same.
@@ -98,11 +104,8 @@ def moe_incompatibilities(c: MoeDecoderConfig, model_type: str) -> list[str]:
     why.append(f"only layers {c.moe_layers} of {c.num_layers} are MoE; every OLMoE layer is")
   if not c.moe_layers:
     why.append("it has no MoE layer")
-  if model_type == "qwen2_moe":
-    if m.shared_hidden_dim is None:
-      why.append("it has no shared expert; every Qwen2-MoE layer has one (upcycle with "
-                 "shared_expert=True)")
-    elif not m.shared_expert_gate:
+  if model_type == "qwen2_moe":  # no shared expert: shared_expert_intermediate_size=0
+    if m.shared_hidden_dim is not None and not m.shared_expert_gate:
       why.append("its shared expert has no sigmoid gate; Qwen2-MoE's has one")
   elif m.shared_hidden_dim is not None:
     why.append(f"it has a shared expert; {model_type} has none (qwen2_moe has)")
@@ -202,7 +205,7 @@ class QwenMoeConverter:
               decoder_sparse_step=1,
               mlp_only_layers=[i for i in range(c.num_layers) if i not in c.moe_layers])
     if mt == "qwen2_moe":
-      hf.update(qkv_bias=True, shared_expert_intermediate_size=m.shared_hidden_dim)
+      hf.update(qkv_bias=True, shared_expert_intermediate_size=m.shared_hidden_dim or 0)
     else:
       hf["attention_bias"] = c.qkv_bias
     return hf
@@ -262,6 +265,12 @@ def _moe_from_hf(get: TensorGetter, c: MoeDecoderConfig, p: str) -> dict:
          "experts": experts}
   if m.shared_hidden_dim is not None:
     out["shared_expert"] = _mlp_from_hf(get, q + "shared_expert.", m.shared_hidden_dim, d)
+  elif get.has(q + "shared_expert.gate_proj.weight"):
+    # shared_expert_intermediate_size=0: transformers still builds the shared expert, zero
+    # wide (it adds zeros), and its gate; read (and check) them as the nothing they are
+    _mlp_from_hf(get, q + "shared_expert.", 0, d)
+    if get.has(q + "shared_expert_gate.weight"):
+      get.get(q + "shared_expert_gate.weight", (1, d))
   if m.shared_expert_gate:
     out["shared_expert_gate"] = {"kernel": get.get(q + "shared_expert_gate.weight", (1, d)).T}
   return out
@@ -286,6 +295,12 @@ def _ffn_to_hf(mlp: Mapping, c: MoeDecoderConfig, prefix: str) -> dict[str, np.n
     out.update(_mlp_to_hf(mlp["shared_expert"], q + "shared_expert."))
   if "shared_expert_gate" in mlp:
     out[q + "shared_expert_gate.weight"] = np.asarray(mlp["shared_expert_gate"]["kernel"]).T
+  elif c.hf_model_type == "qwen2_moe":  # shared_expert_intermediate_size=0: what HF builds
+    dtype, d = np.asarray(experts["wo"]["kernel"]).dtype, c.d_model
+    out.update({q + "shared_expert.gate_proj.weight": np.zeros((0, d), dtype),
+                q + "shared_expert.up_proj.weight": np.zeros((0, d), dtype),
+                q + "shared_expert.down_proj.weight": np.zeros((d, 0), dtype),
+                q + "shared_expert_gate.weight": np.zeros((1, d), dtype)})
   return out
 
 

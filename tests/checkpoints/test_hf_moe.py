@@ -161,3 +161,32 @@ def test_fused_in_memory_layout_loads(checkpoint, tmp_path):
   fused, saved = load_hf(tmp_path / "fused"), load_hf(path)
   import jax
   jax.tree.map(np.testing.assert_array_equal, fused.params, saved.params)
+
+
+def test_qwen2_moe_without_shared_expert_round_trips(tmp_path):
+  # shared_expert_intermediate_size=0: transformers still builds a zero-wide shared expert
+  # (and its gate), so the checkpoint holds [0, D] / [D, 0] tensors; we load it as no shared
+  # expert and write it back the same way
+  VARIANTS["qwen2_moe_0"] = ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                             dict(intermediate_size=56, moe_intermediate_size=24,
+                                  shared_expert_intermediate_size=0, mlp_only_layers=[0]))
+  try:
+    model = make_hf(tmp_path / "in", "qwen2_moe_0")
+  finally:
+    del VARIANTS["qwen2_moe_0"]
+  loaded = load_hf(tmp_path / "in")
+  c = loaded.config
+  assert c.moe.shared_expert_dim is None and not c.moe.shared_expert_gate
+  assert "shared_expert" not in loaded.params["layers_1"]["mlp"]
+  ids, mask = batch(np.random.default_rng(2))
+  valid = mask.astype(bool)
+  ours = our_logits(loaded, ids, mask)
+  np.testing.assert_allclose(ours[valid], hf_logits(model, ids, mask)[valid], atol=1e-4)
+  export_hf(tmp_path / "out", c, loaded.params)
+  written = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert written["shared_expert_intermediate_size"] == 0
+  again = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "out", attn_implementation="eager").eval()
+  assert tuple(again.model.layers[1].mlp.shared_expert.down_proj.weight.shape) == (32, 0)
+  np.testing.assert_allclose(hf_logits(again, ids, mask)[valid], ours[valid], atol=1e-4)
+  assert load_hf(tmp_path / "out").config == c
