@@ -41,8 +41,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moe_jax.models.decoder import (Decoder, DecoderConfig, DecodeCache, attention_mask,
-                                    init_cache as init_decoder_cache)
+from moe_jax.models import registry
+from moe_jax.models.decoder import DecoderConfig, DecodeCache, attention_mask
 from moe_jax.nn.attention import Attention, KVCache
 from moe_jax.nn.linear import Linear
 from moe_jax.nn.norms import RMSNorm
@@ -206,8 +206,9 @@ class ComposedModel(nn.Module):
 
   def setup(self):
     c = self.config
-    self.anchor = Decoder(config=c.anchor)
-    self.augment_models = [Decoder(config=a, name=f"augment_{j}")
+    # Through the registry: any decoder-only family (dense, MoE, DeepSeek) composes.
+    self.anchor = registry.build_module(c.anchor)
+    self.augment_models = [registry.build_module(a, name=f"augment_{j}")
                            for j, a in enumerate(c.augments)]
     self.composition = {
         layer_name(j, a, b): CompositionLayer(
@@ -225,8 +226,9 @@ class ComposedModel(nn.Module):
     d_head = c.anchor.d_model // c.heads
     comp_dtype = jnp.dtype(dtype or c.anchor.dtype)
     return ComposedCache(
-        anchor=init_decoder_cache(c.anchor, batch, max_len, dtype),
-        augments=tuple(init_decoder_cache(a, batch, max_len, dtype) for a in c.augments),
+        anchor=registry.build_module(c.anchor).init_cache(batch, max_len, dtype),
+        augments=tuple(registry.build_module(a).init_cache(batch, max_len, dtype)
+                       for a in c.augments),
         composition=tuple(tuple(KVCache.zeros(batch, max_len, c.heads, d_head, comp_dtype)
                                 for _ in ps) for ps in c.pairs))
 

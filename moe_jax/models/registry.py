@@ -127,13 +127,13 @@ def kind_of(config: Any) -> str:
                    f"known kinds: {kinds()}")
 
 
-def build_module(config: Any, kind: str | None = None) -> Any:
-  """The flax module for ``config``."""
+def build_module(config: Any, kind: str | None = None, *, name: str | None = None) -> Any:
+  """The flax module for ``config`` (``name``: its name as a submodule of another's setup)."""
   kind = kind or kind_of(config)
   if kind not in _KINDS:
     _load_plugins()
   factory = _resolve(_KINDS[kind][1])
-  return factory(config=config)
+  return factory(config=config) if name is None else factory(config=config, name=name)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
