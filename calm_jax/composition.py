@@ -166,7 +166,9 @@ def save_composition(path: str | os.PathLike, config: CompositionConfig, params:
   if not comp:
     raise ValueError("no composition parameters (keys starting with 'composition_') to save")
   with atomic_directory(path) as tmp:
-    save_file(flatten(comp), str(tmp / COMPOSITION_FILE))
+    # C order: safetensors.numpy writes a transposed (Fortran-ordered) array's raw buffer,
+    # i.e. the transpose of its values (any NumPy leaf the caller hands in may be a view).
+    save_file(flatten(comp, leaf=np.ascontiguousarray), str(tmp / COMPOSITION_FILE))
     write_json(tmp / COMPOSITION_CONFIG, {
         "config": config_to_dict(config),
         "anchor_checkpoint": anchor_checkpoint,
