@@ -48,7 +48,7 @@ vLLM expects) when every module of that name is adapted, which is what our
 sites do (every layer), else the full module names.
 
 **MoE models with fused experts** (transformers 5: ``mlp.experts.gate_up_proj``
-/ ``down_proj`` as stacked parameters): on loading, ``peft`` (0.18+) rewrites
+/ ``down_proj`` as stacked parameters): on loading, ``peft`` (seen in 0.21) rewrites
 every ``target_modules`` entry named like a pre-fusion expert projection
 (``gate_proj`` / ``up_proj`` / ``down_proj``, Mixtral's ``w1`` / ``w2`` /
 ``w3``, the router ``gate``), short *or* full name, into
@@ -57,7 +57,8 @@ the dense FFN or the shared experts would land on the routed experts (and its
 tensors go missing). For those model types such modules are listed in
 ``target_parameters`` by their full weight names instead
 (``model.layers.0.mlp.gate_proj.weight``), which ``peft`` leaves as they are
-and applies to exactly that ``nn.Linear`` weight (the same ``W + s · B A``).
+and applies to exactly that ``nn.Linear`` weight (the same ``W + s · B A``, same
+tensor names). Readers without ``target_parameters`` (peft < 0.17) do not load these.
 """
 
 from __future__ import annotations
@@ -76,10 +77,10 @@ from moe_jax.peft.params import split_params
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_STEM = "adapter_model"
 _KEY_PREFIX = "base_model.model."
-# HF model types whose experts transformers 5 fuses and whose LoRA target_modules peft rewrites
-# onto them by name (peft.utils.transformers_weight_conversion), and the names it rewrites.
-_FUSED_EXPERT_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-                                 "deepseek_v3"})
+# HF model types whose experts transformers 5 fuses and whose LoRA target_modules peft 0.21
+# rewrites onto them by name (peft.utils.transformers_weight_conversion), and the names it
+# rewrites. (qwen2_moe itself is not rewritten there: its full-name targets load as they are.)
+_FUSED_EXPERT_TYPES = frozenset({"mixtral", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"})
 _EXPERT_NAMES = frozenset({"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate"})
 
 

@@ -175,8 +175,9 @@ def test_t5_lora_loads_with_peft(tmp_path):
 @pytest.mark.parametrize("variant", ["qwen2_moe", "qwen3_moe"])
 def test_moe_dense_and_shared_ffn_lora_loads_with_peft(variant, tmp_path):
   # transformers 5 fuses the experts (mlp.experts.gate_up_proj); peft retargets LoRA named
-  # gate_proj / up_proj / down_proj onto them, so the dense layer's and the shared expert's
-  # FFN adapters are written as target_parameters and must land on those Linear weights only
+  # gate_proj / up_proj / down_proj onto them (Qwen3-MoE), so the dense layer's FFN adapters
+  # are written as target_parameters and must land on those Linear weights only; Qwen2-MoE's
+  # dense layer and shared expert load as target_modules
   common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
                 num_experts=4, num_experts_per_tok=2, intermediate_size=48,
@@ -193,8 +194,11 @@ def test_moe_dense_and_shared_ffn_lora_loads_with_peft(variant, tmp_path):
   params = randomize_adapters(with_adapters(model, loaded.params, seed=9))
   out = peft.export_peft(tmp_path / "adapter", loaded.config, params, lora)
   meta = json.loads((out / "adapter_config.json").read_text())
-  assert meta["target_modules"] == ["q_proj", "v_proj"]
-  assert "model.layers.0.mlp.gate_proj.weight" in meta["target_parameters"]
+  if variant == "qwen3_moe":
+    assert meta["target_modules"] == ["q_proj", "v_proj"]
+    assert "model.layers.0.mlp.gate_proj.weight" in meta["target_parameters"]
+  else:  # peft 0.21 leaves Qwen2-MoE's full-name targets alone
+    assert "model.layers.1.mlp.shared_expert.gate_proj" in meta["target_modules"]
   ids = _ids()
   ours = _ours(model, params, ids)
   assert np.abs(ours - _ours(loaded.module, loaded.params, ids)).max() > 1e-3
