@@ -144,6 +144,24 @@ def index_histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(values, np.float64), np.arange(len(values) + 1, dtype=np.float64) - 0.5
 
 
+def _after_existing_event_files(directory: str) -> None:
+  """Waits until a new event file's name sorts after every file already in ``directory``.
+
+  TensorBoard reads a directory's event files in name order and names them
+  ``events.out.tfevents.<seconds>.<host>.<pid>.<counter>``: two files made in
+  the same second (a quick resume) could sort by a counter compared as text, and
+  the resumed run's purge would then come first and drop nothing.
+  """
+  newest = 0
+  if os.path.isdir(directory):
+    for name in os.listdir(directory):
+      parts = name.split(".")
+      if name.startswith("events.out.tfevents.") and len(parts) > 3 and parts[3].isdigit():
+        newest = max(newest, int(parts[3]))
+  while int(time.time()) <= newest:
+    time.sleep(0.05)
+
+
 class TensorBoardWriter(MetricWriter):
   """TensorBoard event files under ``model_dir/train`` and ``model_dir/eval`` (process 0).
 
@@ -182,7 +200,9 @@ class TensorBoardWriter(MetricWriter):
   def _writer(self, subdir: str):
     w = self._writers.get(subdir)
     if w is None:
-      w = self._file_writer(os.path.join(self.model_dir, subdir))
+      directory = os.path.join(self.model_dir, subdir)
+      _after_existing_event_files(directory)
+      w = self._file_writer(directory)
       if self._start_step is not None:  # TensorBoard purges older events of steps >= this
         pb = self._event_pb2
         w.add_event(pb.Event(wall_time=time.time(), step=self._start_step,
