@@ -97,12 +97,14 @@ def test_two_processes_equal_one_then_peer_loss_and_resharded_resume(tmp_path):
   assert waited < 45, f"the surviving process hung for {waited:.0f} s"
   assert "unhealthy" in out0 and "stopped sending heartbeats" in out0, out0[-2000:]
 
-  # The aborted process 0 left its lock: the next run says so and how to clear it.
-  rerun = _train(run, steps=3)
-  out, _ = rerun.communicate(timeout=600)
-  assert rerun.returncode == 1, out[-2000:]
-  assert "error:" in out and "stale lock" in out and f"rm {run}.lock" in out, out[-2000:]
-  os.unlink(f"{run}.lock")
+  # If jax aborted process 0 (no Python clean-up), it left its lock: the next run says so
+  # and how to clear it. (When the error reaches Python first, the lock is released.)
+  if Path(f"{run}.lock").exists():
+    rerun = _train(run, steps=3)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 1, out[-2000:]
+    assert "error:" in out and "stale lock" in out and f"rm {run}.lock" in out, out[-2000:]
+    os.unlink(f"{run}.lock")
   for step_dir in (run / "checkpoints").iterdir():  # resume from step 2
     if step_dir.name != "2":
       subprocess.run(["rm", "-rf", str(step_dir)], check=True)
