@@ -68,11 +68,11 @@ def test_compositions_of_brought_families(tmp_path_factory, anchor_variant, augm
   params = _activate(params)
   active, _ = module.apply({"params": params}, tokens)
   assert np.abs(np.asarray(active) - np.asarray(ref)).max() > 1e-3
-  prompts = [[3, 4, 5, 6], [7, 8]]
-  out = decoding.generate(module, params, prompts, max_new_tokens=4)
+  prompts = [[3, 4, 5, 6]]  # small: every recomputed length compiles anew
+  out = decoding.generate(module, params, prompts, max_new_tokens=2)
   for row, prompt in zip(out.tokens_BN, prompts):
     seq = list(prompt)
-    for _ in range(4):
+    for _ in range(2):
       logits, _ = module.apply({"params": params}, jnp.array([seq]))
       seq.append(int(jnp.argmax(logits[0, -1])))
     assert list(row) == seq[len(prompt):]
