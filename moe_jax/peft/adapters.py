@@ -40,6 +40,7 @@ nothing; compute still runs in the backbone's dtype.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -103,8 +104,51 @@ def _lead_aligned(t: Array, y: Array, n_feat: int) -> Array:
   return t.astype(y.dtype)
 
 
+@jax.custom_vjp
+def low_rank_product(x_NI: Array, a_IQ: Array, b_QK: Array, gate_NE: Array) -> Array:
+  """``((x A) ⊙ gate) B``: the gate ``[N or 1, E]`` scales each of E blocks of ``Q = E·R``.
+
+  LoRA is ``E = 1`` with the gate its scaling; MoLoRA's gate is the router
+  weights times the scaling. The backward is written out: autodiff of the
+  two dots contracts ``x`` over its rows for ``dA``, which XLA:CPU compiles
+  to a slow fallback matmul plus a full transposed copy of ``x``; here the
+  small ``[N, Q]`` factor is transposed instead (``dA = (dU^T x)^T``), and
+  the gate's gradient is one row-wise sum.
+  """
+  return _low_rank_fwd(x_NI, a_IQ, b_QK, gate_NE)[0]
+
+
+def _gated(u_NQ: Array, gate_NE: Array) -> Array:
+  n, q = u_NQ.shape
+  e = gate_NE.shape[1]
+  return (u_NQ.reshape(n, e, q // e) * gate_NE[:, :, None]).reshape(n, q)
+
+
+def _low_rank_fwd(x_NI, a_IQ, b_QK, gate_NE):
+  u_NQ = jnp.dot(x_NI, a_IQ)
+  return jnp.dot(_gated(u_NQ, gate_NE), b_QK), (x_NI, a_IQ, b_QK, gate_NE, u_NQ)
+
+
+def _low_rank_bwd(res, g_NK):
+  x_NI, a_IQ, b_QK, gate_NE, u_NQ = res
+  n, q = u_NQ.shape
+  e = gate_NE.shape[1]
+  db_QK = jnp.dot(_gated(u_NQ, gate_NE).T, g_NK)
+  dug_NQ = jnp.dot(g_NK, b_QK.T)
+  dgate_NE = jnp.sum((dug_NQ * u_NQ).reshape(n, e, q // e), axis=-1)
+  if gate_NE.shape[0] == 1:
+    dgate_NE = jnp.sum(dgate_NE, axis=0, keepdims=True)
+  du_NQ = _gated(dug_NQ, gate_NE)
+  da_IQ = jnp.dot(du_NQ.T, x_NI).T
+  dx_NI = jnp.dot(du_NQ, a_IQ.T)
+  return dx_NI, da_IQ.astype(a_IQ.dtype), db_QK.astype(b_QK.dtype), dgate_NE.astype(gate_NE.dtype)
+
+
+low_rank_product.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
 def _flat_in(x: Array, in_dims: int) -> Array:
-  return x.reshape(x.shape[:x.ndim - in_dims] + (-1,))
+  return x.reshape((-1, int(math.prod(x.shape[x.ndim - in_dims:]))))
 
 
 def lora_delta(x: Array, a: Array, b: Array, *, scaling: float, dtype: Any = None) -> Array:
@@ -112,11 +156,10 @@ def lora_delta(x: Array, a: Array, b: Array, *, scaling: float, dtype: Any = Non
   dtype = dtype or x.dtype
   in_dims = a.ndim - 1
   r = a.shape[-1]
-  out_shape = b.shape[1:]
-  u = jnp.dot(_flat_in(x.astype(dtype), in_dims), a.reshape(-1, r).astype(dtype))
-  u = u * jnp.asarray(scaling, dtype)
-  y = jnp.dot(u, b.reshape(r, -1).astype(dtype))
-  return y.reshape(x.shape[:x.ndim - in_dims] + out_shape)
+  gate = jnp.full((1, 1), scaling, dtype)
+  y = low_rank_product(_flat_in(x.astype(dtype), in_dims), a.reshape(-1, r).astype(dtype),
+                       b.reshape(r, -1).astype(dtype), gate)
+  return y.reshape(x.shape[:x.ndim - in_dims] + b.shape[1:])
 
 
 def molora_delta(x: Array, weights_BLE: Array, a: Array, b: Array, *, scaling: float,
@@ -133,10 +176,9 @@ def molora_delta(x: Array, weights_BLE: Array, a: Array, b: Array, *, scaling: f
   e, r = a.shape[-2:]
   in_dims = a.ndim - 2
   lead = x.shape[:x.ndim - in_dims]
-  u = jnp.dot(_flat_in(x.astype(dtype), in_dims), a.reshape(-1, e * r).astype(dtype))
-  gate = (weights_BLE.astype(jnp.float32) * scaling).astype(dtype)
-  u = (u.reshape(lead + (e, r)) * gate[..., None]).reshape(lead + (e * r,))
-  y = jnp.dot(u, b.reshape(e * r, -1).astype(dtype))
+  gate = (weights_BLE.astype(jnp.float32) * scaling).astype(dtype).reshape(-1, e)
+  y = low_rank_product(_flat_in(x.astype(dtype), in_dims), a.reshape(-1, e * r).astype(dtype),
+                       b.reshape(e * r, -1).astype(dtype), gate)
   return y.reshape(lead + b.shape[2:])
 
 

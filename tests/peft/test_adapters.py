@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from moe_jax.peft import routers
-from moe_jax.peft.adapters import LoraAdapter, ScaleAdapter, lora_update, molora_delta, mov_scale
+from moe_jax.peft.adapters import (LoraAdapter, ScaleAdapter, lora_delta, lora_update,
+                                   molora_delta, mov_scale)
 from moe_jax.peft.config import PeftConfig
 
 B, L, D = 2, 5, 8
@@ -60,6 +61,35 @@ def test_molora_stacked_product_equals_per_expert_loop():
   w = jax.nn.softmax(_normal(3, (B, L, e)), -1)
   got = molora_delta(x, w, a, b, scaling=2.0)
   np.testing.assert_allclose(got, naive_molora(x, w, a, b, 2.0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("experts", [1, 3])
+def test_low_rank_backward_equals_autodiff_of_the_plain_math(experts):
+  """The hand-written backward of LoRA / MoLoRA (x, A, B and the router weights)."""
+  ks = jax.random.split(jax.random.key(7), 5)
+  x = jax.random.normal(ks[0], (2, 5, 3, 4))  # [B, L, H, Dh] in: two input dims
+  a = jax.random.normal(ks[1], (3, 4, experts, 2))
+  b = jax.random.normal(ks[2], (experts, 2, 6))
+  w = jax.nn.softmax(jax.random.normal(ks[3], (2, 5, experts)))
+  cot = jax.random.normal(ks[4], (2, 5, 6))
+
+  def plain(x, a, b, w):
+    u = jnp.einsum("blhd,hder->bler", x, a) * 0.5 * w[..., None]
+    return jnp.einsum("bler,erk->blk", u, b)
+
+  def ours(x, a, b, w):
+    if experts == 1:  # LoRA: no router
+      return lora_delta(x, a[:, :, 0], b[0], scaling=0.5) * w[..., :1] / w[..., :1]
+    return molora_delta(x, w, a, b, scaling=0.5)
+
+  args = (x, a, b, w)
+  want = jax.vjp(plain, *args)[1](cot)
+  got = jax.vjp(ours, *args)[1](cot)
+  np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-5, atol=1e-6)
+  for name, g, h in zip("xabw", got, want):
+    if experts == 1 and name == "w":
+      continue  # LoRA has no router weights
+    np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6, err_msg=f"d{name}")
 
 
 @pytest.mark.parametrize("sum_to_one", [True, False])
