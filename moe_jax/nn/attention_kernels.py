@@ -349,18 +349,19 @@ def _flash_local(q_BHLD, k_BHSD, v_BHSD, seg, bias, *, causal: bool, scale: floa
                         block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk,
                         block_q_dkv=bq, block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
   run = functools.partial(fa.flash_attention, causal=causal, sm_scale=scale, block_sizes=sizes)
-  if bias is not None and bias.shape[0] != b and interpret:
-    # Interpret mode cannot vmap a TPU grid; numerics are the same either way.
-    bias = jnp.broadcast_to(bias, (b,) + bias.shape[1:])
   if bias is None or bias.shape[0] == b:
     ids = None if seg is None else fa.SegmentIds(q=seg[0], kv=seg[1])
     return run(q_BHLD, k_BHSD, v_BHSD, ab=bias, segment_ids=ids)
-  # One bias for the whole batch (T5): map the kernel over sequences with the
-  # bias unbatched, rather than broadcasting a [B, H, L, S] float32 copy of it.
-  def one(q, k, v, *seg1):
+  # One bias for the whole batch (T5): run the kernel one sequence at a time
+  # (a scan) with the bias shared, rather than broadcasting a [B, H, L, S]
+  # float32 copy of it. The kernel's backward writes the bias gradient of its
+  # own sequence; under vmap that is a [B, H, L, S] float32 buffer summed
+  # afterwards, while the transposed scan adds each [1, H, L, S] into one carry.
+  def one(xs):
+    q, k, v, *seg1 = xs
     ids = None if not seg1 else fa.SegmentIds(q=seg1[0][None], kv=seg1[1][None])
     return run(q[None], k[None], v[None], ab=bias, segment_ids=ids)[0]
-  return jax.vmap(one)(q_BHLD, k_BHSD, v_BHSD, *(seg or ()))
+  return jax.lax.map(one, (q_BHLD, k_BHSD, v_BHSD, *(seg or ())))
 
 
 def tpu_attention(impl: str, q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *,
