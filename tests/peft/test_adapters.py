@@ -104,6 +104,35 @@ def test_mov_merge_equals_per_expert_loop(sum_to_one):
   np.testing.assert_allclose(got, naive_mov(y, w, s), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("sum_to_one", [True, False])
+@pytest.mark.parametrize("extra", [(), (3,)])
+def test_mov_gradients_equal_autodiff_of_the_loop(sum_to_one, extra):
+  """mov_scale's hand-written backward (merge_and_scale): w.r.t. y, w and s.
+
+  ``extra`` dims sit between the tokens and the features (a BAM attention
+  expert's queries): one merged vector scales them all.
+  """
+  e = 5
+  y = _x(0, (B, L) + extra + (2, 3))
+  s = 1.0 + 0.3 * _normal(1, (e, 2, 3))
+  w = jax.nn.softmax(_normal(3, (B, L, e)), -1) * (1.0 if sum_to_one else 0.7)
+  g = _normal(4, y.shape)
+
+  def loss(f):
+    return lambda y, w, s: jnp.sum(f(y, w, s) * g)
+
+  def reference(y, w, s):  # the same formula as mov_scale, left to autodiff
+    merged = jnp.einsum("ble,ehd->blhd", w, s - 1.0 if sum_to_one else s)
+    merged = merged.reshape((B, L) + (1,) * len(extra) + (2, 3))
+    return y * (1.0 + merged if sum_to_one else merged)
+
+  got = jax.grad(loss(lambda y, w, s: mov_scale(y, w, s, weights_sum_to_one=sum_to_one)),
+                 argnums=(0, 1, 2))(y, w, s)
+  ref = jax.grad(loss(reference), argnums=(0, 1, 2))(y, w, s)
+  for name, a, b in zip("yws", got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"d{name}")
+
+
 def test_soft_merged_modules_equal_router_weighted_loop():
   p = PeftConfig(method="molora", num_experts=4, rank=2, alpha=6.0)
   x = _x()
