@@ -18,6 +18,13 @@ uses slot positions (query slots ``index .. index+L-1`` against key slots
 ``0 .. S-1``), exactly as HF does with its cache, so incremental decoding and
 teacher forcing give the same logits.
 
+Packed rows (segment ids; seqio packs examples as contiguous runs) restart
+positions in every segment and attend within their segment only, where
+``key_pos - query_pos`` is the index difference. So one ``[1, H, L, L]`` bias
+from the row indices is exact for every pair attention can see, shared by the
+batch: no per-row ``[B, H, L, L]`` float32 bias (nor, in the flash kernel's
+backward, its gradient) per step.
+
 Two head variants, chosen by ``tie_word_embeddings``:
 
 * v1.0 (``True``): logits are ``(x * d_model**-0.5) · E^T`` with the shared
@@ -39,7 +46,6 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.models import stack
-from moe_jax.models.decoder import positions_from_segments
 from moe_jax.nn.attention import Attention, KVCache
 from moe_jax.nn.attention_kernels import AttentionMask, check_impl
 from moe_jax.nn.embeddings import Embed
@@ -352,8 +358,7 @@ class T5Encoder(nn.Module):
   def __call__(self, x_BLD: Array, valid_BL: Array, segment_ids_BL: Array | None = None
                ) -> Array:
     l = x_BLD.shape[1]
-    pos = jnp.arange(l) if segment_ids_BL is None else positions_from_segments(segment_ids_BL)
-    bias_BHLS = self.relpos_bias(pos, pos)
+    bias_BHLS = self.relpos_bias(jnp.arange(l), jnp.arange(l))  # packed too (module doc)
     # Structured: .dense(l) is encoder_mask(valid_BL, l) & same-segment.
     mask_BLS = AttentionMask(kv_valid_BS=valid_BL, q_valid_BL=valid_BL,
                              q_segment_ids_BL=segment_ids_BL, kv_segment_ids_BS=segment_ids_BL)
@@ -419,8 +424,7 @@ class T5Decoder(nn.Module):
     if segment_ids_BL is None:
       bias_BHLS = self.relpos_bias(q_slots_L, jnp.arange(valid_BS.shape[1]))
     else:  # packed rows: positions restart per segment; attend within the segment only
-      pos_BL = positions_from_segments(segment_ids_BL)
-      bias_BHLS = self.relpos_bias(pos_BL, pos_BL)
+      bias_BHLS = self.relpos_bias(jnp.arange(l), jnp.arange(l))  # one for all rows (module doc)
       self_mask_BLS = self_mask_BLS.replace(q_segment_ids_BL=segment_ids_BL,
                                             kv_segment_ids_BS=segment_ids_BL)
       if enc_segment_ids_BS is None:
