@@ -93,6 +93,17 @@ def test_flash_t5_bias_equals_xla(causal):
   _check("flash", q, k, v, r, mask, valid, bias=bias)
 
 
+def test_flash_t5_shared_bias_packed_equals_xla():
+  """Packed rows, one bias for the batch (T5 training): the kernel runs row by row, dbias summed."""
+  q, k, v, r = _qkv(h=4, kv=4, seed=5)
+  seg = _packed_segments()
+  valid = seg > 0
+  bias = jnp.asarray(np.random.default_rng(6).standard_normal((1, 4, L, L)), jnp.float32)
+  mask = AttentionMask(kv_valid_BS=valid, q_valid_BL=valid, q_segment_ids_BL=seg,
+                       kv_segment_ids_BS=seg)
+  _check("flash", q, k, v, r, mask, valid, bias=bias)
+
+
 def test_flash_cross_attention_unaligned_lengths():
   """Lengths that are not multiples of 128 are padded inside (T5 cross-attention, packed)."""
   lq, s = 100, 72
