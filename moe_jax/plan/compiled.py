@@ -16,13 +16,25 @@ would run on that slice. XLA's TPU compiler then reports, per device:
   state, batch), outputs, the donated outputs that alias arguments, and
   temporaries (activations, gradients, collectives' buffers); the step's
   peak is ``arguments + outputs - aliased + temporaries``;
-* HLO FLOPs of one step (``compiled.cost_analysis()``; XLA counts the body
-  of a while loop once, so with scanned layers or microbatches the HLO
-  figure covers one layer / one microbatch of those loops), compared with the
-  model FLOPs ``2·N·T`` forward + ``2·N·T`` input gradients + ``2·N_trainable·T``
-  weight gradients (``6·N·T`` when everything trains), plus one more forward
+* HLO FLOPs (``compiled.cost_analysis()``) compared with the model FLOPs
+  ``2·N·T`` forward + ``2·N·T`` input gradients + ``2·N_trainable·T`` weight
+  gradients (``6·N·T`` when everything trains), plus one more forward
   (``2·N·T``) when the blocks rematerialise everything (``remat_policy="full"``);
-  N is the active matmul parameters, T the tokens, divided over the devices;
+  N is the active matmul parameters, T the tokens, divided over the devices.
+  XLA's cost analysis counts the body of a while loop once, whatever its trip
+  count, so the compiled step's own figure covers one layer of a scanned
+  stack and one microbatch. The **per-step HLO FLOPs** (:func:`step_hlo_flops`)
+  count every layer and microbatch: the same train step is compiled again,
+  for the same slice and mesh, with the layers unrolled (``scan_layers=False``,
+  so each layer is in the program once) at 1 layer per stack and at 2 layers
+  in one stack at a time, and with the whole global batch in one microbatch
+  (the accumulation loop's FLOPs are its microbatches' sum, the optimizer
+  update runs once either way). A stack's FLOPs are affine in its depth,
+  ``F(n) = F(1) + (n - 1)·(F(2) - F(1))``, exactly so when its layers are
+  identical; a stack whose layers alternate (``moe_layout="every_other"``)
+  is measured at 2 and 4 layers (one period and two). Attention kernels
+  (Pallas custom calls) count what their cost estimate says, and any loop that
+  remains in those small programs (``loops_left``) is still counted once;
 * compile time.
 
 Topology names are Cloud TPU's: ``v4-32`` and ``v5p-128`` count TensorCores
@@ -144,6 +156,8 @@ class CompiledPlan:
   hlo_flops: float
   model_flops: float
   compile_seconds: float
+  step_hlo_flops: float | None = None
+  loops_left: int = 0
 
   @property
   def total_bytes(self) -> int:
@@ -160,16 +174,23 @@ class CompiledPlan:
   def format(self) -> str:
     t, g = self.topology, _format_bytes
     mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
-    ratio = self.hlo_flops / self.model_flops if self.model_flops else float("nan")
+    if self.step_hlo_flops is None:
+      flops = (f"FLOPs per device and step: HLO {_format_flops(self.hlo_flops)} (loop bodies "
+               f"counted once), model {_format_flops(self.model_flops)}")
+    else:
+      ratio = self.step_hlo_flops / self.model_flops if self.model_flops else float("nan")
+      left = f"; {self.loops_left} loops left, counted once" if self.loops_left else ""
+      flops = (f"FLOPs per device and step: HLO {_format_flops(self.step_hlo_flops)} (every "
+               f"layer and microbatch{left}), model {_format_flops(self.model_flops)} (HLO / "
+               f"model {ratio:.2f}); the compiled step's own figure, loop bodies counted "
+               f"once: {_format_flops(self.hlo_flops)}")
     return "\n".join([
         f"compiled for {t.name} ({t.chips} chips {t.desc_name}, {HBM_GIB[t.generation]:g} GiB "
         f"HBM per chip), mesh {mesh}, {self.batch_per_device:g} rows per batch shard",
         f"per device: arguments {g(self.argument_bytes)}, outputs {g(self.output_bytes)} "
         f"(aliased {g(self.alias_bytes)}), temporaries {g(self.temp_bytes)}, "
         f"total {g(self.total_bytes)} = {100 * self.hbm_fraction:.1f}% of HBM",
-        f"FLOPs per device and step: HLO {self.hlo_flops / 1e12:.2f} TFLOP, model "
-        f"{self.model_flops / 1e12:.2f} TFLOP (HLO / model {ratio:.2f}; XLA counts the body "
-        "of a loop -- scanned layers, microbatches -- once)",
+        flops,
         f"compile time: {self.compile_seconds:.1f} s",
     ])
 
@@ -182,6 +203,10 @@ class CompiledPlan:
             "TrainerConfig.num_microbatches or a smaller batch per device")
 
 
+def _format_flops(n: float) -> str:
+  return f"{n / 1e12:.2f} TFLOP" if n >= 1e11 else f"{n / 1e9:.3f} GFLOP"
+
+
 def _format_bytes(n: float) -> str:
   return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.2f} MiB"
 
@@ -191,9 +216,101 @@ def remat_recomputes_forward(config: Any) -> bool:
   return getattr(config, "remat_policy", "none") == "full"
 
 
+def _compile(model: Any, *, dataset: Any, devices: list[Any], trainer: Any, optimizer: Any,
+             partitioner: Any, trainable: Any) -> tuple[Any, float, Any]:
+  """``(compiled train step, compile seconds, trainer)`` of ``run.build_trainer``'s step."""
+  from moe_jax.plan import _dummy_batch
+  from moe_jax.train import run
+  from moe_jax.train.partitioner import Partitioner, PartitionerConfig
+
+  part = Partitioner(partitioner or PartitionerConfig(), devices=devices)
+  tr = run.build_trainer(model, trainer=trainer, optimizer=optimizer, partitioner=part,
+                         trainable=trainable)
+  abstract, _ = _dummy_batch(model, dataset, rows=dataset.batch_size)
+  shardings = tr._batch_shardings(abstract)  # pylint: disable=protected-access
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+           for k, v in abstract.items()}
+  part.check_batch(batch)
+  tr._check_microbatches(batch)  # pylint: disable=protected-access
+  step = tr._make_train_step(batch)  # pylint: disable=protected-access
+  start = time.perf_counter()
+  compiled = step.lower(tr.abstract_state, batch).compile()
+  return compiled, time.perf_counter() - start, tr
+
+
+def _hlo_flops(compiled: Any) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
+def _while_loops(compiled: Any) -> int:
+  """While loops in the compiled program (each counted once by the cost analysis)."""
+  return len(re.findall(r"\swhile\(", compiled.as_text()))
+
+
+def layer_counts(config: Any) -> dict[str, int]:
+  """``{config field: layers}`` of each stack (``num_decoder_layers=None`` resolved)."""
+  counts = {}
+  if isinstance(getattr(config, "num_layers", None), int):
+    counts["num_layers"] = config.num_layers
+  if "num_decoder_layers" in {f.name for f in dataclasses.fields(config)}:
+    counts["num_decoder_layers"] = config.num_decoder_layers or config.num_layers
+  return counts
+
+
+def _layer_period(config: Any) -> int | None:
+  """Layers per repeating unit of a stack (``None``: the layers follow no period)."""
+  layout = getattr(config, "moe_layout", "every")
+  return {"every": 1, "every_other": 2}.get(layout) if isinstance(layout, str) else None
+
+
+def _with_layers(model: Any, counts: Mapping[str, int]) -> Any:
+  """A copy of the model wrapper with ``counts`` layers per stack, unrolled."""
+  import copy
+
+  config = dataclasses.replace(model.config, scan_layers=False, **counts)
+  if getattr(model.module, "config", None) != model.config:
+    raise ValueError(f"{type(model.module).__name__} does not hold the wrapper's config")
+  new = copy.copy(model)
+  new.config, new.module = config, model.module.clone(config=config)
+  return new
+
+
+def step_hlo_flops(model: Any, *, dataset: Any, devices: list[Any], trainer: Any,
+                   optimizer: Any, partitioner: Any, trainable: Any
+                   ) -> tuple[float | None, int]:
+  """HLO FLOPs of one train step counting every layer and microbatch (module doc).
+
+  Returns ``(FLOPs per device, while loops left in the small programs)``;
+  ``(None, 0)`` when the stacks' layers follow no period (a tuple
+  ``moe_layout``) or the config has no ``scan_layers`` switch.
+  """
+  counts, period = layer_counts(model.config), _layer_period(model.config)
+  if period is None or not hasattr(model.config, "scan_layers") or any(
+      n % period for n in counts.values()):
+    return None, 0
+  one = dataclasses.replace(trainer, num_microbatches=1)
+  kw = dict(dataset=dataset, devices=devices, trainer=one, optimizer=optimizer,
+            partitioner=partitioner, trainable=trainable)
+
+  def flops(c):
+    compiled, _, _ = _compile(_with_layers(model, c), **kw)
+    return _hlo_flops(compiled), _while_loops(compiled)
+
+  base_counts = {k: period for k in counts}
+  base, loops = flops(base_counts)
+  total = base
+  for k, n in counts.items():
+    if n > period:
+      more, _ = flops({**base_counts, k: 2 * period})
+      total += (n // period - 1) * (more - base)
+  return total, loops
+
+
 def compile_train_step(model: Any, *, dataset: Any, topology: Topology | str,
                        trainer: Any = None, optimizer: Any = None, partitioner: Any = None,
-                       trainable: Any = None) -> CompiledPlan:
+                       trainable: Any = None, count_steps: bool = True) -> CompiledPlan:
   """Compiles ``run.build_trainer(...)``'s train step for ``topology`` (see the module doc).
 
   Args:
@@ -204,29 +321,26 @@ def compile_train_step(model: Any, *, dataset: Any, topology: Topology | str,
     optimizer: the ``OptimizerConfig``.
     partitioner: the ``PartitionerConfig`` (its ``-1`` axis takes the slice's chips).
     trainable: as ``train(trainable=...)``.
+    count_steps: also compute :func:`step_hlo_flops` (small extra compiles)
+      when the step has loops (scanned layers, microbatches).
   """
   from moe_jax.plan import _dummy_batch, _matmul_flops
-  from moe_jax.train import run
-  from moe_jax.train.partitioner import Partitioner, PartitionerConfig
   from moe_jax.train.trainer import TrainerConfig
 
   topo = parse_topology(topology) if isinstance(topology, str) else topology
-  part = Partitioner(partitioner or PartitionerConfig(), devices=topology_devices(topo))
-  tr = run.build_trainer(model, trainer=trainer or TrainerConfig(num_train_steps=1),
-                         optimizer=optimizer, partitioner=part, trainable=trainable)
-  abstract, row_tokens = _dummy_batch(model, dataset, rows=dataset.batch_size)
-  shardings = tr._batch_shardings(abstract)  # pylint: disable=protected-access
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
-           for k, v in abstract.items()}
-  part.check_batch(batch)
-  tr._check_microbatches(batch)  # pylint: disable=protected-access
-  step = tr._make_train_step(batch)  # pylint: disable=protected-access
-  start = time.perf_counter()
-  compiled = step.lower(tr.abstract_state, batch).compile()
-  seconds = time.perf_counter() - start
+  devices = topology_devices(topo)
+  trainer = trainer or TrainerConfig(num_train_steps=1)
+  kw = dict(dataset=dataset, devices=devices, trainer=trainer, optimizer=optimizer,
+            partitioner=partitioner, trainable=trainable)
+  compiled, seconds, tr = _compile(model, **kw)
+  part = tr.partitioner
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  hlo = _hlo_flops(compiled)
+  step_flops, loops = hlo, 0
+  if count_steps and (getattr(model.config, "scan_layers", False)
+                      or trainer.num_microbatches > 1):
+    step_flops, loops = step_hlo_flops(model, **kw)
+  _, row_tokens = _dummy_batch(model, dataset)
   tokens = {k: v * dataset.batch_size for k, v in row_tokens.items()}
   boxed = model.abstract_boxed_params()
   flops = _matmul_flops(model, boxed, tr.optimizer.trainable_mask, tokens)
@@ -239,5 +353,5 @@ def compile_train_step(model: Any, *, dataset: Any, topology: Topology | str,
       batch_per_device=dataset.batch_size / part.num_batch_shards,
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-      hlo_flops=float((cost or {}).get("flops", 0.0)), model_flops=flops / n,
-      compile_seconds=seconds)
+      hlo_flops=hlo, model_flops=flops / n, compile_seconds=seconds,
+      step_hlo_flops=step_flops, loops_left=loops)

@@ -5,6 +5,7 @@ no TPU is used. The figures are XLA's TPU compiler's, checked against the
 eval_shape plan so that neither rots.
 """
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from moe_jax import plan
 from moe_jax.cli import plan as plan_cli
+from moe_jax.models.decoder import DecoderConfig
 from moe_jax.models.moe_decoder import MoeDecoderConfig
 from moe_jax.moe.layer import MoeConfig
 from moe_jax.plan import compiled as compiled_lib
@@ -68,6 +70,27 @@ def test_compiled_train_step_agrees_with_the_plan():
   assert 0.5 < c.total_bytes / p.total_bytes < 2.5
   assert c.hlo_flops == pytest.approx(c.model_flops, rel=0.5)
   assert "temporaries" in c.format()
+
+
+def test_step_hlo_flops_count_every_layer_and_microbatch():
+  """Scanned layers x 2 microbatches: the extrapolated per-step HLO FLOPs equal those of
+  the same step compiled unrolled in one microbatch (every layer in the program once)."""
+  config = DecoderConfig(vocab_size=512, d_model=128, num_layers=4, num_heads=4,
+                         num_kv_heads=2, d_ff=256, scan_layers=True, remat_policy="full",
+                         dtype="bfloat16", attention_impl="xla")
+  mesh = PartitionerConfig(data=4, fsdp=True)
+  scanned = compiled_lib.compile_train_step(
+      DecoderOnlyModel(config), dataset=DATA, topology="v5p:2x2x1", partitioner=mesh,
+      trainer=TrainerConfig(num_train_steps=1, num_microbatches=2))
+  unrolled = compiled_lib.compile_train_step(
+      DecoderOnlyModel(dataclasses.replace(config, scan_layers=False)), dataset=DATA,
+      topology="v5p:2x2x1", partitioner=mesh, trainer=TrainerConfig(num_train_steps=1))
+  assert unrolled.step_hlo_flops == unrolled.hlo_flops  # no loops: nothing to extrapolate
+  assert scanned.step_hlo_flops == pytest.approx(unrolled.hlo_flops, rel=1e-3)
+  assert scanned.hlo_flops < 0.5 * scanned.step_hlo_flops  # one layer, one microbatch
+  # 6·N·T plus the remat forward; the HLO adds attention scores, norms, the softmax.
+  assert 1.0 < scanned.step_hlo_flops / scanned.model_flops < 1.3
+  assert "every layer and microbatch" in scanned.format()
 
 
 def test_overflow_is_named():
