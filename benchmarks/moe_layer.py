@@ -46,6 +46,35 @@ FLOPs ``2·T·K·3·D·F`` -- what the tokens' K gated experts need, no padding)
   its buffer, so these HLO FLOPs follow the buffer size; ``*_temp_mib`` is
   the compiled temporary memory per chip.
 
+What the kernels execute (computed here, no compile; same shapes and meshes):
+``tpu_<path>[_skewed]_executed_flops_over_ideal`` for ``ragged``,
+``ep_ragged`` and ``ep_ragged_f1.25``: the FLOPs megablox's ``gmm`` / ``tgmm``
+actually run, forward and backward, for a routed batch -- a fresh router on
+random tokens (near-uniform loads), and ``_skewed`` with a Zipf prior on its
+logits (loads about 0.50, 0.39, 0.09, ... ) -- over the same ideal. Read off
+megablox/gmm.py: ``make_group_metadata`` gives each non-empty group the
+``tm``-row tiles from ``floor(start / tm)`` to ``ceil(end / tm)`` (a tile two
+groups share is visited by both; empty groups and rows past the last group by
+none): ``active`` tiles. ``gmm``'s grid is ``(tiles_n, active, tiles_k)``,
+``tgmm``'s ``(tiles_n, tiles_k, active + empty groups)`` with the empty
+groups' steps skipping their product, and every step is one
+``[tm, tk] x [tk, tn]`` product: ``2·tm·tk·tn`` FLOPs. The layer calls, per
+expert matmul (``wi_0``, ``wi_1`` ``[D, F]``, ``wo`` ``[F, D]``, tiles from
+``experts.gmm_tiling``), ``gmm`` forward and, through megablox's VJP,
+``gmm(dy, w, transpose_rhs=True)`` and ``tgmm(x^T, dy)``; that sum is the
+figure (the active-tile count is checked against ``make_group_metadata``
+itself). The group sizes are what each chip holds (``ragged``: its own
+assignments) or receives (``ep_*``: per local expert, clipped by the receive
+buffer as ``ragged_parallel._exchange_plan`` clips it; ``*_kept_frac`` the
+rows that fit). So the compiled 4x of ``tpu_ep_ragged_hlo_flops_over_ideal``
+is megablox's estimate over the worst-case buffer, not work done: what runs
+is the real rows rounded up to row tiles per group (1.22x with random
+routing). The reverse holds for data-parallel ``ragged``: compiled 1.00x,
+but its 8 groups of ~512 rows in 512-row tiles (``gmm_tiling`` for 4096 rows)
+mostly straddle two tiles, so it executes ~1.86x. ``*_busiest_chip_over_ideal``
+is the busiest chip's executed FLOPs over the ideal share of one chip: the
+step waits for it (a skewed router piles onto the chips of its hot experts).
+
 ``--no-tpu`` skips the TPU compiles (they need ``moe-jax[tpu]``; each takes
 a minute or so of CPU).
 
@@ -67,8 +96,10 @@ from moe_jax.runtime import tune_cpu_allocator  # noqa: E402
 
 tune_cpu_allocator()  # before jax starts its threads (see moe_jax/runtime.py)
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from moe_jax.moe import MoeConfig, MoeLayer  # noqa: E402
 from moe_jax.nn.mlp import Mlp  # noqa: E402
@@ -141,6 +172,133 @@ def tpu_flop_ratios() -> dict:
   return out
 
 
+# ----------------------------------------------------------------------------- executed FLOPs
+
+
+def routed_experts(b: int, l: int, d: int, e: int, k: int, *, skew: float = 0.0,
+                   seed: int = 0) -> np.ndarray:
+  """``[B, L, K]`` experts a fresh router picks for random tokens (the layer's math).
+
+  ``skew > 0`` adds ``skew · log(1 / (1 + e))`` to the logits (a Zipf prior:
+  expert 0 most popular), the imbalance of an early or collapsing router.
+  """
+  from moe_jax.moe.layer import RouterKernel
+  from moe_jax.nn.router import router_logits, top_k_gates
+  kx, kr = jax.random.split(jax.random.key(seed))
+  kernel_DE = RouterKernel(num_experts=e).init(kr, d)["params"]["kernel"]
+  x = jax.random.normal(kx, (b, l, d), jnp.float32)
+  logits = router_logits(x, nn.unbox(kernel_DE))
+  logits = logits - skew * jnp.log1p(jnp.arange(e, dtype=jnp.float32))
+  _, expert_BLK = top_k_gates(jax.nn.softmax(logits, axis=-1), k)
+  return np.asarray(expert_BLK)
+
+
+def received_group_sizes(counts_NE: np.ndarray, rows: int, e_local: int) -> list[np.ndarray]:
+  """Local experts' group sizes on each of n devices of one expert group (``_exchange_plan``).
+
+  ``counts_NE[i, x]``: rows source ``i`` sends to global expert ``x``. A
+  receive buffer of ``rows`` keeps chunks in source order and clips the last
+  ones, as ``ragged_parallel._exchange_plan`` does.
+  """
+  n = counts_NE.shape[0]
+  sizes = []
+  for j in range(n):
+    full_NE = counts_NE[:, j * e_local:(j + 1) * e_local]  # [source, local expert]
+    all_N = full_NE.sum(1)
+    kept_N = np.clip(rows - (np.cumsum(all_N) - all_N), 0, all_N)
+    starts_NE = np.cumsum(full_NE, 1) - full_NE
+    sizes.append(np.clip(kept_N[:, None] - starts_NE, 0, full_NE).sum(0))
+  return sizes
+
+
+def active_row_tiles(group_sizes: np.ndarray, m: int, tm: int) -> int:
+  """Row tiles megablox visits for non-empty groups (``make_group_metadata``'s count).
+
+  A group covers the tiles from ``floor(start / tm)`` to ``ceil(end / tm)``;
+  a tile two groups share is visited by both; empty groups and rows past the
+  last group are not visited. Checked against megablox's own metadata.
+  """
+  from jax.experimental.pallas.ops.tpu.megablox.gmm import make_group_metadata
+  ends = np.cumsum(group_sizes)
+  starts = ends - group_sizes
+  mine = int(np.sum(np.where(group_sizes > 0, -(-ends // tm) - starts // tm, 0)))
+  _, theirs = make_group_metadata(group_sizes=jnp.asarray(group_sizes, jnp.int32), m=m, tm=tm,
+                                  start_group=jnp.int32(0),
+                                  num_nonzero_groups=len(group_sizes), visit_empty_groups=False)
+  assert mine == int(theirs), (mine, int(theirs), group_sizes)
+  return mine
+
+
+def executed_expert_flops(group_sizes: np.ndarray, rows: int, d: int, f: int) -> float:
+  """FLOPs megablox's kernels run for one gated expert FFN's forward and backward.
+
+  ``experts.grouped_matmul`` pads ``rows`` to the row tile and calls ``gmm``
+  for ``wi_0``, ``wi_1`` (``[D, F]``) and ``wo`` (``[F, D]``) with
+  ``gmm_tiling(rows, K, N)``; the backward (megablox's ``custom_vjp``) is
+  ``gmm(dy, w, transpose_rhs=True)`` (contraction N in ``tk`` tiles, output K
+  in ``tn`` tiles) and ``tgmm(x^T, dy)`` (K in ``tk``, N in ``tn``). Each grid
+  step of each kernel is one ``[tm, tk] x [tk, tn]`` (tgmm: ``[tk, tm] x
+  [tm, tn]``) MXU product, ``2·tm·tk·tn`` FLOPs, and the grids are ``(tiles_n,
+  active, tiles_k)`` / ``(tiles_n, tiles_k, active)``; tgmm's extra steps for
+  empty groups skip their product.
+  """
+  from moe_jax.moe.experts import gmm_tiling
+  ceil = lambda a, t: -(-a // t)  # noqa: E731
+  total = 0.0
+  for kk, nn_ in ((d, f), (d, f), (f, d)):
+    tm, tk, tn = gmm_tiling(rows, kk, nn_)
+    active = active_row_tiles(group_sizes, ceil(rows, tm) * tm, tm)
+    per_step = 2.0 * tm * tk * tn
+    fwd = tgmm = active * ceil(kk, tk) * ceil(nn_, tn) * per_step
+    dx = active * ceil(nn_, tk) * ceil(kk, tn) * per_step
+    total += fwd + dx + tgmm
+  return total
+
+
+SKEW = 1.0  # Zipf prior on the logits of the skewed router (see routed_experts)
+
+
+def _per_chip_executed(expert_BLK: np.ndarray, d: int, f: int) -> dict:
+  """``{path: ([executed FLOPs per chip], rows kept)}`` for the TPU runs' meshes."""
+  from moe_jax.moe.ragged_parallel import receive_rows
+  out = {}
+  # data=8: each chip runs all E experts on its own b/8 sequences' assignments
+  out["ragged"] = ([executed_expert_flops(np.bincount(a, minlength=E), a.size, d, f)
+                    for a in expert_BLK.reshape(8, -1)], expert_BLK.size)
+  n, e_local = 4, E // 4  # data=2 x expert=4: chip (i, j) holds experts 2j, 2j+1
+  shards = expert_BLK.reshape(2, n, -1)  # [data, source chip, its assignments]
+  for name, factor in (("ep_ragged", None), ("ep_ragged_f1.25", 1.25)):
+    rows = receive_rows(n, shards.shape[-1] // K, K, e_local, factor)
+    chips, kept = [], 0
+    for i in range(2):
+      counts_NE = np.stack([np.bincount(a, minlength=E) for a in shards[i]])
+      for sizes in received_group_sizes(counts_NE, rows, e_local):
+        chips.append(executed_expert_flops(sizes, rows, d, f))
+        kept += int(sizes.sum())
+    out[name] = (chips, kept)
+  return out
+
+
+def executed_flop_ratios(b: int = 16, l: int = 1024, d: int = 1024, f: int = 2048) -> dict:
+  """Kernel-executed FLOPs over the ideal for routed batches, in the TPU runs' shapes."""
+  ideal = 3 * _ideal_flops(b * l, d, f, K)
+  out = {}
+  for route, skew in (("", 0.0), ("_skewed", SKEW)):
+    expert_BLK = routed_experts(b, l, d, E, K, skew=skew)
+    load = np.bincount(expert_BLK.ravel(), minlength=E) / expert_BLK.size
+    line = []
+    for name, (chips, kept) in _per_chip_executed(expert_BLK, d, f).items():
+      key = f"tpu_{name}{route}"
+      out[f"{key}_executed_flops_over_ideal"] = round(sum(chips) / ideal, 3)
+      out[f"{key}_busiest_chip_over_ideal"] = round(max(chips) * len(chips) / ideal, 3)
+      if kept != expert_BLK.size:
+        out[f"{key}_kept_frac"] = round(kept / expert_BLK.size, 4)
+      line.append(f"{name} {out[f'{key}_executed_flops_over_ideal']} (busiest chip "
+                  f"{out[f'{key}_busiest_chip_over_ideal']}, kept {kept / expert_BLK.size:.3f})")
+    print(f"executed / ideal FLOPs, {route[1:] or 'random'} router (expert loads "
+          f"{np.round(load, 3).tolist()}): " + "; ".join(line), flush=True)
+  return out
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="shorter sequences, fewer repeats")
@@ -201,6 +359,7 @@ def main() -> None:
       f"{k.split('_')[1]} {v}" for k, v in result.items() if k.startswith("cpu_")), flush=True)
   if not args.no_tpu:
     result.update(tpu_flop_ratios())
+  result.update(executed_flop_ratios())
   print(json.dumps(result))
 
 

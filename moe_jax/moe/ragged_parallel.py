@@ -26,7 +26,9 @@ sizes it at ``f·A`` instead (balanced routing receives ``A`` on average):
 less memory, and rows past the buffer are dropped (they return zeros, like a
 capacity drop), last experts of the last sources first. megablox's cost
 estimate counts all R rows, so compiled FLOPs scale with R; the kernel
-itself skips row tiles past the real groups.
+itself skips row tiles past the real groups: it runs each group's row tiles
+(a tile two groups share, once per group), about 1.2x the ideal FLOPs with
+random routing (``*_executed_flops_over_ideal`` in benchmarks/moe_layer.py).
 
 ``exchange`` picks the collective: ``"ragged"`` (``jax.lax.ragged_all_to_all``,
 TPU / GPU) or ``"emulated"`` (the same semantics from a padded ``all_to_all``:

@@ -342,6 +342,7 @@ def _flash_local(q_BHLD, k_BHSD, v_BHSD, seg, bias, *, causal: bool, scale: floa
                  interpret: bool) -> Array:
   """Pallas flash attention on one shard; ``bias`` ``[1 or B, H, L, S]`` is read per batch."""
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
+  del interpret  # set around the call (_interpret_vjp): lax.map below needs no vmap of a grid
   b, _, l, _ = q_BHLD.shape
   s = k_BHSD.shape[2]
   bq, bk = _block(l), _block(s)
