@@ -50,7 +50,11 @@ def test_gmm_equals_ragged_dot_and_loop(m):
 
 
 def test_gmm_tiling_is_mxu_sized():
-  assert gmm_tiling(65536, 4096, 14336) == (512, 512, 512)
+  assert gmm_tiling(65536, 4096, 14336, groups=8) == (512, 512, 512)
+  # 8 groups of ~512 rows: 128-row tiles, so few rows are computed twice
+  assert gmm_tiling(4096, 4096, 14336, groups=8) == (128, 512, 512)
+  assert gmm_tiling(32768, 4096, 14336, groups=8) == (512, 512, 512)
+  assert gmm_tiling(16384, 4096, 14336, groups=8) == (256, 512, 512)
   assert gmm_tiling(1000, 2048, 768) == (128, 512, 256)
   assert gmm_tiling(64, 8, 16) == (128, 8, 16)  # tiny test dims: whole-dim tiles
 
