@@ -217,7 +217,8 @@ def remat_recomputes_forward(config: Any) -> bool:
 
 
 def _compile(model: Any, *, dataset: Any, devices: list[Any], trainer: Any, optimizer: Any,
-             partitioner: Any, trainable: Any) -> tuple[Any, float, Any]:
+             partitioner: Any, trainable: Any, options: Mapping[str, Any] | None = None
+             ) -> tuple[Any, float, Any]:
   """``(compiled train step, compile seconds, trainer)`` of ``run.build_trainer``'s step."""
   from moe_jax.plan import _dummy_batch
   from moe_jax.train import run
@@ -234,7 +235,7 @@ def _compile(model: Any, *, dataset: Any, devices: list[Any], trainer: Any, opti
   tr._check_microbatches(batch)  # pylint: disable=protected-access
   step = tr._make_train_step(batch)  # pylint: disable=protected-access
   start = time.perf_counter()
-  compiled = step.lower(tr.abstract_state, batch).compile()
+  compiled = step.lower(tr.abstract_state, batch).compile(compiler_options=options)
   return compiled, time.perf_counter() - start, tr
 
 
@@ -247,6 +248,14 @@ def _hlo_flops(compiled: Any) -> float:
 def _while_loops(compiled: Any) -> int:
   """While loops in the compiled program (each counted once by the cost analysis)."""
   return len(re.findall(r"\swhile\(", compiled.as_text()))
+
+
+#: XLA's TPU compiler splits a matmul whose operand is all-gathered (FSDP) or whose
+#: result is reduce-scattered into a loop over the shards (a "windowed einsum",
+#: overlapping the collective with the matmul: the same FLOPs, counted once per
+#: loop); for counting FLOPs the matmul is compiled whole.
+_WHOLE_COLLECTIVE_MATMULS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                              "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 
 
 def layer_counts(config: Any) -> dict[str, int]:
@@ -295,7 +304,7 @@ def step_hlo_flops(model: Any, *, dataset: Any, devices: list[Any], trainer: Any
             partitioner=partitioner, trainable=trainable)
 
   def flops(c):
-    compiled, _, _ = _compile(_with_layers(model, c), **kw)
+    compiled, _, _ = _compile(_with_layers(model, c), options=_WHOLE_COLLECTIVE_MATMULS, **kw)
     return _hlo_flops(compiled), _while_loops(compiled)
 
   base_counts = {k: period for k in counts}
