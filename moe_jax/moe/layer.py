@@ -41,7 +41,13 @@ with one entry per call):
   (``total_aux_loss``) to the training loss.
 * ``"moe_metrics"`` collection: unweighted ``load_balancing_loss``,
   ``router_z_loss``, ``expert_usage`` ``[E]``, ``dropped_fraction``,
-  ``dropped_token_fraction``, ``router_confidence`` -- for logging.
+  ``dropped_token_fraction``, ``router_confidence`` -- for logging. The
+  ragged expert-parallel exchange also sows ``buffer_dropped`` (int32): the
+  exact number of assignments that did not fit a receive buffer
+  (``ragged_buffer_factor``), summed over the devices; ``dropped_fraction``
+  includes them (``dropped_token_fraction`` and ``expert_usage`` count
+  capacity drops only). ``TrainerConfig.dropless_fallback`` replays a step
+  whose ``buffer_dropped`` is not 0 with worst-case buffers.
 
 **Jitter** (Switch) is applied iff the caller provides a ``"jitter"`` rng
 (``apply(..., rngs={"jitter": key})``): the trainer passes it in training and
@@ -63,7 +69,7 @@ import jax.numpy as jnp
 from moe_jax.moe.dispatch import DISPATCH_METHODS, moe_apply
 from moe_jax.moe.experts import RAGGED_KERNELS, RoutedExperts, resolve_ragged_kernel
 from moe_jax.moe.parallel import expert_parallel_apply, plan_from_context, route_local
-from moe_jax.moe.ragged_parallel import EXCHANGES, resolve_exchange
+from moe_jax.moe.ragged_parallel import EXCHANGES, effective_buffer_factor, resolve_exchange
 from moe_jax.moe.routing import (SCORINGS, compute_capacity, experts_choose_route,
                                  router_stats, tokens_choose_route)
 from moe_jax.nn.attention_kernels import target_platform
@@ -75,10 +81,12 @@ from moe_jax.nn.router import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, router_l
 
 Array = jax.Array
 
-__all__ = ["AUX_LOSS_COLLECTION", "METRICS_COLLECTION", "ROUTERS", "MoeConfig", "MoeLayer",
-           "RouterKernel", "total_aux_loss"]
+__all__ = ["AUX_LOSS_COLLECTION", "BUFFER_DROPPED", "METRICS_COLLECTION", "ROUTERS", "MoeConfig",
+           "MoeLayer", "RouterKernel", "total_aux_loss"]
 
 ROUTERS = ("tokens_choose", "experts_choose")
+#: The ``"moe_metrics"`` leaf counting assignments past a ragged receive buffer.
+BUFFER_DROPPED = "buffer_dropped"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -129,7 +137,9 @@ class MoeConfig:
       padded all_to_all: the CPU check of it). See ``ragged_parallel.py``.
     ragged_buffer_factor: receive buffer of the ragged exchange in units of a
       device's own assignments; ``None``: the worst case, truly dropless;
-      ``f``: ``f·A`` rows, overflow dropped (less memory).
+      ``f``: ``f·A`` rows, overflow dropped (less memory) and counted
+      (``buffer_dropped``); ``TrainerConfig.dropless_fallback`` re-runs a
+      step that overflowed with the worst case.
     num_groups: routing groups; ``None``: one per sequence.
     expert_dim: F of each expert; ``None``: the backbone's ``d_ff`` (upcycling).
     shared_expert_dim: F of each always-on shared expert added to the output;
@@ -308,13 +318,13 @@ class MoeLayer(nn.Module):
     else:
       plan = None
       routing = route(logits_GSE)
-    self._sow_stats(logits_GSE, routing)
 
     params = RoutedExperts(num_experts=c.num_experts, hidden_dim=self.hidden_dim,
                            gated=self.gated, param_dtype=self.param_dtype,
                            kernel_init=self.kernel_init, name="experts")(d)
     common = dict(activation=self.activation, gated=self.gated, dtype=self.dtype)
-    y_GSD = self._apply_experts(x_GSD, routing, params, plan, common)
+    y_GSD, buffer_dropped = self._apply_experts(x_GSD, routing, params, plan, common)
+    self._sow_stats(logits_GSE, routing, buffer_dropped)
     y_GSD = nn.with_logical_constraint(y_GSD.astype(self.dtype), ("batch", None, "embed"))
     y = y_GSD.reshape(x.shape)
     if c.shared_hidden_dim is not None:
@@ -346,8 +356,12 @@ class MoeLayer(nn.Module):
       y = jax.nn.sigmoid(gate) * y
     return y
 
-  def _apply_experts(self, x_GSD, routing, params, plan, common) -> Array:
-    """The dispatch path for this backend: one device, padded or ragged expert parallelism."""
+  def _apply_experts(self, x_GSD, routing, params, plan, common) -> tuple[Array, Array | None]:
+    """The dispatch path for this backend: one device, padded or ragged expert parallelism.
+
+    Returns ``(y_GSD, buffer_dropped)``; ``buffer_dropped`` is ``None`` unless
+    the ragged exchange (which has receive buffers) runs.
+    """
     c = self.config
     method = c.dispatch
     platform = target_platform()
@@ -358,19 +372,26 @@ class MoeLayer(nn.Module):
     ragged = dict(kernel=kernel, interpret=platform == "cpu")
     if plan is None:
       return moe_apply(x_GSD, routing, params, method=method, ragged_kernel=kernel,
-                       interpret=ragged["interpret"], **common)
+                       interpret=ragged["interpret"], **common), None
     if method == "ragged":
       exchange = resolve_exchange(c.ragged_exchange, platform)
       if exchange == "padded":  # dropless padded buffers (C = S): the CPU path
         method = "sorted"
-      else:
-        ragged.update(exchange=exchange, buffer_factor=c.ragged_buffer_factor)
+      elif plan.expert_axes:
+        ragged.update(exchange=exchange,
+                      buffer_factor=effective_buffer_factor(c.ragged_buffer_factor))
+        return expert_parallel_apply(x_GSD, routing, params, plan=plan, method=method,
+                                     ragged=ragged, return_dropped=True, **common)
     return expert_parallel_apply(x_GSD, routing, params, plan=plan, method=method,
-                                 ragged=ragged, **common)
+                                 ragged=ragged, **common), None
 
-  def _sow_stats(self, logits_GSE: Array, routing) -> None:
+  def _sow_stats(self, logits_GSE: Array, routing, buffer_dropped: Array | None) -> None:
     c = self.config
     stats = router_stats(logits_GSE, routing)
+    if buffer_dropped is not None:  # past the receive buffers: dropped too
+      self.sow(METRICS_COLLECTION, BUFFER_DROPPED, jax.lax.stop_gradient(buffer_dropped))
+      stats = stats.replace(dropped_fraction=stats.dropped_fraction + buffer_dropped.astype(
+          jnp.float32) / routing.expert_GSK.size)
     self.sow(AUX_LOSS_COLLECTION, "load_balancing_loss",
              c.load_balancing_loss_coef * stats.load_balancing_loss)
     self.sow(AUX_LOSS_COLLECTION, "router_z_loss", c.z_loss_coef * stats.z_loss)

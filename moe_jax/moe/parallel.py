@@ -186,7 +186,8 @@ def local_ragged_body(x_GSD: Array, routing: Routing, params: Params, *,
 def expert_parallel_apply(x_GSD: Array, routing: Routing, params: Params, *,
                           plan: ExpertParallelPlan, method: str = "sorted",
                           activation: str = "silu", gated: bool = True,
-                          dtype: Any = jax.numpy.float32, ragged: dict | None = None) -> Array:
+                          dtype: Any = jax.numpy.float32, ragged: dict | None = None,
+                          return_dropped: bool = False) -> Array | tuple[Array, Array]:
   """``moe_apply`` with experts split over ``plan.expert_axes`` (one ``shard_map``).
 
   ``method`` is ``"sorted"`` or ``"onehot"`` (padded capacity buffers and
@@ -194,6 +195,10 @@ def expert_parallel_apply(x_GSD: Array, routing: Routing, params: Params, *,
   all-to-all (:mod:`moe_jax.moe.ragged_parallel`). ``ragged`` holds that
   path's options: ``kernel``, ``interpret``, ``exchange`` (``"ragged"`` or
   ``"emulated"``), ``buffer_factor``.
+
+  ``return_dropped``: return ``(y, dropped)``, ``dropped`` the int32 number of
+  assignments that did not fit a receive buffer of the ragged exchange,
+  summed over the devices (0 on the other paths: they have no such buffer).
   """
   if method not in ("sorted", "onehot", "ragged"):
     raise ValueError(f"expert_parallel_apply: method {method!r}; known: sorted, onehot, ragged")
@@ -233,6 +238,13 @@ def expert_parallel_apply(x_GSD: Array, routing: Routing, params: Params, *,
   else:
     body = functools.partial(expert_parallel_body, expert_axes=plan.expert_axes, method=method,
                              **common)
-  # Pallas kernels (megablox) declare no varying-manual-axes types: unchecked there.
-  return jax.shard_map(body, mesh=plan.mesh, in_specs=(tok, tok, param_specs), out_specs=tok,
-                       check_vma=method != "ragged")(x_GSD, routing, params)
+  if method == "ragged" and plan.expert_axes:
+    # One drop count per device of the token axes (the same on the model axes,
+    # whose devices make the same exchange). Pallas kernels (megablox) declare
+    # no varying-manual-axes types: unchecked.
+    y, dropped_N = jax.shard_map(body, mesh=plan.mesh, in_specs=(tok, tok, param_specs),
+                                 out_specs=(tok, tok), check_vma=False)(x_GSD, routing, params)
+    return (y, jax.numpy.sum(dropped_N)) if return_dropped else y
+  y = jax.shard_map(body, mesh=plan.mesh, in_specs=(tok, tok, param_specs), out_specs=tok,
+                    check_vma=method != "ragged")(x_GSD, routing, params)
+  return (y, jax.numpy.zeros((), jax.numpy.int32)) if return_dropped else y

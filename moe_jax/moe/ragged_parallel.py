@@ -30,6 +30,22 @@ itself skips row tiles past the real groups: it runs each group's row tiles
 (a tile two groups share, once per group), about 1.2x the ideal FLOPs with
 random routing (``*_executed_flops_over_ideal`` in benchmarks/moe_layer.py).
 
+**Overflow is counted, and can be made dropless by a fallback.** The body
+also returns how many assignments did not fit this device's receive buffer
+(what arrived minus what fit: exact, and 0 with the worst-case buffer); the
+MoE layer sows the sum over the devices as ``buffer_dropped`` in
+``"moe_metrics"`` and adds it to ``dropped_fraction``. With
+``TrainerConfig.dropless_fallback`` the trainer runs each step with the small
+buffer and, when any layer overflowed, keeps the old train state inside that
+jitted step (nothing applied, the step counter and its RNG do not advance)
+and re-runs the same batch with a second program traced under
+:func:`worst_case_buffers` (``buffer_factor=None`` in every layer, optionally
+with more gradient-accumulation microbatches so its larger buffers fit the
+same memory). Training stays exactly dropless at the small buffer's cost on
+the steps that fit; each overflowing step pays a second step, counted by the
+``moe/fallback_steps`` metric. The price is one host read of one scalar per
+step (the host must know before it dispatches the next step).
+
 ``exchange`` picks the collective: ``"ragged"`` (``jax.lax.ragged_all_to_all``,
 TPU / GPU) or ``"emulated"`` (the same semantics from a padded ``all_to_all``:
 XLA:CPU has no ragged all-to-all; the tests use it to check this body).
@@ -37,6 +53,8 @@ XLA:CPU has no ragged all-to-all; the tests use it to check this body).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import jax
@@ -58,6 +76,28 @@ def resolve_exchange(exchange: str, platform: str) -> str:
   if exchange == "auto":
     return "ragged" if platform in ("tpu", "gpu") else "padded"
   return exchange
+
+
+_WORST_CASE = contextvars.ContextVar("worst_case_buffers", default=False)
+
+
+@contextlib.contextmanager
+def worst_case_buffers():
+  """Trace MoE layers with the worst-case receive buffer, whatever their ``buffer_factor``.
+
+  The trainer's dropless fallback traces its replay step in this context: the
+  same model, every layer truly dropless.
+  """
+  token = _WORST_CASE.set(True)
+  try:
+    yield
+  finally:
+    _WORST_CASE.reset(token)
+
+
+def effective_buffer_factor(buffer_factor: float | None) -> float | None:
+  """``buffer_factor``, or ``None`` (worst case) inside :func:`worst_case_buffers`."""
+  return None if _WORST_CASE.get() else buffer_factor
 
 
 def _exclusive_cumsum(x: Array, axis: int = 0) -> Array:
@@ -98,10 +138,11 @@ def receive_rows(num_shards: int, tokens: int, k: int, experts_per_shard: int,
 def _exchange_plan(sizes_NE: Array, axis, rows: int):
   """Sizes and offsets of both exchanges, from every device's per-destination counts.
 
-  Returns ``(send_N, in_off_N, out_off_N, recv_N, recv_NE, back_off_N)``:
-  chunk sizes (clamped to the receive buffer), where chunks start here and on
-  their receivers, what arrives from each source per local expert, and where
-  returned rows go on their source.
+  Returns ``(send_N, in_off_N, out_off_N, recv_N, recv_NE, back_off_N,
+  dropped)``: chunk sizes (clamped to the receive buffer), where chunks start
+  here and on their receivers, what arrives from each source per local
+  expert, where returned rows go on their source, and how many rows sent to
+  this device did not fit its buffer.
   """
   n, e = sizes_NE.shape
   me = jax.lax.axis_index(axis)
@@ -115,15 +156,20 @@ def _exchange_plan(sizes_NE: Array, axis, rows: int):
   recv_N = jnp.take(eff_NN, me, axis=1)
   recv_NE = jnp.clip(recv_N[:, None] - _exclusive_cumsum(recv_full_NE, 1), 0, recv_full_NE)
   back_off_N = jnp.take(_exclusive_cumsum(all_NN, 1), me, axis=1)  # source i's in_off for me
-  return eff_NN[me], in_off_N, out_off_N, recv_N, recv_NE, back_off_N
+  dropped = jnp.take(all_NN, me, axis=1).sum() - recv_N.sum()
+  return eff_NN[me], in_off_N, out_off_N, recv_N, recv_NE, back_off_N, dropped
 
 
 def ragged_expert_parallel_body(x_GSD: Array, routing: TokensChooseRouting, params: Params, *,
                                 expert_axes: tuple[str, ...], model_axes: tuple[str, ...],
                                 num_expert_shards: int, activation: str, gated: bool,
                                 dtype: Any, kernel: str, interpret: bool, exchange: str,
-                                buffer_factor: float | None) -> Array:
-  """Per-device body of the dropless expert-parallel layer (see module docstring)."""
+                                buffer_factor: float | None) -> tuple[Array, Array]:
+  """Per-device body of the dropless expert-parallel layer (see module docstring).
+
+  Returns ``(y_GSD, dropped_1)``: the output, and the number of assignments
+  sent to this device that did not fit its receive buffer (``[1]`` int32).
+  """
   g, s, d = x_GSD.shape
   big_e = routing.num_experts
   k = routing.expert_GSK.shape[-1]
@@ -137,7 +183,8 @@ def ragged_expert_parallel_body(x_GSD: Array, routing: TokensChooseRouting, para
   sizes_NE = jnp.bincount(e_A, length=big_e).astype(jnp.int32).reshape(n, e)
   x_AD = jnp.take(x_GSD.reshape(g * s, d).astype(dtype), order_A // k, axis=0, mode="clip")
   rows = receive_rows(n, g * s, k, e, buffer_factor)
-  send_N, in_off_N, out_off_N, recv_N, recv_NE, back_off_N = _exchange_plan(sizes_NE, axis, rows)
+  send_N, in_off_N, out_off_N, recv_N, recv_NE, back_off_N, dropped = _exchange_plan(
+      sizes_NE, axis, rows)
   x_RD = a2a(x_AD, jnp.zeros((rows, d), x_AD.dtype), in_off_N, send_N, out_off_N, recv_N,
              axis_name=axis)
 
@@ -158,4 +205,5 @@ def ragged_expert_parallel_body(x_GSD: Array, routing: TokensChooseRouting, para
   y_AD = a2a(y_RD, jnp.zeros((g * s * k, d), y_RD.dtype), _exclusive_cumsum(recv_N), recv_N,
              back_off_N, send_N, axis_name=axis)
   y_GSKD = jnp.take(y_AD, inverse_A, axis=0, mode="clip").reshape(g, s, k, d)
-  return jnp.einsum("GSK,GSKD->GSD", routing.weight_GSK.astype(y_GSKD.dtype), y_GSKD)
+  y_GSD = jnp.einsum("GSK,GSKD->GSD", routing.weight_GSK.astype(y_GSKD.dtype), y_GSKD)
+  return y_GSD, dropped.astype(jnp.int32).reshape(1)
