@@ -20,6 +20,9 @@
   seconds per step (``step_time``) and non-padding target tokens/s, all
   averaged over the steps since the last line (the learning rate is the last
   step's).
+* ``TrainerConfig.dropless_fallback``: a step whose MoE layers dropped rows
+  past their ragged receive buffers (``ragged_buffer_factor``) is not applied;
+  the same batch re-runs with worst-case buffers (see ``train_step``).
 * A non-finite loss (or gradient norm, or auxiliary loss) raises
   :class:`NonFiniteError` naming the first bad step and the values, *before*
   any checkpoint of the bad state is written: nothing good on disk is lost.
@@ -28,6 +31,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Callable, Iterator, Mapping
@@ -39,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moe_jax.moe.layer import BUFFER_DROPPED
+from moe_jax.moe.ragged_parallel import worst_case_buffers
 from moe_jax.train.wrappers import BaseModel
 # The JSON-lines writer kept its old names here (callers import them from this module).
 from moe_jax.train.metric_writers import METRICS_FILE, to_json as _to_json  # noqa: F401
@@ -47,6 +53,11 @@ from moe_jax.train.optimizers import Optimizer, masked_global_norm
 from moe_jax.train.partitioner import Partitioner
 
 logger = logging.getLogger(__name__)
+
+#: The loss metrics' mean over MoE layers of assignments past a ragged receive buffer.
+OVERFLOW_METRIC = f"model/{BUFFER_DROPPED}"
+#: 1 for a step re-run with worst-case buffers (logged: how many since the last line).
+FALLBACK_METRIC = "moe/fallback_steps"
 
 
 @flax.struct.dataclass
@@ -92,6 +103,19 @@ class TrainerConfig:
       (:mod:`moe_jax.train.metric_writers`).
     wandb_project: also log the rows to this Weights & Biases project
       (``None``: off). Needs ``pip install wandb``; checked before training.
+    dropless_fallback: MoE layers with ``dispatch="ragged"`` under expert
+      parallelism and a small receive buffer (``MoeConfig.ragged_buffer_factor``)
+      stay exactly dropless: a step in which any layer dropped a row past its
+      buffer keeps the old train state (the jitted step selects it; its step
+      counter and RNG do not advance), and the host, which reads that flag
+      every step, re-runs the batch with a second jitted step traced with
+      worst-case buffers (``ragged_buffer_factor=None``). The steps that fit
+      cost the small buffer's memory and FLOPs; one that overflows costs
+      both steps. ``moe/fallback_steps`` counts them.
+    fallback_microbatches: gradient-accumulation microbatches of the
+      worst-case step (``None``: ``num_microbatches``), so that its larger
+      buffers fit the memory of the small-buffer step. Exact for the token
+      loss; the auxiliary losses become means over the microbatches.
   """
 
   num_train_steps: int
@@ -105,6 +129,8 @@ class TrainerConfig:
   frozen_param_dtype: str | None = None
   tensorboard: bool = True
   wandb_project: str | None = None
+  dropless_fallback: bool = False
+  fallback_microbatches: int | None = None
 
   def __post_init__(self):
     if self.num_train_steps < 0:
@@ -116,6 +142,9 @@ class TrainerConfig:
     if self.num_microbatches < 1:
       raise ValueError(f"TrainerConfig.num_microbatches must be >= 1, got "
                        f"{self.num_microbatches}")
+    if self.fallback_microbatches is not None and self.fallback_microbatches < 1:
+      raise ValueError(f"TrainerConfig.fallback_microbatches must be >= 1 or None, got "
+                       f"{self.fallback_microbatches}")
     if self.frozen_param_dtype is not None:
       jnp.dtype(self.frozen_param_dtype)  # TypeError naming an unknown dtype
 
@@ -214,6 +243,8 @@ class Trainer:
         TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.abstract_params,
                    opt_state=abstract_opt), self.state_shardings)
     self._steps: dict[tuple, Callable] = {}
+    self._fallbacks: dict[tuple, Callable] = {}
+    self.fallback_steps = 0  # steps re-run with worst-case buffers (dropless_fallback)
     self._evals: dict[tuple, Callable] = {}
     self._scores: dict[tuple, Callable] = {}
     self._checked: set[tuple] = set()
@@ -280,11 +311,16 @@ class Trainer:
   def _batch_shardings(self, batch):
     return {k: self.partitioner.batch_sharding(np.ndim(v)) for k, v in batch.items()}
 
-  def _make_train_step(self, batch) -> Callable:
+  def _fallback_microbatches(self) -> int:
+    return self.config.fallback_microbatches or self.config.num_microbatches
+
+  def _make_train_step(self, batch, fallback: bool = False) -> Callable:
+    """The jitted step; ``fallback``: the worst-case-buffer replay (called in its context)."""
     model, opt = self.model, self.optimizer
     base_key = jax.random.key(self.config.seed)
-
-    grads_of = self._loss_and_grads
+    n = self._fallback_microbatches() if fallback else self.config.num_microbatches
+    grads_of = functools.partial(self._loss_and_grads, num_microbatches=n)
+    guard = self.config.dropless_fallback and not fallback
 
     def train_step(state: TrainState, batch):
       rng = jax.random.fold_in(base_key, state.step)
@@ -293,15 +329,25 @@ class Trainer:
       params = optax.apply_updates(state.params, updates)
       metrics["grad_norm"] = masked_global_norm(grads, opt.trainable_mask)
       metrics["learning_rate"] = jnp.asarray(opt.schedule(state.step), jnp.float32)
-      return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+      new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+      if guard and OVERFLOW_METRIC in metrics:  # overflowed: keep the old state
+        overflow = metrics[OVERFLOW_METRIC] > 0
+        new = jax.tree.map(functools.partial(jnp.where, overflow), state, new)
+        metrics[FALLBACK_METRIC] = overflow.astype(jnp.float32)
+      elif guard:
+        logger.warning("TrainerConfig.dropless_fallback: no MoE layer of this model has a "
+                       "ragged receive buffer (dispatch='ragged' with the ragged or emulated "
+                       "exchange under expert parallelism): nothing can overflow, no fallback")
+      return new, metrics
 
     return self.partitioner.jit(
         train_step, in_shardings=(self.state_shardings, self._batch_shardings(batch)),
         out_shardings=(self.state_shardings, self.partitioner.replicated), donate_argnums=(0,))
 
-  def _loss_and_grads(self, params: Any, batch: Mapping[str, Any], rng: jax.Array):
+  def _loss_and_grads(self, params: Any, batch: Mapping[str, Any], rng: jax.Array, *,
+                      num_microbatches: int | None = None):
     """``((loss, metrics), grads)``: one pass, or accumulated over microbatches."""
-    n = self.config.num_microbatches
+    n = num_microbatches or self.config.num_microbatches
     if n == 1:
       return jax.value_and_grad(self.model.loss_fn, has_aux=True)(params, batch, rng)
     from moe_jax.train import losses, microbatch
@@ -320,23 +366,48 @@ class Trainer:
         trainable_mask=self.optimizer.trainable_mask, token_weighted=token_weighted,
         constrain=constrain)
 
-  def _check_microbatches(self, batch: Mapping[str, Any]) -> None:
-    n, shards = self.config.num_microbatches, self.partitioner.num_batch_shards
+  def _check_microbatches(self, batch: Mapping[str, Any], n: int | None = None) -> None:
+    n, shards = n or self.config.num_microbatches, self.partitioner.num_batch_shards
     rows = np.shape(next(iter(batch.values())))[0] * (
         1 if isinstance(next(iter(batch.values())), jax.Array) else jax.process_count())
     if n > 1 and rows % (n * shards):
-      raise ValueError(f"TrainerConfig.num_microbatches={n}: the global batch of {rows} rows "
+      raise ValueError(f"TrainerConfig.num_microbatches={n} (or fallback_microbatches): the "
+                       f"global batch of {rows} rows "
                        f"does not split into {n} microbatches over {shards} batch shards; use a "
                        f"batch size that is a multiple of {n * shards}")
 
   def train_step(self, state: TrainState, batch: Mapping[str, Any]
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimisation step on a sharded (or per-process numpy) batch."""
+    """One optimisation step on a sharded (or per-process numpy) batch.
+
+    With ``TrainerConfig.dropless_fallback`` the host reads one flag of the
+    step (a sync per step) and, if a MoE receive buffer overflowed, re-runs
+    the batch on the unchanged state with worst-case buffers.
+    """
     key, batch = self._prepare(batch)
     if key not in self._steps:
       self._check_microbatches(batch)
       self._steps[key] = self._make_train_step(batch)
-    return self._steps[key](state, batch)
+    state, metrics = self._steps[key](state, batch)
+    if FALLBACK_METRIC in metrics and bool(jax.device_get(metrics[FALLBACK_METRIC])):
+      state, metrics = self._fallback_step(key, state, batch)
+    return state, metrics
+
+  def _fallback_step(self, key: tuple, state: TrainState, batch: Mapping[str, Any]
+                     ) -> tuple[TrainState, dict[str, Any]]:
+    """The batch again on the kept state, every MoE layer with its worst-case buffer."""
+    if key not in self._fallbacks:
+      self._check_microbatches(batch, self._fallback_microbatches())
+      self._fallbacks[key] = self._make_train_step(batch, fallback=True)
+    if self.fallback_steps == 0:
+      logger.warning("step %d: a MoE receive buffer overflowed; re-running the step with "
+                     "worst-case buffers (ragged_buffer_factor=None, %d microbatches); later "
+                     "ones are counted by %s", int(jax.device_get(state.step)) + 1,
+                     self._fallback_microbatches(), FALLBACK_METRIC)
+    with worst_case_buffers():
+      state, metrics = self._fallbacks[key](state, batch)
+    self.fallback_steps += 1
+    return state, {**metrics, FALLBACK_METRIC: 1.0}
 
   def eval_step(self, params: Any, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
     """Loss metrics of one batch without RNG (no jitter, no dropout)."""
@@ -422,6 +493,9 @@ class Trainer:
           eval_fn(state)
           timer[0] = time.perf_counter()
       flush()
+      if c.dropless_fallback:
+        logger.info("dropless fallback: %d step(s) re-ran with worst-case MoE buffers",
+                    self.fallback_steps)
       if checkpointer is not None and step > 0:
         save(force=True)  # before the final evaluation: a failing eval loses no training
       if eval_fn is not None and step > 0:
@@ -458,6 +532,8 @@ class Trainer:
     avg = {k: _mean([m[k] for m in host if k in m]) for k in keys}
     tokens = float(sum(m.get("num_tokens", 0.0) for m in host))
     avg.pop("num_tokens", None)
+    if FALLBACK_METRIC in keys:  # a count, not a mean
+      avg[FALLBACK_METRIC] = float(sum(m.get(FALLBACK_METRIC, 0.0) for m in host))
     avg["learning_rate"] = float(host[-1]["learning_rate"])
     avg["steps_per_sec"] = n_steps / elapsed
     avg["step_time"] = elapsed / max(n_steps, 1)
