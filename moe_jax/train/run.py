@@ -26,6 +26,7 @@ mesh                   ``PartitionerConfig`` (data parallel)         ``mesh``
 FSDP (ZeRO-3)          ``PartitionerConfig.fsdp`` (False)            ``mesh={"fsdp": True}``
 grad accumulation      ``TrainerConfig.num_microbatches`` (1)        ``num_microbatches``
 frozen params dtype    ``TrainerConfig.frozen_param_dtype`` (None)   ``frozen_param_dtype``
+dropless MoE fallback  ``TrainerConfig.dropless_fallback`` (False)   (gin / TrainerConfig)
 TensorBoard events     ``TrainerConfig.tensorboard`` (True)          ``tensorboard``
 Weights & Biases       ``TrainerConfig.wandb_project`` (None)        ``wandb_project``
 remat / scan layers    model config ``remat_policy``, ``scan_layers``  (the model's config)
