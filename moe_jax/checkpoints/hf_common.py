@@ -74,3 +74,49 @@ def require(hf_config: Mapping[str, Any], key: str, source: str = "config.json")
 def config_to_json_dict(config: Any) -> dict[str, Any]:
   """Our dataclass config as plain JSON data (nested dataclasses become dicts)."""
   return dataclasses.asdict(config)
+
+
+def moe_decoder_incompatibilities(c: Any, arch: str, *, bias: str | None,
+                                  features: Mapping[str, tuple[str, Callable[[Any], bool]]]
+                                  ) -> list[str]:
+  """The reasons an HF MoE decoder (Mixtral, Qwen-MoE / OLMoE, DeepSeek-V3) cannot express ``c``.
+
+  Each of those is a sequential, dense-attention, SwiGLU decoder whose tokens
+  choose their top-k experts; the family's own checks (MoE layout, shared
+  expert, q/k norms...) follow these in its converter.
+
+  Args:
+    c: a ``MoeDecoderConfig`` (or subclass).
+    arch: the family's name in the messages (``"Mixtral"``, ``"Qwen2-MoE"``...).
+    bias: the attention biases the family has: ``"none"``, ``"qkv"`` (on q/k/v,
+      none on the output: Qwen2-MoE), ``"one"`` (one ``attention_bias`` for all
+      four projections) or ``None`` (its own config field says; not checked here).
+    features: the ``hf_llama._FEATURES`` entries the family lacks, as
+      ``name -> (description, test)``.
+
+  Returns:
+    one phrase per incompatibility, each naming the offending field or feature.
+  """
+  why = []
+  if getattr(c, "attention", None) is not None:
+    why.append(f"it has attention experts (BAM's mixture of attention); {arch}'s attention is "
+               "a single dense attention per layer")
+  if c.parallel_block:
+    why.append(f"it uses parallel attention/FFN blocks (parallel_block); {arch}'s blocks are "
+               "sequential")
+  if bias == "none" and (c.qkv_bias or c.attn_out_bias):
+    why.append(f"its attention has biases (qkv_bias={c.qkv_bias}, "
+               f"attn_out_bias={c.attn_out_bias}); {arch}'s has none")
+  elif bias == "qkv" and c.attn_out_bias:
+    why.append(f"its attention output has a bias (attn_out_bias); {arch}'s has none")
+  elif bias == "one" and c.qkv_bias != c.attn_out_bias:
+    why.append(f"its attention biases (qkv_bias={c.qkv_bias}, attn_out_bias="
+               f"{c.attn_out_bias}) do not fit {arch}'s one attention_bias")
+  extra = [desc for desc, test in features.values() if test(c)]
+  if extra:  # Gemma norms, soft-caps, sliding windows...
+    why.append(f"it has {', '.join(extra)}; {arch} has none")
+  if c.activation != "silu":
+    why.append(f"its FFN activation is {c.activation!r}; {arch}'s experts are SwiGLU ('silu')")
+  if c.moe.router != "tokens_choose":
+    why.append(f"its router is {c.moe.router!r}; {arch}'s tokens choose their top-k experts")
+  return why

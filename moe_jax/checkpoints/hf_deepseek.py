@@ -61,8 +61,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from moe_jax.checkpoints.hf_common import CheckpointError, TensorGetter, require
-from moe_jax.checkpoints.hf_llama import _mlp_to_hf, base_config_fields, decoder_params_to_hf
+from moe_jax.checkpoints.hf_common import (CheckpointError, TensorGetter,
+                                           moe_decoder_incompatibilities, require)
+from moe_jax.checkpoints.hf_llama import (_FEATURES, _mlp_to_hf, base_config_fields,
+                                          decoder_params_to_hf)
 from moe_jax.models.deepseek import DeepseekConfig, DeepseekDecoder
 from moe_jax.moe.layer import MoeConfig
 from moe_jax.nn.latent_attention import YarnRope
@@ -105,7 +107,9 @@ def _rope_to_hf(c: DeepseekConfig) -> dict[str, Any]:
 
 def deepseek_incompatibilities(c: DeepseekConfig) -> list[str]:
   """Why ``c`` is not a DeepSeek-V3 transformers can build (empty when it is)."""
-  why = []
+  why = moe_decoder_incompatibilities(
+      c, "DeepSeek-V3", bias=None,  # its biases: DeepseekConfig.attention_bias
+      features={k: v for k, v in _FEATURES.items() if k != "parallel"})
   m = c.moe
   if c.rope_scaling is not None:
     why.append(f"it scales RoPE ({c.rope_scaling.kind}); DeepSeek-V3 has default or YaRN RoPE "
@@ -113,15 +117,13 @@ def deepseek_incompatibilities(c: DeepseekConfig) -> list[str]:
   if c.attn_scale is not None:
     why.append(f"its softmax scale is set ({c.attn_scale}); DeepSeek-V3's follows from its head "
                "dims and YaRN")
-  if c.activation != "silu":
-    why.append(f"its FFN activation is {c.activation!r}; DeepSeek-V3's is SwiGLU ('silu')")
   k = c.moe_layers[0] if c.moe_layers else c.num_layers
   if c.moe_layers != tuple(range(k, c.num_layers)):
     why.append(f"its MoE layers {c.moe_layers} are not all the layers after the first "
                "dense ones (first_k_dense_replace)")
-  if m.router != "tokens_choose" or m.scoring != "sigmoid":
-    why.append(f"its router is {m.router!r} with {m.scoring!r} scores; DeepSeek-V3's tokens "
-               "choose by sigmoid scores (MoeConfig.scoring='sigmoid')")
+  if m.scoring != "sigmoid":
+    why.append(f"its router has {m.scoring!r} scores; DeepSeek-V3's tokens choose by sigmoid "
+               "scores (MoeConfig.scoring='sigmoid')")
   f = m.expert_dim or c.d_ff
   if m.shared_hidden_dim is not None and m.shared_hidden_dim % f:
     why.append(f"its shared experts ({m.shared_hidden_dim} wide) are not a multiple of the "

@@ -39,7 +39,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from moe_jax.checkpoints.hf_common import CheckpointError, TensorGetter
+from moe_jax.checkpoints.hf_common import (CheckpointError, TensorGetter,
+                                           moe_decoder_incompatibilities)
 from moe_jax.checkpoints.hf_llama import _FEATURES, LlamaConverter, decoder_params_to_hf
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.models.moe_decoder import MoeDecoder, MoeDecoderConfig
@@ -48,30 +49,17 @@ from moe_jax.moe.layer import MoeConfig
 
 def mixtral_incompatibilities(c: MoeDecoderConfig) -> list[str]:
   """Why ``c`` is not a Mixtral (empty when it is)."""
-  why = []
-  if getattr(c, "attention", None) is not None:
-    why.append("it has attention experts (BAM's mixture of attention); Mixtral's attention is "
-               "a single dense attention per layer")
-  if c.parallel_block:
-    why.append("it uses parallel attention/FFN blocks; Mixtral's blocks are sequential")
-  if c.qkv_bias or c.attn_out_bias:
-    why.append("its attention has biases; Mixtral's has none")
+  why = moe_decoder_incompatibilities(
+      c, "Mixtral", bias="none",
+      features={k: v for k, v in _FEATURES.items() if k not in ("parallel", "sliding")})
   if c.moe_layers != tuple(range(c.num_layers)):
     why.append(f"only layers {c.moe_layers} of {c.num_layers} are MoE; every Mixtral layer is")
   m = c.moe
-  if m.router != "tokens_choose":
-    why.append(f"its router is {m.router!r}; Mixtral's tokens choose their top-k experts")
-  elif not m.renormalize:
+  if m.router == "tokens_choose" and not m.renormalize:
     why.append("its top-k gates are not renormalised; Mixtral renormalises them (set "
                "MoeConfig.renormalize=True)")
   if m.shared_hidden_dim is not None:
     why.append("it has a shared expert; Mixtral has none")
-  extra = [desc for name, (desc, test) in _FEATURES.items()
-           if name not in ("parallel", "sliding") and test(c)]
-  if extra:  # Gemma / Qwen3 backbones
-    why.append(f"it has {', '.join(extra)}; Mixtral has none")
-  if c.activation != "silu":
-    why.append(f"its FFN activation is {c.activation!r}; Mixtral's experts are SwiGLU ('silu')")
   return why
 
 

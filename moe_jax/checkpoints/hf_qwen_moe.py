@@ -59,7 +59,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from moe_jax.checkpoints.hf_common import CheckpointError, TensorGetter, require
+from moe_jax.checkpoints.hf_common import (CheckpointError, TensorGetter,
+                                           moe_decoder_incompatibilities, require)
 from moe_jax.checkpoints.hf_llama import (_FEATURES, LlamaConverter, _attn_to_hf,
                                           base_config_fields, base_config_to_hf,
                                           decoder_params_to_hf, rope_to_hf)
@@ -69,37 +70,23 @@ from moe_jax.moe.layer import MoeConfig
 
 ARCHITECTURES = {"qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                  "olmoe": "OlmoeForCausalLM"}
+NAMES = {"qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "olmoe": "OLMoE"}
 # The q/k norm each family has: None, "head" ([Dh]) or "full" ([H·Dh]).
 _QK_NORM = {"qwen2_moe": None, "qwen3_moe": "head", "olmoe": "full"}
 
 
 def moe_incompatibilities(c: MoeDecoderConfig, model_type: str) -> list[str]:
   """Why HF ``model_type`` (``qwen2_moe``, ``qwen3_moe``, ``olmoe``) cannot express ``c``."""
-  why = []
-  if getattr(c, "attention", None) is not None:
-    why.append("it has attention experts (BAM's mixture of attention); its attention is a "
-               "single dense attention per layer")
-  if c.parallel_block:
-    why.append("it uses parallel attention/FFN blocks; its blocks are sequential")
+  why = moe_decoder_incompatibilities(
+      c, NAMES[model_type], bias="qkv" if model_type == "qwen2_moe" else "one",
+      features={k: v for k, v in _FEATURES.items()
+                if k not in ("parallel", "qk_norm", "qk_norm_full")})
   qk = ("full" if c.qk_norm_full_width else "head") if c.qk_norm else None
   if qk != _QK_NORM[model_type]:
     want = {None: "no q/k norms", "head": "q/k norms per head",
             "full": "q/k norms over the full projected width"}
     why.append(f"it has {want[qk]}; {model_type} has {want[_QK_NORM[model_type]]}")
-  extra = [desc for name, (desc, test) in _FEATURES.items()
-           if name not in ("parallel", "qk_norm", "qk_norm_full") and test(c)]
-  if extra:  # Gemma norms, soft-caps, sliding windows...
-    why.append(f"it has {', '.join(extra)}; {model_type} has none")
-  if model_type == "qwen2_moe" and c.attn_out_bias:
-    why.append("its attention output has a bias; Qwen2-MoE's has none")
-  if model_type != "qwen2_moe" and c.qkv_bias != c.attn_out_bias:
-    why.append(f"its attention biases (q/k/v {c.qkv_bias}, output {c.attn_out_bias}) do not "
-               "fit one attention_bias")
-  if c.activation != "silu":
-    why.append(f"its FFN activation is {c.activation!r}; the experts are SwiGLU ('silu')")
   m = c.moe
-  if m.router != "tokens_choose":
-    why.append(f"its router is {m.router!r}; tokens choose their top-k experts")
   if model_type == "olmoe" and c.moe_layers != tuple(range(c.num_layers)):
     why.append(f"only layers {c.moe_layers} of {c.num_layers} are MoE; every OLMoE layer is")
   if not c.moe_layers:
