@@ -29,7 +29,9 @@ would run on that slice. XLA's TPU compiler then reports, per device:
   so each layer is in the program once) at 1 layer per stack and at 2 layers
   in one stack at a time, and with the whole global batch in one microbatch
   (the accumulation loop's FLOPs are its microbatches' sum, the optimizer
-  update runs once either way). A stack's FLOPs are affine in its depth,
+  update runs once either way), and without windowed einsums (XLA's TPU
+  compiler otherwise splits a matmul over an all-gathered FSDP weight into a
+  loop over the shards: the same FLOPs, counted once). A stack's FLOPs are affine in its depth,
   ``F(n) = F(1) + (n - 1)·(F(2) - F(1))``, exactly so when its layers are
   identical; a stack whose layers alternate (``moe_layout="every_other"``)
   is measured at 2 and 4 layers (one period and two). Attention kernels
@@ -263,7 +265,8 @@ def layer_counts(config: Any) -> dict[str, int]:
   counts = {}
   if isinstance(getattr(config, "num_layers", None), int):
     counts["num_layers"] = config.num_layers
-  if "num_decoder_layers" in {f.name for f in dataclasses.fields(config)}:
+  if dataclasses.is_dataclass(config) and "num_decoder_layers" in {
+      f.name for f in dataclasses.fields(config)}:
     counts["num_decoder_layers"] = config.num_decoder_layers or config.num_layers
   return counts
 
@@ -293,11 +296,14 @@ def step_hlo_flops(model: Any, *, dataset: Any, devices: list[Any], trainer: Any
 
   Returns ``(FLOPs per device, while loops left in the small programs)``;
   ``(None, 0)`` when the stacks' layers follow no period (a tuple
-  ``moe_layout``) or the config has no ``scan_layers`` switch.
+  ``moe_layout``), the config has no ``scan_layers`` switch, or the module
+  is not built from the wrapper's config alone.
   """
-  counts, period = layer_counts(model.config), _layer_period(model.config)
-  if period is None or not hasattr(model.config, "scan_layers") or any(
-      n % period for n in counts.values()):
+  config = model.config
+  counts, period = layer_counts(config), _layer_period(config)
+  if (period is None or not dataclasses.is_dataclass(config)
+      or not hasattr(config, "scan_layers") or getattr(model.module, "config", None) != config
+      or any(n % period for n in counts.values())):
     return None, 0
   one = dataclasses.replace(trainer, num_microbatches=1)
   kw = dict(dataset=dataset, devices=devices, trainer=one, optimizer=optimizer,
