@@ -30,6 +30,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -111,7 +112,8 @@ class TrainerConfig:
       every step, re-runs the batch with a second jitted step traced with
       worst-case buffers (``ragged_buffer_factor=None``). The steps that fit
       cost the small buffer's memory and FLOPs; one that overflows costs
-      both steps. ``moe/fallback_steps`` counts them.
+      both steps. ``moe/fallback_steps`` counts them. ``eval_step`` and
+      ``score_batch`` run with worst-case buffers (no backward pass to hold).
     fallback_microbatches: gradient-accumulation microbatches of the
       worst-case step (``None``: ``num_microbatches``), so that its larger
       buffers fit the memory of the small-buffer step. Exact for the token
@@ -418,7 +420,8 @@ class Trainer:
           lambda p, b: model.loss_fn(p, b)[1],
           in_shardings=(self.state_shardings.params, self._batch_shardings(batch)),
           out_shardings=self.partitioner.replicated)
-    return self._evals[key](params, batch)
+    with self._eval_buffers():
+      return self._evals[key](params, batch)
 
   def score_batch(self, params: Any, batch: Mapping[str, Any]) -> np.ndarray:
     """``[B]`` per-example log-likelihoods (``BaseModel.score_batch``), jitted and sharded."""
@@ -430,7 +433,12 @@ class Trainer:
           model.score_batch,
           in_shardings=(self.state_shardings.params, self._batch_shardings(batch)),
           out_shardings=self.partitioner.replicated)
-    return np.asarray(self._scores[key](params, batch))
+    with self._eval_buffers():
+      return np.asarray(self._scores[key](params, batch))
+
+  def _eval_buffers(self):
+    """Evaluation of a ``dropless_fallback`` run is dropless too (no backward: it fits)."""
+    return worst_case_buffers() if self.config.dropless_fallback else contextlib.nullcontext()
 
   # -- loop --------------------------------------------------------------------
 

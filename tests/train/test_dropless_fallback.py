@@ -94,6 +94,16 @@ def test_steps_that_fit_are_not_replayed(numpy_params, place):
   _assert_same_state(got, want)
 
 
+def test_evaluation_uses_worst_case_buffers(numpy_params, place):
+  batch = _batches()[0]
+  tr, state = _trainer(0.25, numpy_params, place, dropless_fallback=True)
+  small, _ = _trainer(0.25, numpy_params, place)
+  full, _ = _trainer(None, numpy_params, place)
+  got, dropped, want = (jax.device_get(t.eval_step(state.params, batch)) for t in (tr, small, full))
+  assert got[OVERFLOW_METRIC] == 0 and dropped[OVERFLOW_METRIC] > 0
+  np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+
+
 class _Rows(MetricWriter):
   def __init__(self):
     self.rows = []
