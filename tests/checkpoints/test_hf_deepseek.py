@@ -5,7 +5,6 @@ reloads in transformers with the same logits."""
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,6 +13,9 @@ transformers = pytest.importorskip("transformers")
 
 from moe_jax import decoding  # noqa: E402
 from moe_jax.checkpoints import CheckpointError, export_hf, load_hf  # noqa: E402
+
+import hf_util  # noqa: E402
+from hf_util import hf_logits, our_logits  # noqa: E402
 
 VOCAB = 67
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -32,45 +34,21 @@ VARIANTS = {
 }
 
 
+def _nonzero_correction_bias(model):
+  for layer in model.model.layers[1:]:  # a buffer, zero at init
+    layer.mlp.gate.e_score_correction_bias.normal_(0, 0.3)
+
+
 def make_hf(path, variant):
-  torch.manual_seed(0)
-  cfg = transformers.DeepseekV3Config(**COMMON, **VARIANTS[variant])
-  cfg._attn_implementation = "eager"
-  model = transformers.DeepseekV3ForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("mlp.gate.weight"):
-        p.normal_(0, 1.0)  # confident routers: no near-ties that float rounding could flip
-      elif "norm" in name:
-        p.normal_(1.0, 0.2)  # exercise the norm mappings
-      elif name.endswith("bias"):
-        p.normal_(0, 0.5)
-    for layer in model.model.layers[1:]:  # the correction bias (a buffer): non-zero
-      layer.mlp.gate.e_score_correction_bias.normal_(0, 0.3)
-  model.save_pretrained(path, safe_serialization=True)
-  return model
+  return hf_util.make_hf(path, "DeepseekV3Config", "DeepseekV3ForCausalLM",
+                         {**COMMON, **VARIANTS[variant]}, adjust=_nonzero_correction_bias,
+                         redraw=((hf_util.ROUTER, 0, 1.0),
+                                 ("norm", 1.0, 0.2),  # exercise the norm mappings
+                                 ("bias$", 0, 0.5)))
 
 
-def hf_logits(model, ids, mask):
-  pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                position_ids=torch.tensor(pos, dtype=torch.long))
-  return out.logits.float().numpy()
-
-
-def batch(rng, b=3, length=10):
-  ids = rng.integers(3, VOCAB, size=(b, length))
-  mask = np.ones((b, length), np.int64)
-  mask[1, :3] = 0  # left padding
-  return np.where(mask == 1, ids, 0), mask
-
-
-def our_logits(loaded, ids, mask):
-  out, _ = loaded.module.apply({"params": loaded.params}, jnp.asarray(ids),
-                               valid_BL=jnp.asarray(mask, bool))
-  return np.asarray(out)
+def batch(rng, **kw):
+  return hf_util.batch(rng, VOCAB, **kw)
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
