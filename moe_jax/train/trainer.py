@@ -327,16 +327,21 @@ class Trainer:
     def train_step(state: TrainState, batch):
       rng = jax.random.fold_in(base_key, state.step)
       (_, metrics), grads = grads_of(state.params, batch, rng)
-      updates, opt_state = opt.tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
       metrics["grad_norm"] = masked_global_norm(grads, opt.trainable_mask)
       metrics["learning_rate"] = jnp.asarray(opt.schedule(state.step), jnp.float32)
-      new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-      if guard and OVERFLOW_METRIC in metrics:  # overflowed: keep the old state
+
+      def update(state):
+        updates, opt_state = opt.tx.update(grads, state.opt_state, state.params)
+        return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state)
+
+      if not (guard and OVERFLOW_METRIC in metrics):
+        new = update(state)
+      else:  # overflowed: keep the old state (the update does not even run)
         overflow = metrics[OVERFLOW_METRIC] > 0
-        new = jax.tree.map(functools.partial(jnp.where, overflow), state, new)
+        new = jax.lax.cond(overflow, lambda s: s, update, state)
         metrics[FALLBACK_METRIC] = overflow.astype(jnp.float32)
-      elif guard:
+      if guard and OVERFLOW_METRIC not in metrics:
         logger.warning("TrainerConfig.dropless_fallback: no MoE layer of this model has a "
                        "ragged receive buffer (dispatch='ragged' with the ragged or emulated "
                        "exchange under expert parallelism): nothing can overflow, no fallback")
