@@ -107,10 +107,10 @@ class TrainerConfig:
     dropless_fallback: MoE layers with ``dispatch="ragged"`` under expert
       parallelism and a small receive buffer (``MoeConfig.ragged_buffer_factor``)
       stay exactly dropless: a step in which any layer dropped a row past its
-      buffer keeps the old train state (a ``lax.cond`` in the jitted step skips
-      the update: memory-neutral, the step counter and RNG do not advance), and the host, which reads that flag
-      every step, re-runs the batch with a second jitted step traced with
-      worst-case buffers (``ragged_buffer_factor=None``). The steps that fit
+      buffer keeps the old train state (a ``lax.cond`` in the jitted step
+      skips the update: memory-neutral, the step counter and RNG do not
+      advance), and the host, which reads that flag every step, re-runs the
+      batch with a second jitted step traced with worst-case buffers (``ragged_buffer_factor=None``). The steps that fit
       cost the small buffer's memory and FLOPs; one that overflows costs
       both steps. ``moe/fallback_steps`` counts them. ``eval_step`` and
       ``score_batch`` run with worst-case buffers (no backward pass to hold).
