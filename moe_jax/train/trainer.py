@@ -112,8 +112,9 @@ class TrainerConfig:
       advance), and the host, which reads that flag every step, re-runs the
       batch with a second jitted step traced with worst-case buffers
       (``ragged_buffer_factor=None``). The steps that fit cost the small
-      buffer's memory and FLOPs; one that overflows costs both steps. ``moe/fallback_steps`` counts them. ``eval_step`` and
-      ``score_batch`` run with worst-case buffers (no backward pass to hold).
+      buffer's memory and FLOPs; one that overflows costs both steps.
+      ``moe/fallback_steps`` counts them. ``eval_step`` and ``score_batch``
+      run with worst-case buffers (no backward pass to hold).
     fallback_microbatches: gradient-accumulation microbatches of the
       worst-case step (``None``: ``num_microbatches``), so that its larger
       buffers fit the memory of the small-buffer step. Exact for the token
