@@ -155,35 +155,24 @@ def _review(rng: Rng) -> tuple[str, bool]:
 # ----------------------------------------------------------------------------- templates
 
 
-def _parity(rng, split):
+def _parity(rng, split, *, yes_no: bool):
   n = int(rng.integers(0, MAX_NUMBER))
   if not _in_split(f"n{n}", split):
     return None
+  if yes_no:
+    return InstructExample(inputs=f"Is {n} an odd number? Yes or no?", choices=("yes", "no"),
+                           label=0 if n % 2 else 1)
   return InstructExample(inputs=f"Is {n} even or odd?", choices=("even", "odd"), label=n % 2)
 
 
-def _parity_yn(rng, split):
-  n = int(rng.integers(0, MAX_NUMBER))
-  if not _in_split(f"n{n}", split):
-    return None
-  return InstructExample(inputs=f"Is {n} an odd number? Yes or no?", choices=("yes", "no"),
-                         label=0 if n % 2 else 1)
-
-
-def _sentiment(rng, split):
+def _sentiment(rng, split, *, yes_no: bool):
   text, positive = _review(rng)
   if not _in_split(f"r{text}", split):
     return None
-  return InstructExample(inputs=f"Review: {text}. Positive or negative?",
-                         choices=("positive", "negative"), label=0 if positive else 1)
-
-
-def _sentiment_yn(rng, split):
-  text, positive = _review(rng)
-  if not _in_split(f"r{text}", split):
-    return None
-  return InstructExample(inputs=f"Review: {text}. Did they like it? Yes or no?",
-                         choices=("yes", "no"), label=0 if positive else 1)
+  question, choices = (("Did they like it? Yes or no?", ("yes", "no")) if yes_no
+                       else ("Positive or negative?", ("positive", "negative")))
+  return InstructExample(inputs=f"Review: {text}. {question}", choices=choices,
+                         label=0 if positive else 1)
 
 
 def _contains(rng, split):
@@ -204,20 +193,13 @@ def _is_larger(rng, split):
                          label=0 if a > b else 1)
 
 
-def _larger(rng, split):
+def _which(rng, split, *, smaller: bool):
   a, b = _pair(rng)
   if not _in_split(f"p{min(a, b)},{max(a, b)}", split):
     return None
-  return InstructExample(inputs=f"Which number is larger, {a} or {b}?",
-                         choices=(str(a), str(b)), label=0 if a > b else 1)
-
-
-def _smaller(rng, split):
-  a, b = _pair(rng)
-  if not _in_split(f"p{min(a, b)},{max(a, b)}", split):
-    return None
-  return InstructExample(inputs=f"Which number is smaller, {a} or {b}?",
-                         choices=(str(a), str(b)), label=0 if a < b else 1)
+  word = "smaller" if smaller else "larger"
+  return InstructExample(inputs=f"Which number is {word}, {a} or {b}?",
+                         choices=(str(a), str(b)), label=0 if (a < b) == smaller else 1)
 
 
 def _letter_choice(rng, split, *, last: bool):
@@ -233,17 +215,22 @@ def _letter_choice(rng, split, *, last: bool):
 
 
 TASKS: tuple[TaskSpec, ...] = (
-    TaskSpec(name="instruct_parity", skill="parity", held_out=False, make=_parity),
-    TaskSpec(name="instruct_sentiment", skill="sentiment", held_out=False, make=_sentiment),
+    TaskSpec(name="instruct_parity", skill="parity", held_out=False,
+             make=functools.partial(_parity, yes_no=False)),
+    TaskSpec(name="instruct_sentiment", skill="sentiment", held_out=False,
+             make=functools.partial(_sentiment, yes_no=False)),
     TaskSpec(name="instruct_contains", skill="contains", held_out=False, make=_contains),
     TaskSpec(name="instruct_is_larger", skill="compare", held_out=False, make=_is_larger),
-    TaskSpec(name="instruct_larger", skill="compare", held_out=False, make=_larger),
+    TaskSpec(name="instruct_larger", skill="compare", held_out=False,
+             make=functools.partial(_which, smaller=False)),
     TaskSpec(name="instruct_first", skill="letter", held_out=False,
              make=functools.partial(_letter_choice, last=False)),
-    TaskSpec(name="instruct_parity_yn", skill="parity", held_out=True, make=_parity_yn),
+    TaskSpec(name="instruct_parity_yn", skill="parity", held_out=True,
+             make=functools.partial(_parity, yes_no=True)),
     TaskSpec(name="instruct_sentiment_yn", skill="sentiment", held_out=True,
-             make=_sentiment_yn),
-    TaskSpec(name="instruct_smaller", skill="compare", held_out=True, make=_smaller),
+             make=functools.partial(_sentiment, yes_no=True)),
+    TaskSpec(name="instruct_smaller", skill="compare", held_out=True,
+             make=functools.partial(_which, smaller=True)),
     TaskSpec(name="instruct_last", skill="letter", held_out=True,
              make=functools.partial(_letter_choice, last=True)),
 )
