@@ -1,10 +1,16 @@
-"""Fixtures of the upcycling tests."""
+"""Fixtures of the upcycling tests; they share tests/checkpoints' Hugging Face parity helpers
+(``import hf_util``)."""
+
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from upcycle_helpers import BASE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoints"))
 
 
 @pytest.fixture

@@ -14,22 +14,9 @@ from moe_jax.checkpoints.hf_mixtral import mixtral_incompatibilities  # noqa: E4
 from moe_jax.models.moe_decoder import MoeDecoder  # noqa: E402
 from moe_jax.upcycle import bam_merge, btx_merge, sparse_upcycle  # noqa: E402
 
-from upcycle_helpers import logits_of, make_branch, make_config, make_params  # noqa: E402
-
-
-def _hf_logits(model, ids, valid):
-  mask = np.asarray(valid, np.int64)
-  pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(np.asarray(ids), dtype=torch.long),
-                attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
-  return out.logits.float().numpy()[np.asarray(valid)]
-
-
-def _sharpen_routers(params, factor=30.0):
-  """Confident routers: no near-ties in top-k that float rounding could flip."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: x * factor if "router" in jax.tree_util.keystr(p) else x, params)
+from hf_util import hf_valid_logits, make_hf  # noqa: E402
+from upcycle_helpers import (logits_of, make_branch, make_config, make_params,  # noqa: E402
+                             sharpen_routers)
 
 
 def test_btx_and_sparse_exports_load_in_transformers(tmp_path, tokens):
@@ -39,7 +26,7 @@ def test_btx_and_sparse_exports_load_in_transformers(tmp_path, tokens):
   for name, (moe_cfg, params) in {
       "btx": btx_merge([cfg] * 3, branches),
       "sparse": sparse_upcycle(cfg, seed, num_experts=4, num_selected=2, noise_std=0.3)}.items():
-    params = _sharpen_routers(params)
+    params = sharpen_routers(params)
     ours = logits_of(MoeDecoder(config=moe_cfg), params, tokens)
     export_hf(tmp_path / name, moe_cfg, params)
     hf_cfg = json.loads((tmp_path / name / "config.json").read_text())
@@ -48,7 +35,7 @@ def test_btx_and_sparse_exports_load_in_transformers(tmp_path, tokens):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / name, attn_implementation="eager").eval()
     assert type(model).__name__ == "MixtralForCausalLM"
-    diff = np.abs(_hf_logits(model, *tokens) - ours).max()
+    diff = np.abs(hf_valid_logits(model, *tokens) - ours).max()
     assert diff <= 1e-4, f"{name}: max |logit diff| {diff}"
     # and it reads back into exactly what we wrote
     again = load_hf(tmp_path / name)
@@ -59,22 +46,21 @@ def test_btx_and_sparse_exports_load_in_transformers(tmp_path, tokens):
 
 
 def test_import_transformers_mixtral_both_layouts(tmp_path, tokens):
-  torch.manual_seed(0)
-  hf_cfg = transformers.MixtralConfig(
-      vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2,
-      max_position_embeddings=64, tie_word_embeddings=False)
-  hf_cfg._attn_implementation = "eager"
-  model = transformers.MixtralForCausalLM(hf_cfg).eval()
-  with torch.no_grad():  # confident routers (see _sharpen_routers)
+  def sharpen(model):  # confident routers (see sharpen_routers)
     for name, p in model.named_parameters():
       if name.endswith("mlp.gate.weight"):
         p.mul_(30.0)
-  model.save_pretrained(tmp_path / "legacy")  # per-expert w1/w2/w3 names
+
+  model = make_hf(  # per-expert w1/w2/w3 names
+      tmp_path / "legacy", "MixtralConfig", "MixtralForCausalLM",
+      dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+           num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False),
+      adjust=sharpen)
   loaded = load_hf(tmp_path / "legacy")
   assert loaded.config.moe.num_selected == 2 and loaded.config.hf_model_type == "mixtral"
   ours = logits_of(loaded.module, loaded.params, tokens)
-  diff = np.abs(_hf_logits(model, *tokens) - ours).max()
+  diff = np.abs(hf_valid_logits(model, *tokens) - ours).max()
   assert diff <= 1e-4, f"max |logit diff| {diff}"
   # transformers 5's fused in-memory names (gate_up_proj / down_proj) load too
   from safetensors.torch import save_file

@@ -16,21 +16,9 @@ from moe_jax.models.decoder import Decoder  # noqa: E402
 from moe_jax.models.moe_decoder import MoeDecoder  # noqa: E402
 from moe_jax.upcycle import methods  # noqa: E402
 
-from upcycle_helpers import logits_of, make_branch, make_config, make_params  # noqa: E402
-
-
-def _hf_logits(model, ids, valid):
-  mask = np.asarray(valid, np.int64)
-  pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(np.asarray(ids), dtype=torch.long),
-                attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
-  return out.logits.float().numpy()[np.asarray(valid)]
-
-
-def _sharpen_routers(params, factor=30.0):
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: x * factor if "router" in jax.tree_util.keystr(p) else x, params)
+from hf_util import hf_valid_logits  # noqa: E402
+from upcycle_helpers import (logits_of, make_branch, make_config, make_params,  # noqa: E402
+                             sharpen_routers)
 
 
 def _greedy(module, params, ids):
@@ -58,7 +46,7 @@ def test_upcycle_to_qwen_moe_preserves_function_and_exports(target, dense_kw, tm
   # Diverse experts and confident routers: routing matters; transformers agrees.
   moe_cfg, params = methods.upcycle("sparse", [cfg], [dense], num_experts=4, target=target,
                                     noise_std=0.3)
-  params = _sharpen_routers(params)
+  params = sharpen_routers(params)
   if target == "qwen2_moe":  # a trained-looking gate
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.5 if "shared_expert_gate" in jax.tree_util.keystr(p) else x, params)
@@ -68,7 +56,7 @@ def test_upcycle_to_qwen_moe_preserves_function_and_exports(target, dense_kw, tm
   model = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path / target, attn_implementation="eager").eval()
   assert type(model).__name__ == arch
-  diff = np.abs(_hf_logits(model, *tokens) - ours).max()
+  diff = np.abs(hf_valid_logits(model, *tokens) - ours).max()
   print(f"{target}: exported upcycled model, transformers vs ours max |logit diff| {diff:.2e}")
   assert diff <= 1e-4, f"{target}: max |logit diff| {diff}"
   again = load_hf(tmp_path / target)
@@ -92,7 +80,7 @@ def test_btx_with_shared_expert_and_scale(tmp_path, tokens):
   model = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path / "btx", attn_implementation="eager").eval()
   ours = logits_of(MoeDecoder(config=moe_cfg), params, tokens)
-  assert np.abs(_hf_logits(model, *tokens) - ours).max() <= 1e-4
+  assert np.abs(hf_valid_logits(model, *tokens) - ours).max() <= 1e-4
   # DeepSeek-style (no gate) stays ours: the same function, no Qwen2-MoE export
   nogate, p2 = methods.upcycle("sparse", [cfg], [seed], num_experts=2, shared_expert=True,
                                shared_expert_gate=False)
@@ -152,7 +140,7 @@ def test_cli_target_qwen2_moe_and_bam_refusal(tmp_path, tokens):
       tmp_path / "hf", attn_implementation="eager").eval()
   assert type(model).__name__ == "Qwen2MoeForCausalLM"
   base = logits_of(Decoder(config=cfg), dense, tokens)
-  assert np.abs(_hf_logits(model, *tokens) - base).max() <= 1e-4  # function-preserving
+  assert np.abs(hf_valid_logits(model, *tokens) - base).max() <= 1e-4  # function-preserving
   out = run("--method", "bam", "--checkpoints", *branches, "--out", tmp_path / "bam",
             "--target", "qwen2_moe", "--export_hf", tmp_path / "bam_hf")
   assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -53,3 +53,9 @@ def logits_of(module, params, tokens):
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(module, params, ids, valid):
   return module.apply({"params": params}, ids, valid_BL=valid)
+
+
+def sharpen_routers(params: dict, factor: float = 30.0) -> dict:
+  """Confident routers: no near-ties in top-k that float rounding could flip."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x * factor if "router" in jax.tree_util.keystr(p) else x, params)
