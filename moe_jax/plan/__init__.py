@@ -25,7 +25,10 @@ loss. For each mesh it prints, per device:
   rules map to ``model``, other than ``d_model``) is divided by the ``model``
   axis -- an estimate of what GSPMD does with the modules' logical
   constraints, not a measurement. Arrays with a parameter's shape (the
-  parameter cast to the compute dtype) are sharded like it;
+  parameter cast to the compute dtype, a gradient) are sharded like it but
+  gathered over ``data``, as FSDP gathers a weight for the matmul that reads
+  it; a weight the step reads as it is (frozen, already in the compute dtype)
+  holds that gathered copy from its first use to its last;
 * **step time**: matmul FLOPs per device divided by ``--peak_tflops`` x
   ``--mfu``. FLOPs are ``2·N·T`` forward, ``2·N·T`` for input gradients and
   ``2·N_trainable·T`` for weight gradients, with N the *active* matmul
@@ -453,8 +456,8 @@ def mesh_activation_bytes(part: "AbstractPartitioner", model: Any, abstract: Any
   chosen = building_for(platform) if platform else contextlib.nullcontext()
   with context, chosen, nn.logical_axis_rules(part.rules):
     closed = _grad_jaxpr(model, abstract, mask, batch)
-  size_of = _size_per_device(part, boxed, specs, rows / shards)
-  return int(peak_bytes(closed, size_of, skip_outputs=True))
+  size_of, gathered_of = _size_per_device(part, boxed, specs, rows / shards)
+  return int(peak_bytes(closed, size_of, skip_outputs=True, gathered_of=gathered_of))
 
 
 def _grad_jaxpr(model: Any, params: Any, mask: Any, batch: Mapping[str, Any]) -> Any:
@@ -475,11 +478,15 @@ def _grad_jaxpr(model: Any, params: Any, mask: Any, batch: Mapping[str, Any]) ->
 
 
 def _size_per_device(part: Partitioner, boxed: Any, specs: Any, factor: float):
-  """``size_of(aval, local)`` for :func:`moe_jax.plan.liveness.peak_bytes`.
+  """``size_of(aval, local)`` and ``gathered_of(aval, local)`` for :func:`.liveness.peak_bytes`.
 
   A parameter-shaped array (a weight cast to the compute dtype, a gradient) is
-  sharded like the parameter; one layer's slice of a scanned parameter is
-  gathered over ``data`` (FSDP gathers each layer's weights as it runs). Any
+  counted gathered over ``data``: FSDP all-gathers a weight for the matmul that
+  reads it (one layer's slice of a scanned parameter as that layer runs; an
+  unscanned weight -- embedding, head -- whole), and a weight's gradient is
+  whole until it is reduce-scattered. ``gathered_of`` gives those gathered
+  bytes for a weight the program reads as it is (a frozen bfloat16 kernel: an
+  input, which ``size_of`` never sees); 0 for anything else. Any
   other array grows with the rows: ``factor`` is the traced row's share of the
   rows per device (global shapes), and it is split over ``model`` when a
   dimension has a model-sharded size (:func:`_model_axis_sizes`). Inside a
@@ -487,6 +494,7 @@ def _size_per_device(part: Partitioner, boxed: Any, specs: Any, factor: float):
   """
   sizes = dict(part.mesh.shape)
   global_div: dict[tuple, int] = {}
+  gathered_div: dict[tuple, int] = {}
   local_weights: set[tuple] = set()
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
@@ -496,9 +504,12 @@ def _size_per_device(part: Partitioner, boxed: Any, specs: Any, factor: float):
   for (_, axes, leaf), spec in zip(_logical_leaves(boxed), spec_leaves):
     dims = [axes_of(e) for e in tuple(spec)] + [()] * (len(leaf.shape) - len(tuple(spec)))
     shape = tuple(int(d) for d in leaf.shape)
-    variants = [(shape, dims)]
     if axes[:1] == ("layers",):
-      variants.append((shape[1:], [tuple(a for a in d if a != "data") for d in dims[1:]]))
+      variants = [(shape, dims), (shape[1:], [tuple(a for a in d if a != "data")
+                                              for d in dims[1:]])]
+    else:
+      variants = [(shape, dims), (shape, [tuple(a for a in d if a != "data") for d in dims])]
+    gathered_div[variants[-1][0]] = math.prod(sizes[a] for d in variants[-1][1] for a in d)
     for shp, dd in variants:
       div = math.prod(sizes[a] for d in dd for a in d)
       global_div[shp] = min(global_div.get(shp, sys.maxsize), div)
@@ -520,7 +531,13 @@ def _size_per_device(part: Partitioner, boxed: Any, specs: Any, factor: float):
     split = any(d in split_sizes and d % m == 0 for d in shape)
     return n * factor / (m if split else 1)
 
-  return size_of
+  def gathered_of(aval: Any, local: bool) -> float:
+    shape = tuple(getattr(aval, "shape", ()))
+    if local or shape not in gathered_div or not hasattr(aval, "dtype"):
+      return 0.0
+    return _nbytes(aval) / gathered_div[shape]
+
+  return size_of, gathered_of
 
 
 def _describe(config: Any) -> str:

@@ -22,7 +22,16 @@ alive:
   its output over that operand (XLA's buffer reuse); an elementwise value read
   once (or a cheap one: a cast, a broadcast, a select) by ordinary ops is
   fused into its readers and takes no memory, but keeps its operands alive
-  until they run (XLA's loop fusion).
+  until they run (XLA's loop fusion);
+* a scatter-add of one value per row into a filled buffer (the gradient of
+  ``take_along_axis``: the target logit of a cross-entropy) is fusible too:
+  XLA rewrites it as a select over an iota compare (a one-hot), so no
+  ``[B, L, vocab]`` buffer is written for it;
+* an input of the program (or of a loop body) that a caller's
+  ``gathered_of(aval, local)`` says is gathered before use (an FSDP-sharded
+  weight: XLA all-gathers it for the matmul that reads it) holds its gathered
+  bytes from its first use to its last; a weight that is only cast is
+  gathered after the cast (the cast's output is sized by ``size_of``).
 
 Sizes per device come from a caller's ``size_of(aval, local)`` (``local``:
 the shapes inside a ``shard_map`` body, already per device). What it does
@@ -33,6 +42,7 @@ rescheduling, collective buffers.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, Callable
 
 #: Equations that run their body many times.
@@ -146,11 +156,24 @@ def _inline(jaxpr: Any, env: dict, out: list, ids: itertools.count, local: bool)
   return [ref(v) for v in jaxpr.outvars]
 
 
+def _one_hot_scatter(eqn: _Eqn, filled: set) -> bool:
+  """A scatter-add of one update per row along one axis into a filled buffer."""
+  if eqn.name not in ("scatter-add", "scatter_add") or len(eqn.invars) < 3:
+    return False
+  operand, updates = eqn.invars[0], eqn.invars[-1]
+  shape, upd = tuple(operand.aval.shape), tuple(updates.aval.shape)
+  if operand not in filled or not shape:
+    return False
+  size = math.prod(shape)
+  return any(math.prod(upd) * n == size and n > 1 for n in shape)
+
+
 def _virtual(eqns: list, results: set, consumers: dict) -> set:
   """Outputs of fusible equations that XLA would recompute in their consumers."""
   out = set()
   for eqn in eqns:
-    if eqn.name not in _FUSIBLE or len(eqn.outvars) != 1:
+    one_hot = _one_hot_scatter(eqn, out)
+    if (eqn.name not in _FUSIBLE and not one_hot) or len(eqn.outvars) != 1:
       continue
     v = eqn.outvars[0]
     users = consumers.get(v, [])
@@ -166,8 +189,24 @@ def _virtual(eqns: list, results: set, consumers: dict) -> set:
   return out
 
 
+def _gathered_inputs(owned: set, consumers: dict, gathered_of: Callable | None) -> dict:
+  """``{input: gathered bytes}`` for inputs read (not only cast) by the program."""
+  if gathered_of is None:
+    return {}
+  found = {}
+  for v in owned:
+    users = consumers.get(v, [])
+    if not users or all(u.name == "convert_element_type" for u in users):
+      continue
+    b = gathered_of(v.aval, v.local)
+    if b:
+      found[v] = b
+  return found
+
+
 def peak_bytes(jaxpr: Any, size_of: Callable[[Any, bool], float], *,
-               local: bool = False, skip_outputs: bool = False) -> float:
+               local: bool = False, skip_outputs: bool = False,
+               gathered_of: Callable[[Any, bool], float] | None = None) -> float:
   """The most bytes a jaxpr's intermediate arrays hold at once (inputs not counted).
 
   Args:
@@ -176,6 +215,8 @@ def peak_bytes(jaxpr: Any, size_of: Callable[[Any, bool], float], *,
       per-device shape (inside ``shard_map``).
     local: whether ``jaxpr`` is a ``shard_map`` body (or inside one).
     skip_outputs: leave the program's outputs uncounted (the gradients).
+    gathered_of: bytes of the gathered copy XLA makes of an input (0: none),
+      alive from the input's first use to its last (module doc).
   """
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   eqns: list[_Eqn] = []
@@ -200,14 +241,19 @@ def peak_bytes(jaxpr: Any, size_of: Callable[[Any, bool], float], *,
   dies_at: dict[int, list] = {}
   for v, i in last_use.items():
     dies_at.setdefault(i, []).append(v)
-  size = lambda v: 0.0 if v in skip else size_of(v.aval, v.local)  # noqa: E731
+  gathered = _gathered_inputs(owned, consumers, gathered_of)
+  first_use = {}
+  for v in gathered:
+    first_use.setdefault(min(i for i, e in enumerate(eqns) if v in e.invars), []).append(v)
+  size = lambda v: gathered.get(v, 0.0) if v in skip else size_of(v.aval, v.local)  # noqa: E731
   live = peak = 0.0
   for i, eqn in enumerate(eqns):
+    live += sum(gathered[v] for v in first_use.get(i, ()))
     out_bytes = sum(size(v) for v in eqn.outvars)
     inner = 0.0
     if eqn.name not in _OPAQUE:
-      inner = max((peak_bytes(sub, size_of, local=eqn.local) for sub in eqn.subs),
-                  default=0.0)
+      inner = max((peak_bytes(sub, size_of, local=eqn.local, gathered_of=gathered_of)
+                   for sub in eqn.subs), default=0.0)
     dying = dies_at.get(i, [])
     reused = 0.0
     if eqn.name in _IN_PLACE:

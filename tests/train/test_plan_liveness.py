@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from moe_jax.plan.liveness import peak_bytes
 
@@ -39,3 +40,33 @@ def test_a_scan_body_counts_once_and_its_stacked_outputs_whole():
   stacked = jax.ShapeDtypeStruct((8, 256, 256), jnp.float32)
   peak = _peak(lambda x, ws: jax.lax.scan(body, x, ws), X, stacked)
   assert 9 * MB <= peak <= 11 * MB  # 8 stacked outputs + the carry, not 8 bodies' worth more
+
+
+def test_the_target_logit_gradient_is_a_fused_one_hot():
+  """grad of take_along_axis is a scatter-add of one value per row into zeros: XLA
+  rewrites it as a select over an iota compare, fused into the softmax gradient."""
+  labels = jax.ShapeDtypeStruct((256,), jnp.int32)
+  half = X.update(dtype=jnp.bfloat16)
+
+  def loss(x, w, y):
+    logits = (x @ w).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.sum(lse - jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0])
+
+  # bfloat16 and float32 logits (the gradient written over the softmax), no float32
+  # [256, 256] scatter beside them (the walk counted 2.02 MB before).
+  peak = _peak(lambda x, w, y: jax.grad(loss, argnums=1)(x, w, y), half, half, labels)
+  assert 1.5 * MB <= peak < 1.75 * MB
+
+
+def test_a_weight_read_as_it_is_holds_its_gathered_copy():
+  """An input that ``gathered_of`` sizes (an FSDP weight) counts from first use to last;
+  one that is only cast is gathered after the cast (the cast is sized instead)."""
+  gathered = lambda aval, local: 4.0 * MB if aval.shape == (256, 256) else 0.0  # noqa: E731
+  rows = jax.ShapeDtypeStruct((128, 256), jnp.float32)
+  read = jax.make_jaxpr(lambda x, w: jnp.sum(x @ w))(rows, X)
+  extra = peak_bytes(read, _size, gathered_of=gathered) - peak_bytes(read, _size)
+  assert extra == pytest.approx(4 * MB, abs=8)
+  cast = jax.make_jaxpr(lambda x, w: jnp.sum(x @ w.astype(jnp.bfloat16)))(
+      rows.update(dtype=jnp.bfloat16), X)
+  assert peak_bytes(cast, _size) == peak_bytes(cast, _size, gathered_of=gathered)
