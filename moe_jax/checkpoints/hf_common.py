@@ -76,6 +76,18 @@ def config_to_json_dict(config: Any) -> dict[str, Any]:
   return dataclasses.asdict(config)
 
 
+def refuse_export(config: Any, architecture: str, why: list[str]) -> None:
+  """Raises :class:`CheckpointError` listing ``why`` ``config`` is no ``architecture``.
+
+  Nothing happens when ``why`` is empty. Export checks before it writes, so a
+  refused config leaves nothing on disk.
+  """
+  if why:
+    raise CheckpointError(f"{type(config).__name__} cannot be exported as {architecture}: "
+                          + "; ".join(why) + ". Save it as a moe-jax checkpoint "
+                          "(moe_jax.checkpoints.save_model) instead")
+
+
 def moe_decoder_incompatibilities(c: Any, arch: str, *, bias: str | None,
                                   features: Mapping[str, tuple[str, Callable[[Any], bool]]]
                                   ) -> list[str]:

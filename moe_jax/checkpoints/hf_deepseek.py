@@ -62,7 +62,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from moe_jax.checkpoints.hf_common import (CheckpointError, TensorGetter,
-                                           moe_decoder_incompatibilities, require)
+                                           moe_decoder_incompatibilities, refuse_export,
+                                           require)
 from moe_jax.checkpoints.hf_llama import (_FEATURES, _mlp_to_hf, base_config_fields,
                                           decoder_params_to_hf)
 from moe_jax.models.deepseek import DeepseekConfig, DeepseekDecoder
@@ -179,11 +180,7 @@ class DeepseekConverter:
         attention_bias=bool(hf.get("attention_bias", False)), rope_yarn=yarn)
 
   def config_to_hf(self, c: DeepseekConfig) -> dict[str, Any]:
-    why = deepseek_incompatibilities(c)
-    if why:
-      raise CheckpointError(f"{type(c).__name__} cannot be exported as DeepseekV3ForCausalLM: "
-                            + "; ".join(why) + ". Save it as a moe-jax checkpoint "
-                            "(moe_jax.checkpoints.save_model) instead")
+    refuse_export(c, "DeepseekV3ForCausalLM", deepseek_incompatibilities(c))
     m = c.moe
     f = m.expert_dim or c.d_ff
     return {

@@ -40,7 +40,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from moe_jax.checkpoints.hf_common import (CheckpointError, TensorGetter,
-                                           moe_decoder_incompatibilities)
+                                           moe_decoder_incompatibilities, refuse_export)
 from moe_jax.checkpoints.hf_llama import _FEATURES, LlamaConverter, decoder_params_to_hf
 from moe_jax.models.decoder import DecoderConfig
 from moe_jax.models.moe_decoder import MoeDecoder, MoeDecoderConfig
@@ -86,11 +86,7 @@ class MixtralConverter:
     return MoeDecoderConfig(**fields, moe=moe, moe_layout="every")
 
   def config_to_hf(self, c: MoeDecoderConfig) -> dict[str, Any]:
-    why = mixtral_incompatibilities(c)
-    if why:
-      raise CheckpointError(f"{type(c).__name__} cannot be exported as MixtralForCausalLM: "
-                            + "; ".join(why) + ". Save it as a moe-jax checkpoint "
-                            "(moe_jax.checkpoints.save_model) instead")
+    refuse_export(c, "MixtralForCausalLM", mixtral_incompatibilities(c))
     dense = DecoderConfig(**{f.name: getattr(c, f.name) for f in dataclasses.fields(DecoderConfig)})
     hf = LlamaConverter().config_to_hf(dense.replace(hf_model_type="mistral"))
     hf.pop("use_sliding_window", None)

@@ -60,7 +60,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from moe_jax.checkpoints.hf_common import (CheckpointError, TensorGetter,
-                                           moe_decoder_incompatibilities, require)
+                                           moe_decoder_incompatibilities, refuse_export,
+                                           require)
 from moe_jax.checkpoints.hf_llama import (_FEATURES, LlamaConverter, _attn_to_hf,
                                           base_config_fields, base_config_to_hf,
                                           decoder_params_to_hf, rope_to_hf)
@@ -168,11 +169,7 @@ class QwenMoeConverter:
     if mt not in ARCHITECTURES:
       raise CheckpointError(f"{type(self).__name__} writes {sorted(ARCHITECTURES)}, not "
                             f"hf_model_type={mt!r}")
-    why = moe_incompatibilities(c, mt)
-    if why:
-      raise CheckpointError(f"{type(c).__name__} cannot be exported as {ARCHITECTURES[mt]}: "
-                            + "; ".join(why) + ". Save it as a moe-jax checkpoint "
-                            "(moe_jax.checkpoints.save_model) instead")
+    refuse_export(c, ARCHITECTURES[mt], moe_incompatibilities(c, mt))
     dense = DecoderConfig(**{f.name: getattr(c, f.name) for f in dataclasses.fields(DecoderConfig)})
     hf = base_config_to_hf(dense, "llama")
     m, expert_dim = c.moe, c.moe.expert_dim or c.d_ff
