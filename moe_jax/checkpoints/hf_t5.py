@@ -92,6 +92,49 @@ def _norm_from_hf(get: GetFn, name: str, c: T5Config) -> dict:
   return {"scale": get(name, (c.d_model,))}
 
 
+# A block's HF sub-layers in order (``{stack}.block.{i}.layer.{j}``): our pre-norm, our
+# sub-layer and the HF module under it.
+_BLOCKS = {
+    "encoder": (("pre_attn_norm", "attn", "SelfAttention"),
+                ("pre_mlp_norm", "mlp", "DenseReluDense")),
+    "decoder": (("pre_self_attn_norm", "self_attn", "SelfAttention"),
+                ("pre_cross_attn_norm", "cross_attn", "EncDecAttention"),
+                ("pre_mlp_norm", "mlp", "DenseReluDense")),
+}
+_RELPOS = "{}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+
+
+def _stack_from_hf(get: TensorGetter, stack: str, num_layers: int, c: T5Config) -> dict:
+  """Our ``encoder`` / ``decoder`` parameters from HF's ``{stack}.*`` tensors."""
+  out: dict[str, Any] = {}
+  for i in range(num_layers):
+    layer = out[f"layers_{i}"] = {}
+    for j, (norm, sub, module) in enumerate(_BLOCKS[stack]):
+      prefix = f"{stack}.block.{i}.layer.{j}"
+      layer[norm] = _norm_from_hf(get.get, f"{prefix}.layer_norm.weight", c)
+      from_hf = _ffn_from_hf if module == "DenseReluDense" else _attn_from_hf
+      layer[sub] = from_hf(get.get, f"{prefix}.{module}", c)
+  out["relpos_bias"] = {"embedding": get.get(
+      _RELPOS.format(stack), (c.relative_attention_num_buckets, c.num_heads))}
+  out["final_norm"] = _norm_from_hf(get.get, f"{stack}.final_layer_norm.weight", c)
+  return out
+
+
+def _stack_to_hf(p: Mapping, stack: str, num_layers: int, c: T5Config) -> dict[str, np.ndarray]:
+  """HF's ``{stack}.*`` tensors from our ``encoder`` / ``decoder`` parameters."""
+  out: dict[str, np.ndarray] = {}
+  for i in range(num_layers):
+    layer = p[f"layers_{i}"]
+    for j, (norm, sub, module) in enumerate(_BLOCKS[stack]):
+      prefix = f"{stack}.block.{i}.layer.{j}"
+      out[f"{prefix}.layer_norm.weight"] = np.asarray(layer[norm]["scale"])
+      to_hf = _ffn_to_hf if module == "DenseReluDense" else _attn_to_hf
+      out.update(to_hf(layer[sub], f"{prefix}.{module}", c))
+  out[_RELPOS.format(stack)] = np.asarray(p["relpos_bias"]["embedding"])
+  out[f"{stack}.final_layer_norm.weight"] = np.asarray(p["final_norm"]["scale"])
+  return out
+
+
 class T5Converter:
   """Converter for HF ``model_type == "t5"`` (T5 v1.0, v1.1, LM-adapted, Flan-T5)."""
 
@@ -195,34 +238,8 @@ class T5Converter:
       if get.has(name):
         get.get(name, rh)
 
-    encoder: dict[str, Any] = {}
-    for i in range(c.num_layers):
-      blk = f"encoder.block.{i}.layer"
-      encoder[f"layers_{i}"] = {
-          "pre_attn_norm": _norm_from_hf(get.get, f"{blk}.0.layer_norm.weight", c),
-          "attn": _attn_from_hf(get.get, f"{blk}.0.SelfAttention", c),
-          "pre_mlp_norm": _norm_from_hf(get.get, f"{blk}.1.layer_norm.weight", c),
-          "mlp": _ffn_from_hf(get.get, f"{blk}.1.DenseReluDense", c),
-      }
-    encoder["relpos_bias"] = {"embedding": get.get(
-        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", rh)}
-    encoder["final_norm"] = _norm_from_hf(get.get, "encoder.final_layer_norm.weight", c)
-
-    decoder: dict[str, Any] = {}
-    for i in range(c.decoder_layers):
-      blk = f"decoder.block.{i}.layer"
-      decoder[f"layers_{i}"] = {
-          "pre_self_attn_norm": _norm_from_hf(get.get, f"{blk}.0.layer_norm.weight", c),
-          "self_attn": _attn_from_hf(get.get, f"{blk}.0.SelfAttention", c),
-          "pre_cross_attn_norm": _norm_from_hf(get.get, f"{blk}.1.layer_norm.weight", c),
-          "cross_attn": _attn_from_hf(get.get, f"{blk}.1.EncDecAttention", c),
-          "pre_mlp_norm": _norm_from_hf(get.get, f"{blk}.2.layer_norm.weight", c),
-          "mlp": _ffn_from_hf(get.get, f"{blk}.2.DenseReluDense", c),
-      }
-    decoder["relpos_bias"] = {"embedding": get.get(
-        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", rh)}
-    decoder["final_norm"] = _norm_from_hf(get.get, "decoder.final_layer_norm.weight", c)
-
+    encoder = _stack_from_hf(get, "encoder", c.num_layers, c)
+    decoder = _stack_from_hf(get, "decoder", c.decoder_layers, c)
     params: dict[str, Any] = {"shared": {"embedding": shared}, "encoder": encoder,
                               "decoder": decoder}
     if get.has("lm_head.weight"):
@@ -245,27 +262,8 @@ class T5Converter:
     out["shared.weight"] = shared
     out["encoder.embed_tokens.weight"] = shared
     out["decoder.embed_tokens.weight"] = shared
-    enc, dec = params["encoder"], params["decoder"]
-    for i in range(c.num_layers):
-      p, blk = enc[f"layers_{i}"], f"encoder.block.{i}.layer"
-      out[f"{blk}.0.layer_norm.weight"] = np.asarray(p["pre_attn_norm"]["scale"])
-      out.update(_attn_to_hf(p["attn"], f"{blk}.0.SelfAttention", c))
-      out[f"{blk}.1.layer_norm.weight"] = np.asarray(p["pre_mlp_norm"]["scale"])
-      out.update(_ffn_to_hf(p["mlp"], f"{blk}.1.DenseReluDense", c))
-    out["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = np.asarray(
-        enc["relpos_bias"]["embedding"])
-    out["encoder.final_layer_norm.weight"] = np.asarray(enc["final_norm"]["scale"])
-    for i in range(c.decoder_layers):
-      p, blk = dec[f"layers_{i}"], f"decoder.block.{i}.layer"
-      out[f"{blk}.0.layer_norm.weight"] = np.asarray(p["pre_self_attn_norm"]["scale"])
-      out.update(_attn_to_hf(p["self_attn"], f"{blk}.0.SelfAttention", c))
-      out[f"{blk}.1.layer_norm.weight"] = np.asarray(p["pre_cross_attn_norm"]["scale"])
-      out.update(_attn_to_hf(p["cross_attn"], f"{blk}.1.EncDecAttention", c))
-      out[f"{blk}.2.layer_norm.weight"] = np.asarray(p["pre_mlp_norm"]["scale"])
-      out.update(_ffn_to_hf(p["mlp"], f"{blk}.2.DenseReluDense", c))
-    out["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = np.asarray(
-        dec["relpos_bias"]["embedding"])
-    out["decoder.final_layer_norm.weight"] = np.asarray(dec["final_norm"]["scale"])
+    out.update(_stack_to_hf(params["encoder"], "encoder", c.num_layers, c))
+    out.update(_stack_to_hf(params["decoder"], "decoder", c.decoder_layers, c))
     if c.tie_word_embeddings:
       out["lm_head.weight"] = shared
     else:
