@@ -5,12 +5,16 @@ tests/checkpoints is on ``sys.path`` for its own tests (pytest's rootdir-relativ
 imports); tests elsewhere put it there in their conftest.
 """
 
+import json
 import re
 
 import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+
+from moe_jax import decoding
+from moe_jax.checkpoints import export_hf, load_hf
 
 # Routers drawn N(0, 1): confident, no near-ties in top-k that float rounding could flip.
 ROUTER = r"mlp\.gate\.weight$"
@@ -102,3 +106,43 @@ def batch(rng, vocab, *, b=3, length=10, left_pad=(0, 3)):
   for row, n in enumerate(left_pad):
     mask[row, :n] = 0
   return np.where(mask == 1, ids, 0), mask
+
+
+def assert_import_matches_and_export_reloads(model, loaded, ids, mask, out_dir, *,
+                                             architecture, label, atol=1e-4):
+  """Our logits of ``loaded`` match ``model``'s; ``export_hf`` to ``out_dir`` reloads in
+  transformers as ``architecture`` with the same logits, and in ``load_hf`` as the same config.
+
+  Returns:
+    our logits ``[B, L, V]``.
+  """
+  valid = np.asarray(mask, bool)
+  ours = our_logits(loaded, ids, mask)
+  diff = np.abs(ours[valid] - hf_logits(model, ids, mask)[valid]).max()
+  print(f"{label}: import max |logit diff| {diff:.2e}")
+  assert diff <= atol, f"{label}: max |logit diff| {diff}"
+
+  export_hf(out_dir, loaded.config, loaded.params)
+  written = json.loads((out_dir / "config.json").read_text())
+  assert written["architectures"] == [architecture]
+  again = transformers.AutoModelForCausalLM.from_pretrained(
+      out_dir, attn_implementation="eager").eval()
+  assert type(again).__name__ == architecture
+  diff = np.abs(hf_logits(again, ids, mask)[valid] - ours[valid]).max()
+  print(f"{label}: export max |logit diff| {diff:.2e}")
+  assert diff <= atol, f"{label}: exported, max |logit diff| {diff}"
+  assert load_hf(out_dir).config == loaded.config
+  return ours
+
+
+def assert_greedy_matches(model, loaded, ids, mask, *, max_new_tokens, label):
+  """Our KV-cached greedy tokens equal ``model.generate``'s (eos 2, pad 0; padded past eos)."""
+  with torch.no_grad():
+    ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2,
+                         pad_token_id=0, min_new_tokens=0)
+  ref = ref[:, ids.shape[1]:].numpy()
+  out = decoding.generate(loaded.module, loaded.params, ids, prompt_valid_BP=mask,
+                          max_new_tokens=max_new_tokens, eos_id=2, pad_id=0)
+  ref = np.pad(ref, ((0, 0), (0, max_new_tokens - ref.shape[1])), constant_values=0)
+  np.testing.assert_array_equal(out.tokens_BN, ref, err_msg=label)

@@ -3,19 +3,16 @@ without a q latent, dense first layer, group-limited sigmoid router with a non-z
 bias, a shared expert); our logits and greedy tokens (KV-cached) match theirs, and our export
 reloads in transformers with the same logits."""
 
-import json
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from moe_jax import decoding  # noqa: E402
 from moe_jax.checkpoints import CheckpointError, export_hf, load_hf  # noqa: E402
 
 import hf_util  # noqa: E402
-from hf_util import hf_logits, our_logits  # noqa: E402
+from hf_util import our_logits  # noqa: E402
 
 VOCAB = 67
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -69,23 +66,9 @@ def test_import_matches_transformers_and_export_reloads(checkpoint, tmp_path):
   assert (c.rope_yarn is not None) == (variant == "q_lora")
   assert np.abs(loaded.params["layers_1"]["mlp"]["score_bias"]).max() > 0
   ids, mask = batch(np.random.default_rng(0))
-  valid = mask.astype(bool)
-  ours = our_logits(loaded, ids, mask)
-  diff = np.abs(ours[valid] - hf_logits(model, ids, mask)[valid]).max()
-  print(f"{variant}: import max |logit diff| {diff:.2e}")
-  assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
-
-  export_hf(tmp_path / "out", c, loaded.params)
-  written = json.loads((tmp_path / "out" / "config.json").read_text())
-  assert written["architectures"] == ["DeepseekV3ForCausalLM"]
-  again = transformers.AutoModelForCausalLM.from_pretrained(
-      tmp_path / "out", attn_implementation="eager").eval()
-  assert type(again).__name__ == "DeepseekV3ForCausalLM"
-  diff = np.abs(hf_logits(again, ids, mask)[valid] - ours[valid]).max()
-  print(f"{variant}: export max |logit diff| {diff:.2e}")
-  assert diff <= 1e-4, f"{variant}: exported, max |logit diff| {diff}"
-  back = load_hf(tmp_path / "out")
-  assert back.config == c
+  hf_util.assert_import_matches_and_export_reloads(
+      model, loaded, ids, mask, tmp_path / "out", architecture="DeepseekV3ForCausalLM",
+      label=variant)
 
 
 def test_greedy_tokens_match_transformers(checkpoint):
@@ -94,15 +77,7 @@ def test_greedy_tokens_match_transformers(checkpoint):
   cache = loaded.module.init_cache(2, 16)
   assert cache.layers[0].latent.shape == (2, 16, 16)  # the compressed cache: R + P per token
   ids, mask = batch(np.random.default_rng(1), length=6)
-  with torch.no_grad():
-    ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                         max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0,
-                         min_new_tokens=0)
-  ref = ref[:, ids.shape[1]:].numpy()
-  out = decoding.generate(loaded.module, loaded.params, ids, prompt_valid_BP=mask,
-                          max_new_tokens=8, eos_id=2, pad_id=0)
-  ref = np.pad(ref, ((0, 0), (0, 8 - ref.shape[1])), constant_values=0)
-  np.testing.assert_array_equal(out.tokens_BN, ref, err_msg=variant)
+  hf_util.assert_greedy_matches(model, loaded, ids, mask, max_new_tokens=8, label=variant)
 
 
 def test_fused_in_memory_layout_and_mtp_layers_load(checkpoint, tmp_path):

@@ -9,7 +9,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from moe_jax import decoding  # noqa: E402
 from moe_jax.checkpoints import CheckpointError, export_hf, load_hf  # noqa: E402
 
 import hf_util  # noqa: E402
@@ -64,38 +63,15 @@ def test_import_matches_transformers_and_export_reloads(checkpoint, tmp_path):
   if variant == "olmoe":
     assert c.qk_norm and c.qk_norm_full_width and c.moe.shared_hidden_dim is None
   ids, mask = batch(np.random.default_rng(0))
-  valid = mask.astype(bool)
-  ours = our_logits(loaded, ids, mask)
-  diff = np.abs(ours[valid] - hf_logits(model, ids, mask)[valid]).max()
-  print(f"{variant}: import max |logit diff| {diff:.2e}")
-  assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
-
-  export_hf(tmp_path / "out", c, loaded.params)
-  written = json.loads((tmp_path / "out" / "config.json").read_text())
-  assert written["architectures"] == [VARIANTS[variant][1]]
-  again = transformers.AutoModelForCausalLM.from_pretrained(
-      tmp_path / "out", attn_implementation="eager").eval()
-  assert type(again).__name__ == VARIANTS[variant][1]
-  diff = np.abs(hf_logits(again, ids, mask)[valid] - ours[valid]).max()
-  print(f"{variant}: export max |logit diff| {diff:.2e}")
-  assert diff <= 1e-4, f"{variant}: exported, max |logit diff| {diff}"
-  back = load_hf(tmp_path / "out")
-  assert back.config == c
+  hf_util.assert_import_matches_and_export_reloads(
+      model, loaded, ids, mask, tmp_path / "out", architecture=VARIANTS[variant][1], label=variant)
 
 
 def test_greedy_tokens_match_transformers(checkpoint):
   variant, path, model = checkpoint
   loaded = load_hf(path)
   ids, mask = batch(np.random.default_rng(1), length=6)
-  with torch.no_grad():
-    ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                         max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0,
-                         min_new_tokens=0)
-  ref = ref[:, ids.shape[1]:].numpy()
-  out = decoding.generate(loaded.module, loaded.params, ids, prompt_valid_BP=mask,
-                          max_new_tokens=8, eos_id=2, pad_id=0)
-  ref = np.pad(ref, ((0, 0), (0, 8 - ref.shape[1])), constant_values=0)
-  np.testing.assert_array_equal(out.tokens_BN, ref, err_msg=variant)
+  hf_util.assert_greedy_matches(model, loaded, ids, mask, max_new_tokens=8, label=variant)
 
 
 def test_unsupported_fields_are_named(tmp_path):

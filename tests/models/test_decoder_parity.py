@@ -14,6 +14,9 @@ from moe_jax import decoding  # noqa: E402
 from moe_jax.checkpoints.hf import export_hf, load_hf  # noqa: E402
 from moe_jax.checkpoints.hf_common import CheckpointError  # noqa: E402
 
+import hf_util  # noqa: E402
+from hf_util import hf_logits, our_logits  # noqa: E402
+
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, max_position_embeddings=128, bos_token_id=1,
@@ -61,40 +64,17 @@ VARIANTS = {
                                      "sliding_attention": {"rope_type": "default",
                                                            "rope_theta": 1000.0}})),
 }
-# Variants whose norm scales start at a constant (ones, or zeros for Gemma's 1 + w):
-# randomised so a mistaken norm formula cannot hide.
-RANDOM_NORMS = {"qwen3_qknorm", "phi3_fused", "gemma_geglu", "gemma2_softcap",
-                "gemma3_local_global"}
+# Parameters that start at a constant, randomised so a mistaken mapping cannot hide: the
+# biases (zeros) and the norm scales (ones, or zeros for Gemma's 1 + w).
+REDRAW = {"qwen2_bias": (("bias$", 0, 0.5),)}
+REDRAW.update(dict.fromkeys(("qwen3_qknorm", "phi3_fused", "gemma_geglu", "gemma2_softcap",
+                             "gemma3_local_global"), (("norm", 0, 0.5),)))
 
 
-def make_hf(path, variant, dtype=torch.float32, seed=0, **save_kw):
+def make_hf(path, variant, dtype=None, seed=0, **save_kw):
   cfg_name, model_name, extra = VARIANTS[variant]
-  torch.manual_seed(seed)
-  cfg = getattr(transformers, cfg_name)(**{**COMMON, **extra})
-  cfg._attn_implementation = "eager"
-  model = getattr(transformers, model_name)(cfg).eval()
-  if variant == "qwen2_bias":  # biases start at zero: make them count
-    with torch.no_grad():
-      for name, p in model.named_parameters():
-        if name.endswith("bias"):
-          p.normal_(0, 0.5)
-  if variant in RANDOM_NORMS:
-    with torch.no_grad():
-      for name, p in model.named_parameters():
-        if "norm" in name:
-          p.normal_(0, 0.5)
-  model = model.to(dtype)
-  model.save_pretrained(path, safe_serialization=True, **save_kw)
-  return model
-
-
-def hf_logits(model, ids, mask):
-  pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                position_ids=torch.tensor(pos, dtype=torch.long))
-  return out.logits.float().numpy()
+  return hf_util.make_hf(path, cfg_name, model_name, {**COMMON, **extra},
+                         redraw=REDRAW.get(variant, ()), seed=seed, dtype=dtype, **save_kw)
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -105,23 +85,17 @@ def checkpoint(request, tmp_path_factory):
 
 
 def _batch(rng, b=3, length=12):
-  ids = rng.integers(3, VOCAB, size=(b, length))
-  mask = np.ones((b, length), np.int64)
-  mask[1, :4] = 0  # left padding
-  mask[2, :7] = 0
-  ids = np.where(mask == 1, ids, 0)
-  return ids, mask
+  return hf_util.batch(rng, VOCAB, b=b, length=length, left_pad=(0, 4, 7))
 
 
 def test_logits_match_transformers(checkpoint):
   variant, path, model = checkpoint
   loaded = load_hf(path)
   ids, mask = _batch(np.random.default_rng(0))
-  ours, _ = loaded.module.apply({"params": loaded.params}, jnp.asarray(ids),
-                                valid_BL=jnp.asarray(mask, bool))
+  ours = our_logits(loaded, ids, mask)
   ref = hf_logits(model, ids, mask)
   valid = mask.astype(bool)
-  diff = np.abs(np.asarray(ours)[valid] - ref[valid]).max()
+  diff = np.abs(ours[valid] - ref[valid]).max()
   assert diff <= 1e-4, f"{variant}: max |logit diff| {diff}"
 
 
@@ -129,15 +103,7 @@ def test_greedy_generation_matches_transformers(checkpoint):
   variant, path, model = checkpoint
   loaded = load_hf(path)
   ids, mask = _batch(np.random.default_rng(1), length=8)
-  with torch.no_grad():
-    ref = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                         max_new_tokens=20, do_sample=False, eos_token_id=2, pad_token_id=0,
-                         min_new_tokens=0)
-  ref = ref[:, ids.shape[1]:].numpy()
-  out = decoding.generate(loaded.module, loaded.params, ids, prompt_valid_BP=mask,
-                          max_new_tokens=20, eos_id=2, pad_id=0)
-  ref = np.pad(ref, ((0, 0), (0, 20 - ref.shape[1])), constant_values=0)
-  np.testing.assert_array_equal(out.tokens_BN, ref, err_msg=variant)
+  hf_util.assert_greedy_matches(model, loaded, ids, mask, max_new_tokens=20, label=variant)
 
 
 def test_cached_decoding_equals_full_recompute(checkpoint):
@@ -145,8 +111,7 @@ def test_cached_decoding_equals_full_recompute(checkpoint):
   loaded = load_hf(path)
   from moe_jax.models.decoder import init_cache
   ids, mask = _batch(np.random.default_rng(2), length=10)
-  full, _ = loaded.module.apply({"params": loaded.params}, jnp.asarray(ids),
-                                valid_BL=jnp.asarray(mask, bool))
+  full = our_logits(loaded, ids, mask)
   cache = init_cache(loaded.config, ids.shape[0], 16)
   step_logits = []
   split = 6  # prefill 6 tokens, then one token at a time

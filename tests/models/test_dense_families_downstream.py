@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from test_decoder_parity import hf_logits, make_hf  # noqa: E402
+from hf_util import hf_logits  # noqa: E402
+from test_decoder_parity import make_hf  # noqa: E402
 
 from moe_jax import peft  # noqa: E402
 from moe_jax.checkpoints import CheckpointError, load_checkpoint, save_model  # noqa: E402

@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 from moe_jax import decoding  # noqa: E402
 from moe_jax.checkpoints.hf import export_hf, load_hf  # noqa: E402
 
-from test_decoder_parity import _batch, hf_logits, make_hf  # noqa: E402
+from hf_util import hf_logits  # noqa: E402
+from test_decoder_parity import _batch, make_hf  # noqa: E402
 from test_t5 import _hf_logits, _inputs, _make_hf  # noqa: E402
 
 # one plain, one with q/k norms, one with alternating local / global layers (a period)
