@@ -10,6 +10,7 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -18,6 +19,9 @@ from moe_jax.checkpoints import export_hf, load_hf
 
 # Routers drawn N(0, 1): confident, no near-ties in top-k that float rounding could flip.
 ROUTER = r"mlp\.gate\.weight$"
+# The MoE families' redraws: confident routers, norm scales and biases (and Qwen2-MoE's
+# shared-expert gate) that exercise their mappings.
+MOE_REDRAW = ((ROUTER, 0, 1.0), ("norm", 1.0, 0.2), ("bias$|shared_expert_gate", 0, 0.5))
 
 
 def redraw_(model, rules):
@@ -68,6 +72,18 @@ def make_hf(path, config_cls, model_cls, config, *, redraw=(), seed=0, dtype=Non
     model = model.to(dtype)
   model.save_pretrained(path, safe_serialization=True, **save_kw)
   return model
+
+
+def checkpoint_fixture(make, variants):
+  """A module-scoped fixture ``(variant, path, model)`` over ``variants``, each made once by
+  ``make(path, variant)``; assign it to a test module's ``checkpoint``."""
+
+  @pytest.fixture(scope="module", params=sorted(variants))
+  def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, make(path, request.param)
+
+  return checkpoint
 
 
 def hf_logits(model, ids, mask):

@@ -38,20 +38,15 @@ def _nonzero_correction_bias(model):
 
 def make_hf(path, variant):
   return hf_util.make_hf(path, "DeepseekV3Config", "DeepseekV3ForCausalLM",
-                         {**COMMON, **VARIANTS[variant]}, adjust=_nonzero_correction_bias,
-                         redraw=((hf_util.ROUTER, 0, 1.0),
-                                 ("norm", 1.0, 0.2),  # exercise the norm mappings
-                                 ("bias$", 0, 0.5)))
+                         {**COMMON, **VARIANTS[variant]}, redraw=hf_util.MOE_REDRAW,
+                         adjust=_nonzero_correction_bias)
 
 
 def batch(rng, **kw):
   return hf_util.batch(rng, VOCAB, **kw)
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def checkpoint(request, tmp_path_factory):
-  path = tmp_path_factory.mktemp(request.param)
-  return request.param, path, make_hf(path, request.param)
+checkpoint = hf_util.checkpoint_fixture(make_hf, VARIANTS)
 
 
 def test_import_matches_transformers_and_export_reloads(checkpoint, tmp_path):

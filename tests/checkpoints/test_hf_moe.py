@@ -36,20 +36,15 @@ VARIANTS = {
 
 def make_hf(path, variant):
   cfg_cls, model_cls, extra = VARIANTS[variant]
-  return hf_util.make_hf(path, cfg_cls, model_cls, {**COMMON, **extra}, redraw=(
-      (hf_util.ROUTER, 0, 1.0),
-      ("norm", 1.0, 0.2),  # exercise the norm mappings
-      ("bias$|shared_expert_gate", 0, 0.5)))
+  return hf_util.make_hf(path, cfg_cls, model_cls, {**COMMON, **extra},
+                         redraw=hf_util.MOE_REDRAW)
 
 
 def batch(rng, **kw):
   return hf_util.batch(rng, VOCAB, **kw)
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def checkpoint(request, tmp_path_factory):
-  path = tmp_path_factory.mktemp(request.param)
-  return request.param, path, make_hf(path, request.param)
+checkpoint = hf_util.checkpoint_fixture(make_hf, VARIANTS)
 
 
 def test_import_matches_transformers_and_export_reloads(checkpoint, tmp_path):

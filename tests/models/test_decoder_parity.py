@@ -77,11 +77,7 @@ def make_hf(path, variant, dtype=None, seed=0, **save_kw):
                          redraw=REDRAW.get(variant, ()), seed=seed, dtype=dtype, **save_kw)
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def checkpoint(request, tmp_path_factory):
-  path = tmp_path_factory.mktemp(request.param)
-  model = make_hf(path, request.param)
-  return request.param, path, model
+checkpoint = hf_util.checkpoint_fixture(make_hf, VARIANTS)
 
 
 def _batch(rng, b=3, length=12):
