@@ -12,26 +12,22 @@ we store it at the stack level, ``encoder/relpos_bias``, which says the same
 thing without a special layer 0). Attention logits are not scaled
 (``scale=1``): T5 folds ``Dh**-0.5`` into the query initialisation.
 
-Padding and caching follow :mod:`moe_jax.models.decoder`: boolean ``valid``
-masks over slots, masks only ever hide *keys*. The decoder's relative bias
-uses slot positions (query slots ``index .. index+L-1`` against key slots
-``0 .. S-1``), exactly as HF does with its cache, so incremental decoding and
-teacher forcing give the same logits.
+Padding and caching follow :mod:`moe_jax.models.decoder` (boolean ``valid``
+slot masks hide *keys* only). The decoder's relative bias uses slot positions
+(query slots ``index .. index+L-1`` against key slots ``0 .. S-1``), as HF does
+with its cache, so incremental decoding and teacher forcing agree.
 
-Packed rows (segment ids; seqio packs examples as contiguous runs) restart
-positions in every segment and attend within their segment only, where
-``key_pos - query_pos`` is the index difference. So one ``[1, H, L, L]`` bias
-from the row indices is exact for every pair attention can see, shared by the
-batch: no per-row ``[B, H, L, L]`` float32 bias (nor, in the flash kernel's
-backward, its gradient) per step.
+Packed rows (seqio packs examples as contiguous runs) attend within their
+segment only, where ``key_pos - query_pos`` is the index difference: one
+``[1, H, L, L]`` bias from the row indices is exact and shared by the batch
+(no per-row float32 bias, nor its gradient in the flash kernel's backward).
 
 Two head variants, chosen by ``tie_word_embeddings``:
 
 * v1.0 (``True``): logits are ``(x * d_model**-0.5) · E^T`` with the shared
   input embedding ``E``; FFN is ``relu``.
-* v1.1 (``False``): a separate, unscaled ``lm_head``; FFN is gated-GELU (tanh
-  approximation, HF's ``gelu_new``). The input embedding is still shared by the
-  encoder and the decoder.
+* v1.1 (``False``): a separate, unscaled ``lm_head``; FFN is gated-GELU (HF's
+  ``gelu_new``). The encoder and the decoder still share the input embedding.
 """
 
 from __future__ import annotations
