@@ -82,7 +82,6 @@ def mov_scale(y: Array, weights_BLE: Array, scale_EK: Array, *, weights_sum_to_o
   With one expert the weight is exactly 1 and ``w s`` is used as is.
   """
   e = scale_EK.shape[0]
-  feat = scale_EK.shape[1:]
   s_EK = scale_EK.reshape(e, -1).astype(jnp.float32)
   w_NE = weights_BLE.reshape(-1, e).astype(jnp.float32)
   offset = weights_sum_to_one and e > 1

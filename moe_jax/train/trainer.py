@@ -319,7 +319,7 @@ class Trainer:
 
   def _make_train_step(self, batch, fallback: bool = False) -> Callable:
     """The jitted step; ``fallback``: the worst-case-buffer replay (called in its context)."""
-    model, opt = self.model, self.optimizer
+    opt = self.optimizer
     base_key = jax.random.key(self.config.seed)
     n = self._fallback_microbatches() if fallback else self.config.num_microbatches
     grads_of = functools.partial(self._loss_and_grads, num_microbatches=n)
