@@ -68,8 +68,27 @@ def test_compiled_train_step_agrees_with_the_plan():
   # small, where XLA's fixed scratch dominates (measured 1.70x here; README "Fitting a
   # pod" lists the pod configs' ratios).
   assert 0.5 < c.total_bytes / p.total_bytes < 2.5
+  # The total is the program's HBM allocations (read from the compile's buffer assignment):
+  # the state and the heap of temporaries, not XLA's temp_size (on TPU more than the heap).
+  assert c.hbm_bytes and c.total_bytes == c.hbm_bytes > c.argument_bytes
   assert c.hlo_flops == pytest.approx(c.model_flops, rel=0.5)
   assert "temporaries" in c.format()
+
+
+def test_hbm_allocation_bytes_reads_memory_space_0(tmp_path):
+  """Allocations of another memory space (VMEM, SMEM) and host programs are left out."""
+  (tmp_path / "module_0000.jit_train_step.cl_1.after_optimizations-buffer-assignment.txt"
+   ).write_text("BufferAssignment:\n"
+                "allocation 0: size 512, thread-local:\n"
+                "allocation 1: size 4096, parameter 0, shape |f32[1024]| at ShapeIndex {}:\n"
+                "allocation 2: size 1048576, preallocated-temp:\n"
+                "allocation 3: size 117440512, color 1, preallocated-temp:\n"
+                "allocation 4: size 124, color 2, preallocated-temp:\n"
+                " value: <1 fusion @0> (size=1048576,offset=0): f32[512,512]\n")
+  (tmp_path / "module_0002.jit_seed.cpu_after_optimizations-buffer-assignment.txt"
+   ).write_text("allocation 0: size 99999999, preallocated-temp:\n")
+  assert compiled_lib.hbm_allocation_bytes(str(tmp_path)) == 512 + 4096 + 1048576
+  assert compiled_lib.hbm_allocation_bytes(str(tmp_path / "none")) is None
 
 
 def test_step_hlo_flops_count_every_layer_and_microbatch():
