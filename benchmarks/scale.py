@@ -6,7 +6,8 @@
 Runs on a CPU machine with ``moe-jax[tpu]`` (libtpu) installed: each pod
 config's train step -- the trainer's own jitted step with its shardings -- is
 compiled by XLA's TPU compiler for the slice named, and its per-device memory
-(``memory_analysis``) is set against the chip's HBM; no TPU is used. The
+(its HBM allocations, :class:`moe_jax.plan.compiled.CompiledPlan`) is set
+against the chip's HBM; no TPU is used. The
 eval_shape plan of the same config on the same slice's devices is printed
 beside it (``KEY_compiled_over_plan``: compiled total / planned total, the
 issue asks for 1 +- 0.15), and ``KEY_hlo_over_model_flops``: the step's HLO
