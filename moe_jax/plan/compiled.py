@@ -55,9 +55,11 @@ Topology names are Cloud TPU's: ``v4-32`` and ``v5p-128`` count TensorCores
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
 import re
+import tempfile
 import time
 from typing import Any, Mapping
 
@@ -272,8 +274,6 @@ def hbm_allocation_bytes(dump_dir: str) -> int | None:
   space (on-chip VMEM / CMEM, SMEM, host). With several device programs in the
   dump, the largest. ``None`` when the dump has none.
   """
-  import glob
-
   totals = []
   for path in glob.glob(os.path.join(dump_dir, "*after_optimizations-buffer-assignment.txt")):
     if ".cpu_after_optimizations" in os.path.basename(path):
@@ -391,8 +391,6 @@ def compile_train_step(model: Any, *, dataset: Any, topology: Topology | str,
   trainer = trainer or TrainerConfig(num_train_steps=1)
   kw = dict(dataset=dataset, devices=devices, trainer=trainer, optimizer=optimizer,
             partitioner=partitioner, trainable=trainable)
-  import tempfile
-
   with tempfile.TemporaryDirectory(prefix="moe_jax_plan_") as dump:
     compiled, seconds, tr = _compile(model, options={"xla_dump_to": dump}, **kw)
     hbm = hbm_allocation_bytes(dump)
