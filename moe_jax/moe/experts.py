@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax.nn.attention_kernels import at_kernel_precision
 from moe_jax.nn.mlp import get_activation
 
 Array = jax.Array
@@ -127,8 +128,9 @@ def grouped_matmul(x_MK: Array, w_EKN: Array, group_sizes_E: Array, *, kernel: s
   in_group_M = (jnp.arange(mp) < jnp.sum(group_sizes_E))[:, None]
   x_pad = jnp.pad(x_MK, ((0, mp - m), (0, 0))) if mp != m else x_MK
   x_pad = jnp.where(in_group_M, x_pad, jnp.zeros((), x_pad.dtype))
-  y = megablox.gmm(x_pad, w_EKN.astype(x_MK.dtype), group_sizes_E.astype(jnp.int32),
-                   x_MK.dtype, tiling, None, None, False, interpret)
+  gmm = lambda x, w, g: megablox.gmm(x, w, g, x_MK.dtype, tiling, None, None, False, interpret)
+  y = at_kernel_precision(gmm, x_MK.dtype, x_pad, w_EKN.astype(x_MK.dtype),
+                          group_sizes_E.astype(jnp.int32), interpret=interpret)
   return jnp.where(in_group_M, y, jnp.zeros((), y.dtype))[:m]
 
 

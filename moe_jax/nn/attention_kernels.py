@@ -287,29 +287,43 @@ def _pad_to(x: Array, axis: int, n: int) -> Array:
   return jnp.pad(x, widths)
 
 
-def _interpret_vjp(fn: Callable, *args):
-  """``fn(*args)`` with every Pallas call (forward and backward) in TPU interpret mode.
+def vjp_in_context(context: Callable[[], Any], fn: Callable, *args):
+  """``fn(*args)`` with every Pallas call (forward and backward) traced in ``context()``.
 
-  The mode is read when a ``pallas_call`` is traced, and a ``custom_vjp``'s
-  backward is traced after the forward returns: both run inside the context.
+  Such modes (interpret mode, matmul precision) are read when a
+  ``pallas_call`` is traced, and a ``custom_vjp``'s backward is traced after
+  the forward returns: both run inside the context.
   """
-  from jax.experimental.pallas import tpu as pltpu
 
   @jax.custom_vjp
   def run(*xs):
-    with pltpu.force_tpu_interpret_mode():
+    with context():
       return fn(*xs)
 
   def fwd(*xs):
-    with pltpu.force_tpu_interpret_mode():
+    with context():
       return jax.vjp(fn, *xs)
 
   def bwd(vjp, g):
-    with pltpu.force_tpu_interpret_mode():
+    with context():
       return vjp(g)
 
   run.defvjp(fwd, bwd)
   return run(*args)
+
+
+def at_kernel_precision(fn: Callable, dtype: Any, *args, interpret: bool = False):
+  """``fn(*args)`` for compiled Pallas TPU kernels on ``dtype`` operands.
+
+  bfloat16 operands multiply exactly in one MXU pass; a process-wide
+  ``jax_default_matmul_precision`` of ``"highest"`` would ask Mosaic for
+  float32 passes over them, which it rejects ("Bad lhs type"). Such calls run
+  at the default precision (forward and backward); float32 operands and
+  interpret mode keep the caller's.
+  """
+  if interpret or jnp.dtype(dtype).itemsize >= 4:
+    return fn(*args)
+  return vjp_in_context(lambda: jax.default_matmul_precision("default"), fn, *args)
 
 
 def _splash_local(q_BHLD, k_BKSD, v_BKSD, seg, bias, *, causal: bool, window: int | None,
@@ -342,7 +356,7 @@ def _flash_local(q_BHLD, k_BHSD, v_BHSD, seg, bias, *, causal: bool, scale: floa
                  interpret: bool) -> Array:
   """Pallas flash attention on one shard; ``bias`` ``[1 or B, H, L, S]`` is read per batch."""
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
-  del interpret  # set around the call (_interpret_vjp): lax.map below needs no vmap of a grid
+  del interpret  # set around the call (_vjp_in_context): lax.map below needs no vmap of a grid
   b, _, l, _ = q_BHLD.shape
   s = k_BHSD.shape[2]
   bq, bk = _block(l), _block(s)
@@ -396,9 +410,10 @@ def tpu_attention(impl: str, q_BLHD: Array, k_BSKD: Array, v_BSKD: Array, *,
                               interpret=interpret)
   run = functools.partial(sharded_over_batch_and_heads, local)
   if interpret and impl == "flash":
-    out = _interpret_vjp(lambda *xs: run(*xs), q, k, v, seg, bias)
+    from jax.experimental.pallas import tpu as pltpu
+    out = vjp_in_context(pltpu.force_tpu_interpret_mode, run, q, k, v, seg, bias)
   else:
-    out = run(q, k, v, seg, bias)
+    out = at_kernel_precision(run, dtype, q, k, v, seg, bias, interpret=interpret)
   return jnp.swapaxes(out[:, :, :l], 1, 2).astype(dtype)
 
 
