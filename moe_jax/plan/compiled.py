@@ -54,6 +54,7 @@ Topology names are Cloud TPU's: ``v4-32`` and ``v5p-128`` count TensorCores
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import math
@@ -166,6 +167,7 @@ class CompiledPlan:
   topology: Topology
   mesh: Mapping[str, int]
   batch_per_device: float
+  microbatches: int = 1
   argument_bytes: int
   output_bytes: int
   alias_bytes: int
@@ -176,6 +178,8 @@ class CompiledPlan:
   step_hlo_flops: float | None = None
   loops_left: int = 0
   hbm_bytes: int | None = None
+  kernels: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  fallback: "CompiledPlan | None" = None
 
   @property
   def total_bytes(self) -> int:
@@ -190,7 +194,9 @@ class CompiledPlan:
 
   @property
   def fits(self) -> bool:
-    return self.total_bytes <= self.topology.hbm_bytes
+    """The step fits the chip's HBM (and so does its dropless fallback program, if any)."""
+    return (self.total_bytes <= self.topology.hbm_bytes
+            and (self.fallback is None or self.fallback.fits))
 
   def format(self) -> str:
     t, g = self.topology, _format_bytes
@@ -213,10 +219,20 @@ class CompiledPlan:
         f"{g(self.total_bytes)}{' (HBM allocations)' if self.hbm_bytes else ''} = "
         f"{100 * self.hbm_fraction:.1f}% of HBM",
         flops,
+        f"kernels and exchanges: {format_kernels(self.kernels)}",
         f"compile time: {self.compile_seconds:.1f} s",
+        *([] if self.fallback is None else [
+            f"dropless fallback step (worst-case MoE buffers, {self.fallback.microbatches} "
+            f"microbatches): total {g(self.fallback.total_bytes)} = "
+            f"{100 * self.fallback.hbm_fraction:.1f}% of HBM, compile time "
+            f"{self.fallback.compile_seconds:.1f} s"]),
     ])
 
   def overflow_message(self) -> str:
+    if self.total_bytes <= self.topology.hbm_bytes and self.fallback is not None:
+      return ("the dropless fallback step (TrainerConfig.dropless_fallback: worst-case MoE "
+              "buffers) does not fit: " + self.fallback.overflow_message().split(": ", 1)[1]
+              + "; or raise TrainerConfig.fallback_microbatches")
     over = self.total_bytes - self.topology.hbm_bytes
     return (f"the train step does not fit {self.topology.name}: {self.total_bytes / GIB:.2f} "
             f"GiB per device (arguments {self.argument_bytes / GIB:.2f}, temporaries "
@@ -239,9 +255,14 @@ def remat_recomputes_forward(config: Any) -> bool:
 
 
 def _compile(model: Any, *, dataset: Any, devices: list[Any], trainer: Any, optimizer: Any,
-             partitioner: Any, trainable: Any, options: Mapping[str, Any] | None = None
-             ) -> tuple[Any, float, Any]:
-  """``(compiled train step, compile seconds, trainer)`` of ``run.build_trainer``'s step."""
+             partitioner: Any, trainable: Any, options: Mapping[str, Any] | None = None,
+             fallback: bool = False) -> tuple[Any, float, Any]:
+  """``(compiled train step, compile seconds, trainer)`` of ``run.build_trainer``'s step.
+
+  ``fallback``: the step ``TrainerConfig.dropless_fallback`` replays an
+  overflowing batch with (worst-case MoE buffers, ``fallback_microbatches``).
+  """
+  from moe_jax.moe.ragged_parallel import worst_case_buffers
   from moe_jax.plan import _dummy_batch
   from moe_jax.train import run
   from moe_jax.train.partitioner import Partitioner, PartitionerConfig
@@ -254,11 +275,48 @@ def _compile(model: Any, *, dataset: Any, devices: list[Any], trainer: Any, opti
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
            for k, v in abstract.items()}
   part.check_batch(batch)
-  tr._check_microbatches(batch)  # pylint: disable=protected-access
-  step = tr._make_train_step(batch)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  tr._check_microbatches(batch, *([tr._fallback_microbatches()] if fallback else []))
+  step = tr._make_train_step(batch, fallback=fallback)
   start = time.perf_counter()
-  compiled = step.lower(tr.abstract_state, batch).compile(compiler_options=options)
+  with worst_case_buffers() if fallback else contextlib.nullcontext():
+    compiled = step.lower(tr.abstract_state, batch).compile(compiler_options=options)
   return compiled, time.perf_counter() - start, tr
+
+
+#: A Pallas TPU kernel in compiled HLO: ``%splash_mha_fwd.2 = ... custom-call(...),
+#: custom_call_target="tpu_custom_call", ... op_name=".../jit(gmm)/pallas_call"``.
+_TPU_KERNEL = re.compile(r'^\s*%([A-Za-z_][\w-]*?)(?:\.\d+)* = ([^\n]*'
+                         r'custom_call_target="tpu_custom_call"[^\n]*)$', re.M)
+_PALLAS_OP = re.compile(r'op_name="[^"]*?([\w.]+)\)*/pallas_call"')
+#: The token exchanges of expert parallelism.
+_EXCHANGES = {"ragged-all-to-all": re.compile(r"\sragged-all-to-all\("),
+              "all-to-all": re.compile(r"\s(?<!ragged-)all-to-all\(")}
+
+
+def kernels_used(hlo_text: str) -> dict[str, int]:
+  """Pallas kernels (splash / flash attention, megablox ``gmm`` / ``tgmm``) and
+  all-to-all exchanges in a compiled program's HLO text, with their counts.
+
+  A kernel is named by the function that made its ``pallas_call`` (megablox's
+  ``jit(gmm)``, ``jvp(jit(gmm))``), else by its instruction (splash names its calls).
+  """
+  counts: dict[str, int] = {}
+  for name, rest in _TPU_KERNEL.findall(hlo_text):
+    op = _PALLAS_OP.search(rest)
+    name = op.group(1) if op else name
+    counts[name] = counts.get(name, 0) + 1
+  for name, pattern in _EXCHANGES.items():
+    if n := len(pattern.findall(hlo_text)):
+      counts[name] = n
+  return counts
+
+
+def format_kernels(kernels: Mapping[str, int]) -> str:
+  """``gmm x6, splash_mha_fwd x1, ...``, or a word when XLA's own ops do everything."""
+  if not kernels:
+    return "none (XLA's own ops: no Pallas kernel, no all-to-all)"
+  return ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
 
 
 #: An allocation line of XLA's buffer-assignment dump: ``allocation 7: size 65536, color 1, ...``.
@@ -391,11 +449,12 @@ def compile_train_step(model: Any, *, dataset: Any, topology: Topology | str,
   trainer = trainer or TrainerConfig(num_train_steps=1)
   kw = dict(dataset=dataset, devices=devices, trainer=trainer, optimizer=optimizer,
             partitioner=partitioner, trainable=trainable)
-  with tempfile.TemporaryDirectory(prefix="moe_jax_plan_") as dump:
-    compiled, seconds, tr = _compile(model, options={"xla_dump_to": dump}, **kw)
-    hbm = hbm_allocation_bytes(dump)
+  compiled, seconds, tr, hbm = _compile_with_hbm(model, kw)
   part = tr.partitioner
   mem = compiled.memory_analysis()
+  fallback = None
+  if trainer.dropless_fallback and _has_ragged_buffer(model.config):
+    fallback = _fallback_plan(model, kw, topo, tr)
   hlo = _hlo_flops(compiled)
   step_flops, loops = hlo, 0
   if count_steps and (getattr(model.config, "scan_layers", False)
@@ -415,5 +474,33 @@ def compile_train_step(model: Any, *, dataset: Any, topology: Topology | str,
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
       hlo_flops=hlo, model_flops=flops / n, compile_seconds=seconds,
-      step_hlo_flops=step_flops, loops_left=loops,
-      hbm_bytes=hbm)
+      step_hlo_flops=step_flops, loops_left=loops, microbatches=trainer.num_microbatches,
+      hbm_bytes=hbm, kernels=kernels_used(compiled.as_text()), fallback=fallback)
+
+
+def _compile_with_hbm(model: Any, kw: Mapping[str, Any], fallback: bool = False):
+  """``_compile`` with XLA's dump read for the program's HBM allocations."""
+  with tempfile.TemporaryDirectory(prefix="moe_jax_plan_") as dump:
+    compiled, seconds, tr = _compile(model, options={"xla_dump_to": dump}, fallback=fallback,
+                                     **kw)
+    return compiled, seconds, tr, hbm_allocation_bytes(dump)
+
+
+def _has_ragged_buffer(config: Any) -> bool:
+  """A bounded ragged receive buffer (``MoeConfig.ragged_buffer_factor``): it can overflow."""
+  moe = getattr(config, "moe", None)
+  return getattr(moe, "ragged_buffer_factor", None) is not None
+
+
+def _fallback_plan(model: Any, kw: Mapping[str, Any], topo: Topology, tr: Any) -> CompiledPlan:
+  """Memory of the dropless fallback step (worst-case buffers): it must fit as well."""
+  compiled, seconds, _, hbm = _compile_with_hbm(model, kw, fallback=True)
+  mem = compiled.memory_analysis()
+  return CompiledPlan(
+      topology=topo, mesh=dict(tr.partitioner.mesh.shape),
+      batch_per_device=kw["dataset"].batch_size / tr.partitioner.num_batch_shards,
+      microbatches=tr._fallback_microbatches(),  # pylint: disable=protected-access
+      argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+      alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
+      hlo_flops=_hlo_flops(compiled), model_flops=0.0, compile_seconds=seconds, hbm_bytes=hbm,
+      kernels=kernels_used(compiled.as_text()))

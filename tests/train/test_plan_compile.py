@@ -76,6 +76,32 @@ def test_compiled_train_step_agrees_with_the_plan():
   assert "temporaries" in c.format()
 
 
+def test_kernels_and_the_dropless_fallback_step_are_compiled():
+  """Ragged dispatch under expert parallelism on TPU: megablox gmm, ragged all-to-all and
+  splash attention in the compiled step (no XLA attention); with a bounded receive buffer
+  and ``dropless_fallback`` the worst-case replay step is compiled and sized too."""
+  moe = dataclasses.replace(MOE, num_layers=1, attention_impl="auto",
+                            moe=MoeConfig(num_experts=4, num_selected=2, dispatch="ragged",
+                                          ragged_buffer_factor=1.25))
+  data = dataclasses.replace(DATA, task_feature_lengths={"targets": 128})
+  trainer = TrainerConfig(num_train_steps=1, dropless_fallback=True, fallback_microbatches=2)
+  c = compiled_lib.compile_train_step(
+      DecoderOnlyModel(moe), dataset=data, topology="v5p:2x2x1", trainer=trainer,
+      partitioner=PartitionerConfig(data=2, expert=2), count_steps=False)
+  assert c.kernels.get("ragged-all-to-all", 0) >= 2  # tokens out and back (and backward)
+  assert any(k.startswith("gmm") for k in c.kernels), c.kernels
+  assert any(k.startswith("tgmm") for k in c.kernels), c.kernels  # the weight gradients
+  assert any(k.startswith("splash") for k in c.kernels), c.kernels
+  fb = c.fallback
+  assert fb is not None and fb.microbatches == 2 and c.microbatches == 1
+  assert fb.hbm_bytes and fb.fits and c.fits
+  assert "ragged-all-to-all" in fb.kernels
+  out = c.format()
+  assert "dropless fallback step (worst-case MoE buffers, 2 microbatches)" in out
+  assert "kernels and exchanges: " in out and "ragged-all-to-all x" in out
+  assert compiled_lib.format_kernels({}).startswith("none")
+
+
 def test_hbm_allocation_bytes_reads_memory_space_0(tmp_path):
   """Allocations of another memory space (VMEM, SMEM) and host programs are left out."""
   (tmp_path / "module_0000.jit_train_step.cl_1.after_optimizations-buffer-assignment.txt"
