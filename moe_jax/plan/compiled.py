@@ -450,11 +450,12 @@ def compile_train_step(model: Any, *, dataset: Any, topology: Topology | str,
   kw = dict(dataset=dataset, devices=devices, trainer=trainer, optimizer=optimizer,
             partitioner=partitioner, trainable=trainable)
   compiled, seconds, tr, hbm = _compile_with_hbm(model, kw)
-  part = tr.partitioner
-  mem = compiled.memory_analysis()
   fallback = None
   if trainer.dropless_fallback and _has_ragged_buffer(model.config):
-    fallback = _fallback_plan(model, kw, topo, tr)
+    # The replay of an overflowing step (worst-case buffers) must fit as well.
+    fb = _compile_with_hbm(model, kw, fallback=True)
+    n = tr._fallback_microbatches()  # pylint: disable=protected-access
+    fallback = _program_plan(*fb, topo=topo, dataset=dataset, model_flops=0.0, microbatches=n)
   hlo = _hlo_flops(compiled)
   step_flops, loops = hlo, 0
   if count_steps and (getattr(model.config, "scan_layers", False)
@@ -467,15 +468,23 @@ def compile_train_step(model: Any, *, dataset: Any, topology: Topology | str,
   if remat_recomputes_forward(model.config):
     flops += _matmul_flops(model, boxed, jax.tree.map(lambda _: False,
                                                       tr.optimizer.trainable_mask), tokens) / 2
-  n = part.mesh.size
+  return _program_plan(compiled, seconds, tr, hbm, topo=topo, dataset=dataset,
+                       model_flops=flops / tr.partitioner.mesh.size, step_hlo_flops=step_flops,
+                       loops_left=loops, microbatches=trainer.num_microbatches,
+                       fallback=fallback)
+
+
+def _program_plan(compiled: Any, seconds: float, tr: Any, hbm: int | None, *, topo: Topology,
+                  dataset: Any, **figures: Any) -> CompiledPlan:
+  """A compiled program's per-device figures (memory, HLO FLOPs, kernels) and ``figures``."""
+  mem, part = compiled.memory_analysis(), tr.partitioner
   return CompiledPlan(
       topology=topo, mesh=dict(part.mesh.shape),
       batch_per_device=dataset.batch_size / part.num_batch_shards,
       argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-      hlo_flops=hlo, model_flops=flops / n, compile_seconds=seconds,
-      step_hlo_flops=step_flops, loops_left=loops, microbatches=trainer.num_microbatches,
-      hbm_bytes=hbm, kernels=kernels_used(compiled.as_text()), fallback=fallback)
+      hlo_flops=_hlo_flops(compiled), compile_seconds=seconds, hbm_bytes=hbm,
+      kernels=kernels_used(compiled.as_text()), **figures)
 
 
 def _compile_with_hbm(model: Any, kw: Mapping[str, Any], fallback: bool = False):
@@ -490,17 +499,3 @@ def _has_ragged_buffer(config: Any) -> bool:
   """A bounded ragged receive buffer (``MoeConfig.ragged_buffer_factor``): it can overflow."""
   moe = getattr(config, "moe", None)
   return getattr(moe, "ragged_buffer_factor", None) is not None
-
-
-def _fallback_plan(model: Any, kw: Mapping[str, Any], topo: Topology, tr: Any) -> CompiledPlan:
-  """Memory of the dropless fallback step (worst-case buffers): it must fit as well."""
-  compiled, seconds, _, hbm = _compile_with_hbm(model, kw, fallback=True)
-  mem = compiled.memory_analysis()
-  return CompiledPlan(
-      topology=topo, mesh=dict(tr.partitioner.mesh.shape),
-      batch_per_device=kw["dataset"].batch_size / tr.partitioner.num_batch_shards,
-      microbatches=tr._fallback_microbatches(),  # pylint: disable=protected-access
-      argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
-      alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
-      hlo_flops=_hlo_flops(compiled), model_flops=0.0, compile_seconds=seconds, hbm_bytes=hbm,
-      kernels=kernels_used(compiled.as_text()))
