@@ -47,7 +47,10 @@ with one entry per call):
   (``ragged_buffer_factor``), summed over the devices; ``dropped_fraction``
   includes them (``dropped_token_fraction`` and ``expert_usage`` count
   capacity drops only). ``TrainerConfig.dropless_fallback`` replays a step
-  whose ``buffer_dropped`` is not 0 with worst-case buffers.
+  whose ``buffer_dropped`` is not 0 with worst-case buffers. With it comes
+  ``buffer_load`` (float32): the most assignments any device was sent, over
+  the balanced load -- the smallest ``ragged_buffer_factor`` that would have
+  dropped nothing (the trainer logs its maximum over layers).
 
 **Jitter** (Switch) is applied iff the caller provides a ``"jitter"`` rng
 (``apply(..., rngs={"jitter": key})``): the trainer passes it in training and
@@ -81,12 +84,13 @@ from moe_jax.nn.router import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, router_l
 
 Array = jax.Array
 
-__all__ = ["AUX_LOSS_COLLECTION", "BUFFER_DROPPED", "METRICS_COLLECTION", "ROUTERS", "MoeConfig",
+__all__ = ["AUX_LOSS_COLLECTION", "BUFFER_DROPPED", "BUFFER_LOAD", "METRICS_COLLECTION", "ROUTERS", "MoeConfig",
            "MoeLayer", "RouterKernel", "total_aux_loss"]
 
 ROUTERS = ("tokens_choose", "experts_choose")
 #: The ``"moe_metrics"`` leaf counting assignments past a ragged receive buffer.
 BUFFER_DROPPED = "buffer_dropped"
+BUFFER_LOAD = "buffer_load"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -323,8 +327,8 @@ class MoeLayer(nn.Module):
                            gated=self.gated, param_dtype=self.param_dtype,
                            kernel_init=self.kernel_init, name="experts")(d)
     common = dict(activation=self.activation, gated=self.gated, dtype=self.dtype)
-    y_GSD, buffer_dropped = self._apply_experts(x_GSD, routing, params, plan, common)
-    self._sow_stats(logits_GSE, routing, buffer_dropped)
+    y_GSD, exchange = self._apply_experts(x_GSD, routing, params, plan, common)
+    self._sow_stats(logits_GSE, routing, exchange)
     y_GSD = nn.with_logical_constraint(y_GSD.astype(self.dtype), ("batch", None, "embed"))
     y = y_GSD.reshape(x.shape)
     if c.shared_hidden_dim is not None:
@@ -356,11 +360,13 @@ class MoeLayer(nn.Module):
       y = jax.nn.sigmoid(gate) * y
     return y
 
-  def _apply_experts(self, x_GSD, routing, params, plan, common) -> tuple[Array, Array | None]:
+  def _apply_experts(self, x_GSD, routing, params, plan, common
+                     ) -> tuple[Array, tuple[Array, Array] | None]:
     """The dispatch path for this backend: one device, padded or ragged expert parallelism.
 
-    Returns ``(y_GSD, buffer_dropped)``; ``buffer_dropped`` is ``None`` unless
-    the ragged exchange (which has receive buffers) runs.
+    Returns ``(y_GSD, exchange)``; ``exchange`` is ``(buffer_dropped,
+    buffer_load)`` when the ragged exchange (which has receive buffers) runs,
+    else ``None``.
     """
     c = self.config
     method = c.dispatch
@@ -380,16 +386,21 @@ class MoeLayer(nn.Module):
       elif plan.expert_axes:
         ragged.update(exchange=exchange,
                       buffer_factor=effective_buffer_factor(c.ragged_buffer_factor))
-        return expert_parallel_apply(x_GSD, routing, params, plan=plan, method=method,
-                                     ragged=ragged, return_dropped=True, **common)
+        y, dropped, load = expert_parallel_apply(x_GSD, routing, params, plan=plan,
+                                                 method=method, ragged=ragged,
+                                                 return_exchange_stats=True, **common)
+        return y, (dropped, load)
     return expert_parallel_apply(x_GSD, routing, params, plan=plan, method=method,
                                  ragged=ragged, **common), None
 
-  def _sow_stats(self, logits_GSE: Array, routing, buffer_dropped: Array | None) -> None:
+  def _sow_stats(self, logits_GSE: Array, routing,
+                 exchange: tuple[Array, Array] | None) -> None:
     c = self.config
     stats = router_stats(logits_GSE, routing)
-    if buffer_dropped is not None:  # past the receive buffers: dropped too
+    if exchange is not None:  # past the receive buffers: dropped too
+      buffer_dropped, load = exchange
       self.sow(METRICS_COLLECTION, BUFFER_DROPPED, jax.lax.stop_gradient(buffer_dropped))
+      self.sow(METRICS_COLLECTION, BUFFER_LOAD, jax.lax.stop_gradient(load))
       stats = stats.replace(dropped_fraction=stats.dropped_fraction + buffer_dropped.astype(
           jnp.float32) / routing.expert_GSK.size)
     self.sow(AUX_LOSS_COLLECTION, "load_balancing_loss",

@@ -187,7 +187,8 @@ def expert_parallel_apply(x_GSD: Array, routing: Routing, params: Params, *,
                           plan: ExpertParallelPlan, method: str = "sorted",
                           activation: str = "silu", gated: bool = True,
                           dtype: Any = jax.numpy.float32, ragged: dict | None = None,
-                          return_dropped: bool = False) -> Array | tuple[Array, Array]:
+                          return_exchange_stats: bool = False
+                          ) -> Array | tuple[Array, Array, Array]:
   """``moe_apply`` with experts split over ``plan.expert_axes`` (one ``shard_map``).
 
   ``method`` is ``"sorted"`` or ``"onehot"`` (padded capacity buffers and
@@ -196,9 +197,12 @@ def expert_parallel_apply(x_GSD: Array, routing: Routing, params: Params, *,
   path's options: ``kernel``, ``interpret``, ``exchange`` (``"ragged"`` or
   ``"emulated"``), ``buffer_factor``.
 
-  ``return_dropped``: return ``(y, dropped)``, ``dropped`` the int32 number of
-  assignments that did not fit a receive buffer of the ragged exchange,
-  summed over the devices (0 on the other paths: they have no such buffer).
+  ``return_exchange_stats``: return ``(y, dropped, load)``: ``dropped`` the
+  int32 number of assignments that did not fit a receive buffer of the ragged
+  exchange, summed over the devices, and ``load`` the float32 most
+  assignments any device was sent over its balanced share (the smallest
+  ``buffer_factor`` that drops nothing). The other paths have no such buffer:
+  0 and 0.
   """
   if method not in ("sorted", "onehot", "ragged"):
     raise ValueError(f"expert_parallel_apply: method {method!r}; known: sorted, onehot, ragged")
@@ -242,9 +246,14 @@ def expert_parallel_apply(x_GSD: Array, routing: Routing, params: Params, *,
     # One drop count per device of the token axes (the same on the model axes,
     # whose devices make the same exchange). Pallas kernels (megablox) declare
     # no varying-manual-axes types: unchecked.
-    y, dropped_N = jax.shard_map(body, mesh=plan.mesh, in_specs=(tok, tok, param_specs),
-                                 out_specs=(tok, tok), check_vma=False)(x_GSD, routing, params)
-    return (y, jax.numpy.sum(dropped_N)) if return_dropped else y
+    y, dropped_N, load_N = jax.shard_map(
+        body, mesh=plan.mesh, in_specs=(tok, tok, param_specs), out_specs=(tok, tok, tok),
+        check_vma=False)(x_GSD, routing, params)
+    if return_exchange_stats:
+      return y, jax.numpy.sum(dropped_N), jax.numpy.max(load_N)
+    return y
   y = jax.shard_map(body, mesh=plan.mesh, in_specs=(tok, tok, param_specs), out_specs=tok,
                     check_vma=method != "ragged")(x_GSD, routing, params)
-  return (y, jax.numpy.zeros((), jax.numpy.int32)) if return_dropped else y
+  if return_exchange_stats:
+    return y, jax.numpy.zeros((), jax.numpy.int32), jax.numpy.zeros((), jax.numpy.float32)
+  return y

@@ -34,7 +34,11 @@ random routing (``*_executed_flops_over_ideal`` in benchmarks/moe_layer.py).
 also returns how many assignments did not fit this device's receive buffer
 (what arrived minus what fit: exact, and 0 with the worst-case buffer); the
 MoE layer sows the sum over the devices as ``buffer_dropped`` in
-``"moe_metrics"`` and adds it to ``dropped_fraction``. With
+``"moe_metrics"`` and adds it to ``dropped_fraction``. It also sows
+``buffer_load``: the most any device was sent, over the balanced load ``A``
+-- the smallest ``buffer_factor`` that would have held this step's exchange
+(logged as ``model/buffer_load``, the maximum over layers: what to set the
+factor above). With
 ``TrainerConfig.dropless_fallback`` the trainer runs each step with the small
 buffer and, when any layer overflowed, keeps the old train state inside that
 jitted step (nothing applied, the step counter and its RNG do not advance)
@@ -139,10 +143,10 @@ def _exchange_plan(sizes_NE: Array, axis, rows: int):
   """Sizes and offsets of both exchanges, from every device's per-destination counts.
 
   Returns ``(send_N, in_off_N, out_off_N, recv_N, recv_NE, back_off_N,
-  dropped)``: chunk sizes (clamped to the receive buffer), where chunks start
-  here and on their receivers, what arrives from each source per local
-  expert, where returned rows go on their source, and how many rows sent to
-  this device did not fit its buffer.
+  dropped, arrived)``: chunk sizes (clamped to the receive buffer), where
+  chunks start here and on their receivers, what arrives from each source per
+  local expert, where returned rows go on their source, how many rows sent to
+  this device did not fit its buffer, and how many were sent to it in all.
   """
   n, e = sizes_NE.shape
   me = jax.lax.axis_index(axis)
@@ -156,19 +160,22 @@ def _exchange_plan(sizes_NE: Array, axis, rows: int):
   recv_N = jnp.take(eff_NN, me, axis=1)
   recv_NE = jnp.clip(recv_N[:, None] - _exclusive_cumsum(recv_full_NE, 1), 0, recv_full_NE)
   back_off_N = jnp.take(_exclusive_cumsum(all_NN, 1), me, axis=1)  # source i's in_off for me
-  dropped = jnp.take(all_NN, me, axis=1).sum() - recv_N.sum()
-  return eff_NN[me], in_off_N, out_off_N, recv_N, recv_NE, back_off_N, dropped
+  arrived = jnp.take(all_NN, me, axis=1).sum()
+  return eff_NN[me], in_off_N, out_off_N, recv_N, recv_NE, back_off_N, arrived - recv_N.sum(), \
+      arrived
 
 
 def ragged_expert_parallel_body(x_GSD: Array, routing: TokensChooseRouting, params: Params, *,
                                 expert_axes: tuple[str, ...], model_axes: tuple[str, ...],
                                 num_expert_shards: int, activation: str, gated: bool,
                                 dtype: Any, kernel: str, interpret: bool, exchange: str,
-                                buffer_factor: float | None) -> tuple[Array, Array]:
+                                buffer_factor: float | None) -> tuple[Array, Array, Array]:
   """Per-device body of the dropless expert-parallel layer (see module docstring).
 
-  Returns ``(y_GSD, dropped_1)``: the output, and the number of assignments
-  sent to this device that did not fit its receive buffer (``[1]`` int32).
+  Returns ``(y_GSD, dropped_1, load_1)``: the output, the number of
+  assignments sent to this device that did not fit its receive buffer
+  (``[1]`` int32), and all assignments sent to it over its balanced share
+  ``g·S·K`` (``[1]`` float32: the smallest ``buffer_factor`` that holds them).
   """
   g, s, d = x_GSD.shape
   big_e = routing.num_experts
@@ -183,7 +190,7 @@ def ragged_expert_parallel_body(x_GSD: Array, routing: TokensChooseRouting, para
   sizes_NE = jnp.bincount(e_A, length=big_e).astype(jnp.int32).reshape(n, e)
   x_AD = jnp.take(x_GSD.reshape(g * s, d).astype(dtype), order_A // k, axis=0, mode="clip")
   rows = receive_rows(n, g * s, k, e, buffer_factor)
-  send_N, in_off_N, out_off_N, recv_N, recv_NE, back_off_N, dropped = _exchange_plan(
+  send_N, in_off_N, out_off_N, recv_N, recv_NE, back_off_N, dropped, arrived = _exchange_plan(
       sizes_NE, axis, rows)
   x_RD = a2a(x_AD, jnp.zeros((rows, d), x_AD.dtype), in_off_N, send_N, out_off_N, recv_N,
              axis_name=axis)
@@ -206,4 +213,5 @@ def ragged_expert_parallel_body(x_GSD: Array, routing: TokensChooseRouting, para
              back_off_N, send_N, axis_name=axis)
   y_GSKD = jnp.take(y_AD, inverse_A, axis=0, mode="clip").reshape(g, s, k, d)
   y_GSD = jnp.einsum("GSK,GSKD->GSD", routing.weight_GSK.astype(y_GSKD.dtype), y_GSKD)
-  return y_GSD, dropped.astype(jnp.int32).reshape(1)
+  load = arrived.astype(jnp.float32) / (g * s * k)
+  return y_GSD, dropped.astype(jnp.int32).reshape(1), load.reshape(1)

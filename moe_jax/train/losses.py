@@ -31,8 +31,10 @@ trainer applies the model with ``mutable=list(MUTABLE_COLLECTIONS)``:
 * every leaf of ``"intermediates"`` whose path contains ``"metrics"``, and
   every leaf of a collection whose *name* contains ``"metrics"`` (e.g. the
   MoE layer's ``"moe_metrics"``), is logged as a metric: leaves with the same
-  name (last path component) are averaged across layers. Only scalars are
-  averaged; vector leaves (e.g. per-expert usage) are skipped.
+  name (last path component) are averaged across layers, except those in
+  ``MAX_OVER_LAYERS`` (the ragged exchange's ``buffer_load``: the buffer must
+  hold the busiest layer), which take the maximum. Only scalars are
+  reduced; vector leaves (e.g. per-expert usage) are skipped.
 * besides, every leaf of ``"moe_metrics"`` (the routers') is logged per layer
   by :func:`collect_layer_metrics` as ``router/{path}/{name}``, the path with
   ``layer_{i}`` for the layer, e.g. ``router/layer_3/mlp/load_balancing_loss``
@@ -55,6 +57,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe.layer import BUFFER_LOAD
 from moe_jax.nn.router import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, aux_loss_terms,
                                total_aux_loss)
 
@@ -218,8 +221,12 @@ def _layer_leaves(tree: Any, params: Any = None, keep: Any = None
   return out
 
 
+# Metrics whose layers reduce by maximum, not mean.
+MAX_OVER_LAYERS = frozenset({BUFFER_LOAD})
+
+
 def collect_metrics(state: Mapping[str, Any]) -> dict[str, Array]:
-  """``{name: mean over leaves}`` of the scalar metrics sown by the model."""
+  """``{name: mean (or max, MAX_OVER_LAYERS) over leaves}`` of the scalar metrics sown."""
   sums: dict[str, list[Array]] = {}
   for collection, tree in state.items():
     if collection == AUX_LOSS_COLLECTION:
@@ -233,7 +240,8 @@ def collect_metrics(state: Mapping[str, Any]) -> dict[str, Array]:
         continue
       sums.setdefault(names[-1] if names else collection, []).append(
           jnp.asarray(leaf, jnp.float32))
-  return {name: sum(vals) / len(vals) for name, vals in sums.items()}
+  return {name: (jnp.max(jnp.stack(vals)) if name in MAX_OVER_LAYERS else sum(vals) / len(vals))
+          for name, vals in sums.items()}
 
 
 def collect_layer_metrics(state: Mapping[str, Any], params: Any = None) -> dict[str, Array]:

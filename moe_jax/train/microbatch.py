@@ -34,10 +34,14 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from moe_jax.moe.layer import BUFFER_LOAD
+
 #: Metrics that are per-token means of a microbatch (combined token-weighted).
 TOKEN_MEAN_METRICS = ("accuracy",)
 #: Normalised token losses: token-weighted or summed, as the loss itself.
 TOKEN_LOSS_METRICS = ("cross_entropy", "z_loss")
+#: Metrics that are maxima (the ragged exchange's ``model/buffer_load``): max over microbatches.
+MAX_METRICS = (f"model/{BUFFER_LOAD}",)
 
 
 def split_microbatches(batch: Mapping[str, jax.Array], num_microbatches: int,
@@ -135,6 +139,8 @@ def combine_metrics(stacked: Mapping[str, jax.Array], total_tokens: jax.Array, *
       out[key] = jnp.sum(v * share)
     elif key in TOKEN_LOSS_METRICS:
       out[key] = jnp.sum(v)
+    elif key in MAX_METRICS:
+      out[key] = jnp.max(v, axis=0)
     else:
       out[key] = jnp.mean(v, axis=0)
   return out

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moe_jax.moe.layer import BUFFER_DROPPED
+from moe_jax.moe.layer import BUFFER_DROPPED, BUFFER_LOAD
 from moe_jax.moe.ragged_parallel import worst_case_buffers
 from moe_jax.train.wrappers import BaseModel
 # The JSON-lines writer kept its old names here (callers import them from this module).
@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 #: The loss metrics' mean over MoE layers of assignments past a ragged receive buffer.
 OVERFLOW_METRIC = f"model/{BUFFER_DROPPED}"
+LOAD_METRIC = f"model/{BUFFER_LOAD}"  # the busiest layer's exchange / its balanced load
 #: 1 for a step re-run with worst-case buffers (logged: how many since the last line).
 FALLBACK_METRIC = "moe/fallback_steps"
 
@@ -398,19 +399,22 @@ class Trainer:
       self._steps[key] = self._make_train_step(batch)
     state, metrics = self._steps[key](state, batch)
     if FALLBACK_METRIC in metrics and bool(jax.device_get(metrics[FALLBACK_METRIC])):
-      state, metrics = self._fallback_step(key, state, batch)
+      state, metrics = self._fallback_step(key, state, batch, metrics.get(LOAD_METRIC))
     return state, metrics
 
-  def _fallback_step(self, key: tuple, state: TrainState, batch: Mapping[str, Any]
-                     ) -> tuple[TrainState, dict[str, Any]]:
+  def _fallback_step(self, key: tuple, state: TrainState, batch: Mapping[str, Any],
+                     load: jax.Array | None = None) -> tuple[TrainState, dict[str, Any]]:
     """The batch again on the kept state, every MoE layer with its worst-case buffer."""
     if key not in self._fallbacks:
       self._check_microbatches(batch, self._fallback_microbatches())
       self._fallbacks[key] = self._make_train_step(batch, fallback=True)
     if self.fallback_steps == 0:
-      logger.warning("step %d: a MoE receive buffer overflowed; re-running the step with "
+      needed = "" if load is None else (
+          f" (the busiest layer was sent {float(jax.device_get(load)):.3f}x its balanced "
+          f"load; {LOAD_METRIC} logs it per step: a ragged_buffer_factor above it fits)")
+      logger.warning("step %d: a MoE receive buffer overflowed%s; re-running the step with "
                      "worst-case buffers (ragged_buffer_factor=None, %d microbatches); later "
-                     "ones are counted by %s", int(jax.device_get(state.step)) + 1,
+                     "ones are counted by %s", int(jax.device_get(state.step)) + 1, needed,
                      self._fallback_microbatches(), FALLBACK_METRIC)
     with worst_case_buffers():
       state, metrics = self._fallbacks[key](state, batch)

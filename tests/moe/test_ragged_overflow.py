@@ -1,4 +1,5 @@
-"""Rows past the ragged exchange's receive buffer are counted exactly (``buffer_dropped``).
+"""Rows past the ragged exchange's receive buffer are counted exactly (``buffer_dropped``),
+and so is the load that would have fit (``buffer_load``).
 
 The exchange is the ``"emulated"`` one (``ragged_all_to_all`` semantics over a
 padded all_to_all: XLA:CPU has no ragged all-to-all) on 8 fake devices.
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from moe_jax.moe import METRICS_COLLECTION, MoeConfig, MoeLayer, plan_from_context
-from moe_jax.moe.layer import BUFFER_DROPPED
+from moe_jax.moe.layer import BUFFER_DROPPED, BUFFER_LOAD
 from moe_jax.moe.parallel import expert_parallel_apply
 from moe_jax.moe.ragged_parallel import receive_rows, worst_case_buffers
 from moe_jax.moe.routing import tokens_choose_route
@@ -26,16 +27,18 @@ G, S, D, F, E, K = 8, 4, 8, 16, 8, 2
 MESH = {"data": 2, "expert": 4}
 
 
-def _expected_drops(expert_GSK: np.ndarray, rows: int) -> int:
-  """Sum over the receivers of max(0, assignments to its experts - rows)."""
+def _expected_drops(expert_GSK: np.ndarray, rows: int) -> tuple[int, float]:
+  """Sum over the receivers of max(0, assignments to its experts - rows), and the
+  most assignments one receiver got over a device's balanced share (g·S·K)."""
   n_data, n = MESH["data"], MESH["expert"]
   e = E // n
   per_device = expert_GSK.reshape(n_data, n, -1)  # groups G split as (data, expert)
-  dropped = 0
+  dropped, most = 0, 0
   for row in per_device:
     received = np.bincount(row.reshape(-1) // e, minlength=n)
     dropped += int(np.maximum(received - rows, 0).sum())
-  return dropped
+    most = max(most, int(received.max()))
+  return dropped, most / per_device[0, 0].size
 
 
 def _route(choice_GSK: np.ndarray):
@@ -67,17 +70,20 @@ def test_drop_count_is_exact(case, factor):
     plan = plan_from_context()
     fn = jax.jit(lambda x, r, p, f: expert_parallel_apply(
         x, r, p, plan=plan, method="ragged", ragged=dict(ragged, buffer_factor=f),
-        return_dropped=True), static_argnums=3)
-    _, dropped = fn(x, routing, _experts(rng), factor)
-    _, none_dropped = fn(x, routing, _experts(rng), None)
+        return_exchange_stats=True), static_argnums=3)
+    _, dropped, load = fn(x, routing, _experts(rng), factor)
+    _, none_dropped, same_load = fn(x, routing, _experts(rng), None)
   g_local = G // 8
   rows = receive_rows(MESH["expert"], g_local * S, K, E // MESH["expert"], factor)
-  expected = _expected_drops(choice, rows)
+  expected, expected_load = _expected_drops(choice, rows)
   assert int(dropped) == expected
   assert int(none_dropped) == 0
+  np.testing.assert_allclose([float(load), float(same_load)], expected_load, rtol=1e-6)
+  assert (expected > 0) == (expected_load * g_local * S * K > rows)
   if case == "skewed":  # 4 sources x 4 tokens reach the first device of each row
     assert expected == 2 * max(0, 4 * S * K - rows)
     assert expected > 0
+    assert expected_load == 4.0  # all 4 sources' assignments on one device
 
 
 def test_layer_sows_the_count_and_worst_case_buffers_drop_nothing(init_params):
@@ -94,6 +100,8 @@ def test_layer_sows_the_count_and_worst_case_buffers_drop_nothing(init_params):
   (dropped,), (fraction,) = small[METRICS_COLLECTION][BUFFER_DROPPED], \
       small[METRICS_COLLECTION]["dropped_fraction"]
   assert int(dropped) > 0  # a buffer of 1/4 of the balanced load overflows
+  (load,) = small[METRICS_COLLECTION][BUFFER_LOAD]
+  assert float(load) > 0.25 and float(load) == float(full[METRICS_COLLECTION][BUFFER_LOAD][0])
   np.testing.assert_allclose(float(fraction), int(dropped) / (G * S * K), rtol=1e-6)
   assert int(full[METRICS_COLLECTION][BUFFER_DROPPED][0]) == 0
   assert float(full[METRICS_COLLECTION]["dropped_fraction"][0]) == 0.0

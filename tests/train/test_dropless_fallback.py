@@ -17,7 +17,7 @@ from moe_jax.train.metric_writers import MetricWriter
 from moe_jax.train.optimizers import OptimizerConfig, ScheduleConfig
 from moe_jax.train.partitioner import PartitionerConfig
 from moe_jax.train.run import build_trainer
-from moe_jax.train.trainer import FALLBACK_METRIC, OVERFLOW_METRIC, TrainerConfig
+from moe_jax.train.trainer import FALLBACK_METRIC, LOAD_METRIC, OVERFLOW_METRIC, TrainerConfig
 from moe_jax.train.wrappers import DecoderOnlyModel
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
@@ -76,6 +76,8 @@ def test_overflowing_steps_are_replayed_with_worst_case_buffers(microbatches, nu
                             fallback_microbatches=microbatches)
   said = [r for r in caplog.records if "re-running the step with worst-case" in r.getMessage()]
   assert len(said) == 1  # said once, then counted
+  assert "x its balanced load" in said[0].getMessage()  # and what factor would have fit
+  assert all(float(m[LOAD_METRIC]) > 0.25 for m in metrics)
   _, want, want_metrics = _run(None, numpy_params, place, num_microbatches=microbatches or 1)
   assert tr.fallback_steps == STEPS
   assert [m[FALLBACK_METRIC] for m in metrics] == [1.0] * STEPS
@@ -91,6 +93,7 @@ def test_steps_that_fit_are_not_replayed(numpy_params, place):
   _, want, _ = _run(None, numpy_params, place)
   assert tr.fallback_steps == 0 and not tr._fallbacks  # never even compiled
   assert [float(m[FALLBACK_METRIC]) for m in metrics] == [0.0] * STEPS
+  assert all(1.0 <= float(m[LOAD_METRIC]) <= 3.0 for m in metrics)  # the busiest layer
   _assert_same_state(got, want)
 
 
