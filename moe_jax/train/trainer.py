@@ -552,6 +552,8 @@ class Trainer:
     avg.pop("num_tokens", None)
     if FALLBACK_METRIC in keys:  # a count, not a mean
       avg[FALLBACK_METRIC] = float(sum(m.get(FALLBACK_METRIC, 0.0) for m in host))
+    if LOAD_METRIC in keys:  # the buffer must hold the busiest step: a maximum
+      avg[LOAD_METRIC] = float(max(m[LOAD_METRIC] for m in host if LOAD_METRIC in m))
     avg["learning_rate"] = float(host[-1]["learning_rate"])
     avg["steps_per_sec"] = n_steps / elapsed
     avg["step_time"] = elapsed / max(n_steps, 1)

@@ -123,6 +123,9 @@ def test_the_loop_logs_how_many_steps_fell_back(numpy_params, place):
   assert int(jax.device_get(state.step)) == STEPS
   (step, split, row), = writer.rows
   assert (step, split, row[FALLBACK_METRIC]) == (STEPS, "train", float(STEPS))
+  _, _, metrics = _run(0.25, numpy_params, place, dropless_fallback=True)
+  loads = [float(m[LOAD_METRIC]) for m in metrics]
+  assert row[LOAD_METRIC] == pytest.approx(max(loads))  # the interval's busiest step
 
 
 def test_fallback_microbatches_must_be_positive():
