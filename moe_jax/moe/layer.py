@@ -84,12 +84,13 @@ from moe_jax.nn.router import (AUX_LOSS_COLLECTION, METRICS_COLLECTION, router_l
 
 Array = jax.Array
 
-__all__ = ["AUX_LOSS_COLLECTION", "BUFFER_DROPPED", "BUFFER_LOAD", "METRICS_COLLECTION", "ROUTERS", "MoeConfig",
-           "MoeLayer", "RouterKernel", "total_aux_loss"]
+__all__ = ["AUX_LOSS_COLLECTION", "BUFFER_DROPPED", "BUFFER_LOAD", "METRICS_COLLECTION", "ROUTERS",
+           "MoeConfig", "MoeLayer", "RouterKernel", "total_aux_loss"]
 
 ROUTERS = ("tokens_choose", "experts_choose")
 #: The ``"moe_metrics"`` leaf counting assignments past a ragged receive buffer.
 BUFFER_DROPPED = "buffer_dropped"
+#: The ``"moe_metrics"`` leaf: the busiest receiver's assignments over its balanced load.
 BUFFER_LOAD = "buffer_load"
 
 

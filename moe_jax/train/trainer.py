@@ -46,6 +46,7 @@ import optax
 
 from moe_jax.moe.layer import BUFFER_DROPPED, BUFFER_LOAD
 from moe_jax.moe.ragged_parallel import worst_case_buffers
+from moe_jax.train.microbatch import MAX_METRICS
 from moe_jax.train.wrappers import BaseModel
 # The JSON-lines writer kept its old names here (callers import them from this module).
 from moe_jax.train.metric_writers import METRICS_FILE, to_json as _to_json  # noqa: F401
@@ -552,8 +553,8 @@ class Trainer:
     avg.pop("num_tokens", None)
     if FALLBACK_METRIC in keys:  # a count, not a mean
       avg[FALLBACK_METRIC] = float(sum(m.get(FALLBACK_METRIC, 0.0) for m in host))
-    if LOAD_METRIC in keys:  # the buffer must hold the busiest step: a maximum
-      avg[LOAD_METRIC] = float(max(m[LOAD_METRIC] for m in host if LOAD_METRIC in m))
+    for k in keys.intersection(MAX_METRICS):  # the buffer must hold the busiest step
+      avg[k] = float(max(m[k] for m in host if k in m))
     avg["learning_rate"] = float(host[-1]["learning_rate"])
     avg["steps_per_sec"] = n_steps / elapsed
     avg["step_time"] = elapsed / max(n_steps, 1)
