@@ -10,6 +10,7 @@ process (the data position is shared, so it re-shards), with one
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,7 +96,12 @@ def test_two_processes_equal_one_then_peer_loss_and_resharded_resume(tmp_path):
         p.communicate()
   assert procs[0].returncode != 0
   assert waited < 45, f"the surviving process hung for {waited:.0f} s"
-  assert "unhealthy" in out0 and "stopped sending heartbeats" in out0, out0[-2000:]
+  # jax names the lost task, in one of two words depending on which thread notices first:
+  # the coordination service ("task:1 ... unhealthy (stopped sending heartbeats)" or
+  # "Task 1 heartbeat timeout"), or a collective whose peer vanished ("Connection closed by
+  # peer").
+  assert (re.search(r"task[: ]?1\b.*(unhealthy|heartbeat)", out0, re.I | re.S)
+          or "Connection closed by peer" in out0), out0[-2000:]
 
   # If jax aborted process 0 (no Python clean-up), it left its lock: the next run says so
   # and how to clear it. (When the error reaches Python first, the lock is released.)
