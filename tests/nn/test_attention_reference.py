@@ -1,4 +1,7 @@
-"""Grouped-query attention against a naive repeat-kv loop: outputs and gradients (q, k, v, bias)."""
+"""Grouped-query attention against a naive repeat-kv loop: outputs and gradients (q, k, v, bias).
+
+The xla path has a hand-written backward; the reference is the plain math under autodiff.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +11,14 @@ import pytest
 from moe_jax.nn.attention import dot_product_attention
 
 
-def reference_attention(q, k, v, mask=None, bias=None, scale=1.0):
+def reference_attention(q, k, v, mask=None, bias=None, scale=1.0, softcap=None):
   """Obviously-correct attention: repeat kv heads, select the mask, softmax."""
   h, kv = q.shape[2], k.shape[2]
   k = jnp.repeat(k, h // kv, axis=2)
   v = jnp.repeat(v, h // kv, axis=2)
   logits = jnp.einsum("blhd,bshd->bhls", q, k) * scale
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
   if bias is not None:
     logits = logits + bias
   if mask is not None:
@@ -56,6 +61,27 @@ def test_outputs_and_gradients_match_autodiff(heads, kv_heads, mask_name, with_b
   np.testing.assert_allclose(got_out, want_out, atol=1e-6, rtol=1e-6)
   got = jax.grad(lambda *a: loss(ours, *a), argnums=argnums)(q, k, v, bias)
   want = jax.grad(lambda *a: loss(reference_attention, *a), argnums=argnums)(q, k, v, bias)
+  for name, g, r in zip("qkvb", got, want):
+    assert g.shape == r.shape, name
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 4, 5, 7), (1, 1, 5, 7), (2, 1, 5, 7), (5, 7)])
+def test_softcap_and_broadcast_biases_match_autodiff(bias_shape):
+  """Gemma 2's soft-cap, and every bias broadcast (per sequence, shared, head-shared)."""
+  q, k, v, _, w = _inputs(4, 2)
+  mask = _masks(q.shape[0], q.shape[1], k.shape[1])["padded"]
+  bias = jax.random.normal(jax.random.key(7), bias_shape)
+
+  def loss(fn, q, k, v, bias):
+    return jnp.sum(fn(q, k, v, bias) * w)
+
+  ours = lambda q, k, v, bias: dot_product_attention(  # noqa: E731
+      q, k, v, mask_BLS=mask, bias_BHLS=bias, scale=0.5, logit_softcap=1.5)
+  ref = lambda q, k, v, bias: reference_attention(q, k, v, mask, bias, 0.5, 1.5)  # noqa: E731
+  np.testing.assert_allclose(ours(q, k, v, bias), ref(q, k, v, bias), atol=1e-6, rtol=1e-6)
+  got = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  want = jax.grad(lambda *a: loss(ref, *a), argnums=(0, 1, 2, 3))(q, k, v, bias)
   for name, g, r in zip("qkvb", got, want):
     assert g.shape == r.shape, name
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=name)
