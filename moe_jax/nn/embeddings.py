@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.nn.attention_kernels import target_platform
+
 Array = jax.Array
 
 
@@ -87,6 +89,28 @@ def rope_inverse_frequencies(head_dim: int, theta: float,
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def rope_cos_sin(positions_BL: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+  """cos and sin ``[B, L, Dh/2]`` (float32) of the rotation angles ``position * frequency``.
+
+  Only the Dh/2 distinct angles (half the trig of a table over the duplicated
+  ``[Dh]`` angles). On CPU the table is made the output of a matmul by the
+  identity (exact: one product by 1 and zeros per entry) so that it is
+  computed once: XLA:CPU otherwise fuses the trig (and the positions' cumsum)
+  into every reader, re-evaluating it per element of every head, forward and
+  backward, in every layer (~7 ms of the 113 ms LoRA step of
+  ``benchmarks/peft.py``); as a matmul output it is one buffer, and the layers'
+  identical tables are one computation.
+  """
+  angles_BLF = positions_BL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+  cos, sin = jnp.cos(angles_BLF), jnp.sin(angles_BLF)
+  if target_platform() == "cpu":
+    f = angles_BLF.shape[-1]
+    both = jnp.matmul(jnp.concatenate([cos, sin], axis=-1), jnp.eye(2 * f, dtype=jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+    cos, sin = both[..., :f], both[..., f:]
+  return cos, sin
+
+
 def apply_rope(x_BLHD: Array, positions_BL: Array, inv_freq: np.ndarray) -> Array:
   """Rotates ``x`` by position, "rotate-half" layout (first half / second half).
 
@@ -94,11 +118,8 @@ def apply_rope(x_BLHD: Array, positions_BL: Array, inv_freq: np.ndarray) -> Arra
   then cast back to ``x``'s dtype: position * frequency in bfloat16 is badly
   wrong past a few hundred tokens.
   """
-  angles_BLF = positions_BL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
-  # cos / sin of the Dh/2 distinct angles only (XLA fuses them into every reader
-  # and evaluates them per element of every head: half the evaluations of a
-  # table over the duplicated [Dh] angles).
-  cos, sin = jnp.cos(angles_BLF)[:, :, None, :], jnp.sin(angles_BLF)[:, :, None, :]
+  cos, sin = rope_cos_sin(positions_BL, inv_freq)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x = x_BLHD.astype(jnp.float32)
   half = x.shape[-1] // 2
   x1, x2 = x[..., :half], x[..., half:]
