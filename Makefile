@@ -16,7 +16,7 @@ $(VENV_STAMP): pyproject.toml
 	touch $(VENV_STAMP)
 
 # The CALM KV-arithmetic reproduction (experiments/calm_kv_arithmetic, run from the
-# repository root; about 14 minutes on 2 CPU cores):
+# repository root; about 12 minutes on 2 CPU cores):
 # progress bars, the accuracy table, out/calm_repro/accuracy.png.
 demo: $(VENV_STAMP)
 	$(PY) -m experiments.calm_kv_arithmetic --out out/calm_repro

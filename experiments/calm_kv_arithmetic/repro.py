@@ -31,7 +31,7 @@ PAPER_KV_MATH = {"m_A": 0.7, "m_B": 0.0, "CALM": 84.3}
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReproConfig:
-  """Sizes and budgets (defaults: about 14 minutes on 2 quiet CPU cores).
+  """Sizes and budgets (defaults: about 12 minutes on 2 quiet CPU cores).
 
   The defaults shrink the paper's setting (25K keys with unique values 1-25K,
   3-6 operands with + - x) to what tiny models learn in minutes on a CPU:
